@@ -1,0 +1,1 @@
+"""Synthetic GDT cohorts and the TwinWeaver text format."""

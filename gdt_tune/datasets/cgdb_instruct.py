@@ -1,0 +1,253 @@
+"""The ``cgdb_instruct`` dataset: TwinWeaver JSONL patient samples -> Llama 3 training sequences."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from gdt_tune.datasets._index import (
+    FileIndex,
+    index_files,
+    read_record,
+    resolve_data_files,
+)
+from gdt_tune.datasets._layout import (
+    DEFAULT_SYSTEM_PROMPT,
+    GDT_SYSTEM_PROMPT_SHA256,
+    TRUNCATION_POLICIES,
+    Layout,
+    Status,
+    apply_cap,
+    system_prompt_sha256,
+    validate,
+)
+
+log = logging.getLogger("gdt_tune")
+
+
+def _rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def default_cache_dir() -> Path:
+    """``$GDT_TUNE_CACHE_DIR``, else ``~/.cache/gdt_tune/index``."""
+    return Path(os.environ.get("GDT_TUNE_CACHE_DIR") or Path.home() / ".cache" / "gdt_tune" / "index")
+
+
+class CGDBInstructDataset(Dataset):
+    """Map-style dataset over indexed JSONL lines; ``ds[i]`` reads, tokenizes and validates one
+    sample and returns ``{"tokens": [...], "labels": [...]}``. Build it with
+    :func:`cgdb_instruct_dataset`."""
+
+    def __init__(self, files: list[Path], layout: Layout, max_seq_len: int, truncation: str,
+                 file_idx: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, lines: np.ndarray,
+                 status: np.ndarray, patient_ids: list[str | None], counts: dict[str, int]):
+        self._files = [str(f) for f in files]
+        self._layout = layout
+        self._max_seq_len = max_seq_len
+        self._truncation = truncation
+        self._file_idx, self._offsets, self._lengths = file_idx, offsets, lengths
+        self._lines, self._status = lines, status
+        self._patient_ids = patient_ids
+        self.counts = counts
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def where(self, index: int) -> str:
+        """``file:line`` of sample ``index`` (for error messages; never the text)."""
+        return f"{self._files[self._file_idx[index]]}:{self._lines[index]}"
+
+    def patient_ids(self) -> set[str]:
+        """The distinct ``meta.patientid`` values of the samples (rows without one are skipped)."""
+        return {p for p in self._patient_ids if p is not None}
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        where = self.where(index)
+        with open(self._files[self._file_idx[index]], "rb") as f:
+            f.seek(int(self._offsets[index]))
+            raw = f.read(int(self._lengths[index]))
+        record = read_record(raw, where)
+        tokens, labels, status = apply_cap(self._layout, record["instruction"], record["answer"],
+                                           self._max_seq_len, self._truncation)
+        if status != self._status[index]:
+            raise ValueError(f"{where}: the file changed after it was indexed; restart to re-index it")
+        try:
+            validate(tokens, labels, self._layout, self._max_seq_len, status)
+        except ValueError as e:
+            raise ValueError(f"{where}: invalid token layout: {e}") from None
+        return {"tokens": tokens, "labels": labels}
+
+
+def _decode(indexes: list[FileIndex], codes: str, vocab: str) -> list[str | None]:
+    """Per-row strings from per-file codes, sharing one str object per distinct value."""
+    out: list[str | None] = []
+    for ix in indexes:
+        names = [str(x) for x in getattr(ix, vocab)]
+        out += [None if c < 0 else names[c] for c in getattr(ix, codes)]
+    return out
+
+
+def _read_patient_ids(patient_ids) -> set[str]:
+    if isinstance(patient_ids, (str, os.PathLike)):
+        path = Path(patient_ids)
+        if not path.is_file():
+            raise ValueError(f"dataset.patient_ids: {path} is not a file; give a file of ids (one per line) or a list")
+        return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    return {str(p) for p in patient_ids}
+
+
+def _select_per_group(group: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Boolean mask keeping at most ``n`` rows per group id, chosen by a seeded random priority
+    that depends only on the row order (identical on every rank, any world size)."""
+    priority = np.random.default_rng(seed).random(len(group))
+    order = np.lexsort((priority, group))
+    sorted_group = group[order]
+    starts = np.r_[0, np.flatnonzero(sorted_group[1:] != sorted_group[:-1]) + 1]
+    rank_in_group = np.arange(len(group)) - np.repeat(starts, np.diff(np.r_[starts, len(group)]))
+    keep = np.zeros(len(group), dtype=bool)
+    keep[order[rank_in_group < n]] = True
+    return keep
+
+
+def cgdb_instruct_dataset(
+    tokenizer,
+    *,
+    data_files,
+    system_prompt: str | None = None,
+    max_seq_len: int = 8000,
+    truncation: str = "gdt",
+    splits_per_patient_therapy: int | None = None,
+    seed: int = 0,
+    patient_ids=None,
+    cache_dir: str | None = None,
+) -> CGDBInstructDataset:
+    """GDT patient samples (TwinWeaver JSONL, spec ``gdt-data-format.md``) as Llama 3 training
+    sequences with the prompt masked.
+
+    Each line of the JSONL files is one sample:
+
+    ===================  ==========  ==================================================
+    field                type        use
+    ===================  ==========  ==================================================
+    ``instruction``      str         user turn (patient history and task list)
+    ``answer``           str         assistant turn (the targets), the only trained text
+    ``meta.patientid``   str         ``patient_ids``, ``splits_per_patient_therapy``,
+                                     train/validation overlap check
+    ``meta.target_meta`` list[dict]  ``lot_date`` for ``splits_per_patient_therapy``
+    ``meta.history_data`` str        ``lot`` events, for event-only samples only
+    ===================  ==========  ==================================================
+
+    Other fields are ignored. Every sample becomes exactly::
+
+        <|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n{system}<|eot_id|>
+        <|start_header_id|>user<|end_header_id|>\\n\\n{instruction}<|eot_id|>
+        <|start_header_id|>assistant<|end_header_id|>\\n\\n{answer}<|eot_id|>
+
+    (contents stripped, one BOS, nothing after the last ``<|eot_id|>``). Labels are -100 before
+    the assistant's ``<|start_header_id|>`` and equal the tokens from there on. Every sample is
+    validated against this layout when it is read.
+
+    Args:
+        tokenizer: a torchtune Llama 3 tokenizer.
+        data_files: a ``.jsonl`` file, a glob, a directory of ``*.jsonl`` shards, or a list.
+        system_prompt: the system turn; None uses gdt_tune's own wording. The original GDT
+            prompt is recognised by its SHA-256 and reported once.
+        max_seq_len: token cap (GDT: 8000).
+        truncation: over-length policy. ``"gdt"``: keep the first ``max_seq_len`` tokens, drop a
+            sample whose assistant header does not fit; ``"drop"``: drop it; ``"history"``:
+            remove the oldest visits (never the first) until it fits, drop if it cannot.
+        splits_per_patient_therapy: keep at most N samples per (patient, line of therapy),
+            chosen with ``seed``; None keeps all.
+        seed: seed of that choice.
+        patient_ids: keep only these patients: a list of ids or a file with one id per line.
+        cache_dir: where the per-file index is cached (default ``$GDT_TUNE_CACHE_DIR`` or
+            ``~/.cache/gdt_tune/index``). Only the first rank of each node builds it.
+
+    Returns:
+        CGDBInstructDataset: ``ds[i] == {"tokens": [...], "labels": [...]}``; ``len(ds)`` is
+        exact and the same on every rank; ``ds.counts`` holds kept / truncated / dropped counts.
+
+    Raises:
+        ValueError: bad arguments, or a bad sample: invalid UTF-8 or JSON, missing / non-string /
+            empty ``instruction`` or ``answer``, or a ``meta`` field missing when a feature needs
+            it. The message names the file and line, never the text.
+
+    Example (config)::
+
+        dataset:
+          _component_: gdt_tune.datasets.cgdb_instruct_dataset
+          data_files: /data/gdt/train
+          max_seq_len: 8000
+          truncation: gdt
+          splits_per_patient_therapy: null
+    """
+    if truncation not in TRUNCATION_POLICIES:
+        raise ValueError(f"dataset.truncation: {truncation!r} is not one of {', '.join(TRUNCATION_POLICIES)}")
+    if not isinstance(max_seq_len, int) or max_seq_len < 16:
+        raise ValueError(f"dataset.max_seq_len: {max_seq_len!r}; expected an integer >= 16 (GDT: 8000)")
+    if splits_per_patient_therapy is not None and (
+        not isinstance(splits_per_patient_therapy, int) or splits_per_patient_therapy < 1):
+        raise ValueError(f"dataset.splits_per_patient_therapy: {splits_per_patient_therapy!r}; expected null or an integer >= 1")
+    prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("dataset.system_prompt: expected a non-empty string, or null for the default")
+    quiet = _rank() != 0
+    if system_prompt_sha256(prompt) == GDT_SYSTEM_PROMPT_SHA256 and not quiet:
+        log.info("cgdb_instruct: using the original GDT system prompt (SHA-256 matches)")
+
+    files = resolve_data_files(data_files)
+    layout = Layout.build(tokenizer, prompt)
+    builder = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    with tqdm(total=len(files), desc="indexing samples", unit="file", disable=quiet or len(files) < 2) as bar:
+        indexes: list[FileIndex] = index_files(
+            files, layout, max_seq_len, truncation, splits_per_patient_therapy is not None,
+            Path(cache_dir) if cache_dir else default_cache_dir(), build=builder, progress=bar)
+
+    file_idx = np.concatenate([np.full(len(ix.offsets), i, dtype=np.int32) for i, ix in enumerate(indexes)])
+    cat = {name: np.concatenate([getattr(ix, name) for ix in indexes])
+           for name in ("offsets", "lengths", "lines", "status", "patient", "lot")}
+    # Patient / LoT strings as global codes (vocabularies are per file).
+    patient_names = _decode(indexes, "patient", "patients")
+
+    def where(i: int) -> str:
+        return f"{files[file_idx[i]]}:{cat['lines'][i]}"
+
+    keep = np.ones(len(file_idx), dtype=bool)
+    if patient_ids is not None or splits_per_patient_therapy is not None:
+        missing = np.flatnonzero(cat["patient"] < 0)
+        if len(missing):
+            feature = "patient_ids" if patient_ids is not None else "splits_per_patient_therapy"
+            raise ValueError(f"{where(missing[0])}: field 'meta.patientid' is missing; it is needed by {feature}")
+    if patient_ids is not None:
+        wanted = _read_patient_ids(patient_ids)
+        keep &= np.fromiter((p in wanted for p in patient_names), dtype=bool, count=len(keep))
+    status = cat["status"]
+    counts = Counter({s.name.lower(): int(n) for s, n in zip(Status, np.bincount(status[keep], minlength=len(Status)))})
+    keep &= status < Status.DROPPED_HEADER_CUT
+    if splits_per_patient_therapy is not None:
+        groups: dict[tuple[str, str], int] = {}
+        lot_names = _decode(indexes, "lot", "lots")
+        group = np.fromiter((groups.setdefault((p, lot), len(groups)) for p, lot in zip(patient_names, lot_names)),
+                            dtype=np.int64, count=len(keep))
+        group = np.where(keep, group, -1)  # excluded rows compete in a group of their own
+        selected = _select_per_group(group, splits_per_patient_therapy, seed) & keep
+        counts["not_selected"] = int(keep.sum() - selected.sum())
+        keep = selected
+    rows = np.flatnonzero(keep)
+    counts["samples"] = len(rows)
+    if not quiet:
+        log.info("cgdb_instruct: %d samples from %d files (%s)", len(rows), len(files),
+                 ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "samples"))
+    return CGDBInstructDataset(
+        files, layout, max_seq_len, truncation, file_idx[rows], cat["offsets"][rows], cat["lengths"][rows],
+        cat["lines"][rows], status[rows], [patient_names[i] for i in rows], dict(counts))

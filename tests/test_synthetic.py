@@ -1,0 +1,106 @@
+import hashlib
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from gdt_tune.data.answers import parse_answer
+from gdt_tune.data.synthetic import generate_cohort, write_cohort
+from gdt_tune.data.text import EVENT, FORECASTING, FORECASTING_QA
+
+TYPE_OF_META = {"forecasting": FORECASTING, "forecasting_qa": FORECASTING_QA, "events": EVENT}
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    return list(generate_cohort(40, seed=7, splits_per_lot=3))
+
+
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.jsonl")):
+        h.update(p.relative_to(root).as_posix().encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_cli_writes_split_folders_deterministically(tmp_path):
+    for out in ("a", "b"):
+        subprocess.run([sys.executable, "-m", "gdt_tune.data.synthetic", "--patients", "12", "--out",
+                        str(tmp_path / out), "--seed", "3", "--splits-per-lot", "2"], check=True)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    for split in ("train", "validation", "test"):
+        files = list((tmp_path / "a" / split).glob("*.jsonl"))
+        assert files, split
+        rows = [json.loads(line) for f in files for line in f.open()]
+        assert rows and all(r["meta"]["split"] == split for r in rows)
+    write_cohort(tmp_path / "c", 12, seed=4, splits_per_lot=2)
+    assert _digest(tmp_path / "c") != _digest(tmp_path / "a")
+
+
+def test_split_by_patient_and_draws_per_lot(cohort):
+    split_of = {}
+    per_lot = Counter()
+    for split, s in cohort:
+        pid = s["meta"]["patientid"]
+        assert split_of.setdefault(pid, split) == split, "patient in two splits"
+        lots = {t["lot_date"] for t in s["meta"]["target_meta"] if "lot_date" in t}
+        assert len(lots) <= 1
+        per_lot[(pid, split, s["meta"]["split_date_included_in_input"][:0])] += 1
+    assert set(split_of.values()) == {"train", "validation", "test"}
+    # validation/test: one sample per LoT, train: splits_per_lot (3) per LoT
+    for (pid, split, _), n in per_lot.items():
+        assert n % (3 if split == "train" else 1) == 0
+
+
+def test_task_mix_and_answer_strings(cohort):
+    n_event_only = 0
+    for _, s in cohort:
+        types = [t["task_type"] for t in s["meta"]["target_meta"]]
+        assert types and types.count("forecasting") <= 1 and types.count("forecasting_qa") <= 1
+        assert types.count("events") <= 4
+        n_event_only += set(types) == {"events"}
+        for i, t in enumerate(s["meta"]["target_meta"], start=1):
+            assert f"Task {i} is {TYPE_OF_META[t['task_type']]}:\n" in s["instruction"]
+            assert f"Task {i} is {TYPE_OF_META[t['task_type']]}:\n" in s["answer"]
+            if t["task_type"] == "events":
+                outcome = ("was censored and did not occur." if t["censoring"] else
+                           "was not censored and occurred." if t["occurred"] else
+                           "was not censored and did not occur.")
+                assert f"Here is the prediction: the event ({t['target_name']}) {outcome}" in s["answer"]
+    assert 0.2 < n_event_only / len(cohort) < 0.9
+
+
+def test_parse_answer_gives_back_the_drawn_targets(cohort):
+    """Property: for every generated sample the parser returns exactly the generator's targets."""
+    for _, s in cohort:
+        tasks = parse_answer(s["answer"])
+        metas = s["meta"]["target_meta"]
+        assert [t.number for t in tasks] == list(range(1, len(metas) + 1))
+        for task, meta in zip(tasks, metas):
+            assert task.type == TYPE_OF_META[meta["task_type"]]
+            if task.type == EVENT:
+                assert (task.event, task.censored, task.occurred) == (
+                    meta["target_name"], meta["censoring"], meta["occurred"])
+            else:
+                assert task.visits == [(w, v) for w, v in meta["targets"]]
+
+
+def test_history_trimmed_to_token_budget():
+    from gdt_tune.data.synthetic import estimate_tokens
+
+    small = list(generate_cohort(5, seed=1, splits_per_lot=1, token_budget=600))
+    big = list(generate_cohort(5, seed=1, splits_per_lot=1))
+    assert [s["answer"] for _, s in small] == [s["answer"] for _, s in big]
+    trimmed = 0
+    for (_, a), (_, b) in zip(small, big):
+        assert a["instruction"].count("weeks later, the patient visited") <= b["instruction"].count(
+            "weeks later, the patient visited")
+        assert "On the first visit, the patient experienced the following: \n" in a["instruction"]
+        fits = estimate_tokens(a["instruction"]) + estimate_tokens(a["answer"]) <= 600
+        only_first_left = "weeks later, the patient visited" not in a["instruction"].split("The most recent")[0]
+        assert fits or only_first_left
+        trimmed += a["instruction"] != b["instruction"]
+    assert trimmed > 0
