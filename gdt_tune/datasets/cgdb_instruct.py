@@ -52,6 +52,7 @@ class CGDBInstructDataset(Dataset):
                  file_idx: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, lines: np.ndarray,
                  status: np.ndarray, patient_ids: list[str | None], counts: dict[str, int]):
         self._files = [str(f) for f in files]
+        self._stamps = [_stamp(f) for f in self._files]
         self._layout = layout
         self._max_seq_len = max_seq_len
         self._truncation = truncation
@@ -72,20 +73,25 @@ class CGDBInstructDataset(Dataset):
         return {p for p in self._patient_ids if p is not None}
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
-        where = self.where(index)
-        with open(self._files[self._file_idx[index]], "rb") as f:
+        where, file = self.where(index), self._file_idx[index]
+        with open(self._files[file], "rb") as f:
+            if _stamp(f.fileno()) != self._stamps[file]:
+                raise ValueError(f"{where}: the file changed after it was indexed; restart to re-index it")
             f.seek(int(self._offsets[index]))
             raw = f.read(int(self._lengths[index]))
         record = read_record(raw, where)
         tokens, labels, status = apply_cap(self._layout, record["instruction"], record["answer"],
                                            self._max_seq_len, self._truncation)
-        if status != self._status[index]:
-            raise ValueError(f"{where}: the file changed after it was indexed; restart to re-index it")
         try:
             validate(tokens, labels, self._layout, self._max_seq_len, status)
         except ValueError as e:
             raise ValueError(f"{where}: invalid token layout: {e}") from None
         return {"tokens": tokens, "labels": labels}
+
+
+def _stamp(file) -> tuple[int, int]:
+    st = os.stat(file)
+    return st.st_size, st.st_mtime_ns
 
 
 def _decode(indexes: list[FileIndex], codes: str, vocab: str) -> list[str | None]:

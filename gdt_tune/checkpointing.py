@@ -1,0 +1,299 @@
+"""Interim sharded checkpoints: ``${output_dir}/step_{N}/`` every N optimizer steps, the K newest
+kept, exact resume, SIGTERM-safe. The recipe calls it in three places::
+
+    ckpt = CheckpointManager.from_config(cfg, model=..., optimizer=..., lr_scheduler=..., progress=..., rank=...)
+    ckpt.load()             # at setup: restore the newest complete checkpoint if asked to
+    ckpt.save(step)         # after every optimizer step: the manager owns the policy
+    ckpt.close()            # at the end: wait for an async save in flight
+
+YAML::
+
+    save_every_n_steps: 5000        # null: no interim checkpoints
+    keep_last_n_checkpoints: 4      # >= 2 with async_checkpointing
+    async_checkpointing: true       # training blocks only while the state is staged
+    resume_from_checkpoint: false   # true: newest complete step_N in output_dir; or a step_N path
+
+A ``step_N`` folder is a torch.distributed.checkpoint (each rank writes its own shards) of the
+model and optimizer (FSDP2 sharded state dicts), the LR scheduler and the progress counters, plus
+one ``rank_R.pt`` per rank with its RNG states. It is complete only once DCP's ``.metadata`` and
+our ``COMPLETE`` marker exist; the marker is written by rank 0 after the save (for async: its
+future) finished, and DCP writes ``.metadata`` only after every rank's shards are written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+log = logging.getLogger("gdt_tune")
+
+COMPLETE_MARKER = "COMPLETE"
+METADATA = ".metadata"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+# Keys of the DCP state dict.
+MODEL_OPTIM_KEY, LR_KEY, PROGRESS_KEY = "train_state", "lr_scheduler", "progress"
+
+
+class Progress(Stateful):
+    """Where training is: the step is the source of truth for everything else (data position)."""
+
+    def __init__(self, seed: int, world_size: int):
+        self.global_step = self.epoch = self.step_in_epoch = 0
+        self.tokens_seen = 0
+        self.seed, self.world_size = seed, world_size
+
+    def advance(self, tokens: float) -> None:
+        self.global_step += 1
+        self.step_in_epoch += 1
+        self.tokens_seen += int(tokens)
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.step_in_epoch = 0
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("global_step", "epoch", "step_in_epoch", "tokens_seen", "seed", "world_size")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+class _ModelOptimState(Stateful):
+    """FSDP2 sharded model + optimizer state, in DCP's fully-qualified-name form."""
+
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optimizer": optim_sd}
+
+    def load_state_dict(self, state: dict) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+class _Scheduler(Stateful):
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict() if self.scheduler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------ folder policy (pure)
+def step_of(path: Path) -> int | None:
+    m = STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def is_complete(path: Path) -> bool:
+    return (path / METADATA).is_file() and (path / COMPLETE_MARKER).is_file()
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path, bool]]:
+    """(step, folder, complete) of every ``step_N`` folder, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(step_of(p), p) for p in output_dir.iterdir() if p.is_dir() and step_of(p) is not None]
+    return [(s, p, is_complete(p)) for s, p in sorted(found)]
+
+
+def latest_complete(output_dir: Path) -> tuple[Path | None, list[Path]]:
+    """The newest complete checkpoint and the incomplete ones newer than it."""
+    newer_incomplete = []
+    for _, path, complete in reversed(list_checkpoints(output_dir)):
+        if complete:
+            return path, newer_incomplete
+        newer_incomplete.append(path)
+    return None, newer_incomplete
+
+
+def to_prune(output_dir: Path, keep: int) -> list[Path]:
+    """Folders to delete: complete ones beyond the ``keep`` newest, and incomplete ones older than
+    the newest complete one (left by a crash; an in-flight save is always newer)."""
+    ckpts = list_checkpoints(output_dir)
+    complete = [p for _, p, c in ckpts if c]
+    if not complete:
+        return []
+    newest = step_of(complete[-1])
+    stale = [p for s, p, c in ckpts if not c and s < newest]
+    return complete[:-keep] + stale
+
+
+def should_save(step: int, every: int | None) -> bool:
+    return bool(every) and step % every == 0
+
+
+# ------------------------------------------------------------------ manager
+class CheckpointManager:
+    """Owns interim checkpoint policy, writing, pruning and resume (see module docstring)."""
+
+    def __init__(self, output_dir, *, model, optimizer, lr_scheduler, progress: Progress, rank: int,
+                 save_every_n_steps: int | None = None, keep_last_n_checkpoints: int = 2,
+                 async_checkpointing: bool = False, resume_from_checkpoint=False):
+        if async_checkpointing and keep_last_n_checkpoints < 2:
+            raise ValueError("config key 'keep_last_n_checkpoints' must be >= 2 with async_checkpointing=true "
+                             "(the newest save may still be in flight); raise it or set async_checkpointing=false")
+        self.output_dir = Path(output_dir)
+        self.every, self.keep = save_every_n_steps, keep_last_n_checkpoints
+        self.async_save, self.resume = async_checkpointing, resume_from_checkpoint
+        self.rank, self.progress = rank, progress
+        self._state = {MODEL_OPTIM_KEY: _ModelOptimState(model, optimizer), LR_KEY: _Scheduler(lr_scheduler),
+                       PROGRESS_KEY: progress}
+        # Async saves get their own gloo group: sharing the training group crashes gloo.
+        self._pg = dist.new_group(backend="gloo")
+        self._in_flight: tuple[object, Path] | None = None
+        self._last_saved = -1
+        self.stop_requested = False
+        self._sigterm = False
+        self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    @classmethod
+    def from_config(cls, cfg, **kwargs) -> "CheckpointManager":
+        keep = cfg.get("keep_last_n_checkpoints", 2)
+        every = cfg.get("save_every_n_steps")
+        for key, value, minimum in (("keep_last_n_checkpoints", keep, 1), ("save_every_n_steps", every, 1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+                raise ValueError(f"config key '{key}': got {value!r}; expected an integer >= {minimum}")
+        resume = cfg.get("resume_from_checkpoint", False)
+        if not isinstance(resume, (bool, str)):
+            raise ValueError(f"config key 'resume_from_checkpoint': got {resume!r}; expected true, false or a step_N path")
+        return cls(cfg.output_dir, save_every_n_steps=every, keep_last_n_checkpoints=keep,
+                   async_checkpointing=bool(cfg.get("async_checkpointing", False)),
+                   resume_from_checkpoint=resume, **kwargs)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._sigterm = True
+
+    # ---------------------------------------------------------- resume
+    def resume_path(self) -> Path | None:
+        """The checkpoint to resume from, or None for a fresh start."""
+        if self.resume is False or self.resume is None:
+            return None
+        if self.resume is not True:
+            path = Path(self.resume)
+            if not is_complete(path):
+                raise ValueError(f"config key 'resume_from_checkpoint': {path} is not a complete checkpoint "
+                                 f"(needs {METADATA} and {COMPLETE_MARKER}); pass another step_N folder or true")
+            return path
+        path, skipped = latest_complete(self.output_dir)
+        if skipped and self.rank == 0:
+            log.warning("checkpoint: skipping incomplete %s", ", ".join(p.name for p in skipped))
+        if path is None:
+            raise ValueError(f"config key 'resume_from_checkpoint': no complete step_N checkpoint in {self.output_dir}; "
+                             "set resume_from_checkpoint=false to start fresh")
+        return path
+
+    def load(self) -> None:
+        path = self.resume_path()
+        if path is None:
+            return
+        saved_world = torch.load(path / "rank_0.pt", weights_only=False)["world_size"]
+        world = dist.get_world_size()
+        if saved_world != world:
+            raise ValueError(f"checkpoint {path} was written by {saved_world} ranks but this run has {world}; "
+                             f"resume with --nproc_per_node/--nnodes giving {saved_world} ranks (the data order depends on it)")
+        dcp.load(self._state, checkpoint_id=str(path), process_group=self._pg)
+        set_rng_state(torch.load(path / f"rank_{self.rank}.pt", weights_only=False)["rng"])
+        self._last_saved = self.progress.global_step
+        if self.rank == 0:
+            log.info("checkpoint: resumed from %s (step %d, epoch %d)", path, self.progress.global_step, self.progress.epoch)
+
+    # ---------------------------------------------------------- save
+    def save(self, step: int) -> None:
+        """Called after every optimizer step. Saves on the interval, and on SIGTERM (agreed by all
+        ranks), after which ``stop_requested`` is set."""
+        flag = torch.tensor([int(self._sigterm)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._pg)
+        if flag.item():
+            self.stop_requested = True
+        self._finish_if_done()
+        if self.stop_requested or should_save(step, self.every):
+            self._write(step, wait=self.stop_requested)
+            if self.stop_requested and self.rank == 0:
+                log.warning("checkpoint: SIGTERM received; saved step %d, exiting", step)
+
+    def _write(self, step: int, wait: bool) -> None:
+        if step == self._last_saved:
+            return
+        self._wait_in_flight()
+        path = self.output_dir / f"step_{step}"
+        try:
+            if self.rank == 0 and path.exists():  # a stale incomplete folder from a crash
+                shutil.rmtree(path)
+            dist.barrier(group=self._pg)
+            path.mkdir(parents=True, exist_ok=True)
+            torch.save({"rng": rng_state(), "world_size": dist.get_world_size()}, path / f"rank_{self.rank}.pt")
+            if self.async_save:
+                future = dcp.async_save(self._state, checkpoint_id=str(path), process_group=self._pg)
+                self._in_flight = (future, path)
+            else:
+                dcp.save(self._state, checkpoint_id=str(path), process_group=self._pg)
+                self._complete(path)
+        except Exception as e:
+            raise RuntimeError(f"checkpoint: saving {path} failed ({type(e).__name__}: {e}); "
+                               "earlier checkpoints are intact; free disk space or fix permissions, then resume") from e
+        self._last_saved = step
+        if wait:
+            self._wait_in_flight()
+
+    def _complete(self, path: Path) -> None:
+        if self.rank == 0:
+            (path / COMPLETE_MARKER).write_text("")
+            for old in to_prune(self.output_dir, self.keep):
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _finish_if_done(self) -> None:
+        if self._in_flight is not None and self._in_flight[0].done():
+            self._wait_in_flight()
+
+    def _wait_in_flight(self) -> None:
+        if self._in_flight is None:
+            return
+        future, path = self._in_flight
+        self._in_flight = None
+        try:
+            future.result()
+        except Exception as e:
+            raise RuntimeError(f"checkpoint: saving {path} failed ({type(e).__name__}: {e}); "
+                               "earlier checkpoints are intact; free disk space or fix permissions, then resume") from e
+        self._complete(path)
+
+    def close(self) -> None:
+        """Wait for an async save in flight and restore the SIGTERM handler."""
+        self._wait_in_flight()
+        if self._old_handler is not None:
+            signal.signal(signal.SIGTERM, self._old_handler)
+            self._old_handler = None

@@ -1,0 +1,86 @@
+"""Fail-fast checks of a recipe config: unknown keys (with a "did you mean"), wrong types and
+contradictory settings, each reported with the key and the fix before anything is built."""
+
+from __future__ import annotations
+
+import difflib
+
+from omegaconf import DictConfig, OmegaConf
+
+#: Top-level keys the recipe reads. Names and meanings follow torchtune's full_finetune_distributed.
+KNOWN_KEYS = {
+    # components
+    "model", "tokenizer", "checkpointer", "dataset", "dataset_val", "optimizer", "lr_scheduler",
+    "loss", "metric_logger",
+    # training
+    "seed", "shuffle", "batch_size", "batch_size_val", "epochs", "max_steps_per_epoch",
+    "gradient_accumulation_steps", "clip_grad_norm", "compile", "device", "dtype",
+    "enable_activation_checkpointing", "custom_sharded_layers", "fsdp_cpu_offload",
+    "fsdp_reshard_after_forward", "num_workers",
+    # logging and validation
+    "log_every_n_steps", "log_peak_memory_stats", "run_val_every_n_steps", "output_dir",
+    # checkpoints
+    "resume_from_checkpoint", "save_every_n_steps", "keep_last_n_checkpoints", "async_checkpointing",
+    # free: interpolation helpers
+    "demo_dir",
+}
+REQUIRED_KEYS = ("model", "tokenizer", "checkpointer", "dataset", "optimizer", "loss", "output_dir",
+                 "batch_size", "epochs")
+
+
+def _int(cfg: DictConfig, key: str, minimum: int, allow_none: bool = False) -> None:
+    value = cfg.get(key)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        none = " or null" if allow_none else ""
+        raise ValueError(f"config key '{key}': got {value!r}; expected an integer >= {minimum}{none}")
+
+
+def _bool(cfg: DictConfig, key: str) -> None:
+    if not isinstance(cfg.get(key, False), bool):
+        raise ValueError(f"config key '{key}': got {cfg.get(key)!r}; expected true or false")
+
+
+def check_config(cfg: DictConfig, cuda_available: bool) -> None:
+    """Raise ValueError naming the first bad key and how to fix it."""
+    for key in cfg:
+        if key not in KNOWN_KEYS:
+            close = difflib.get_close_matches(str(key), sorted(KNOWN_KEYS), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "remove it"
+            raise ValueError(f"config key '{key}' is not known to this recipe; {hint}")
+    for key in REQUIRED_KEYS:
+        if cfg.get(key) is None:
+            raise ValueError(f"config key '{key}' is missing; add it to the config or pass {key}=... on the command line")
+    for key in ("model", "tokenizer", "checkpointer", "dataset", "optimizer", "loss"):
+        if not OmegaConf.is_dict(cfg[key]) or "_component_" not in cfg[key]:
+            raise ValueError(f"config key '{key}' needs a '_component_' entry")
+    _int(cfg, "batch_size", 1)
+    _int(cfg, "epochs", 1)
+    _int(cfg, "gradient_accumulation_steps", 1) if "gradient_accumulation_steps" in cfg else None
+    _int(cfg, "max_steps_per_epoch", 1, allow_none=True)
+    _int(cfg, "log_every_n_steps", 1) if "log_every_n_steps" in cfg else None
+    _int(cfg, "run_val_every_n_steps", 1, allow_none=True)
+    _int(cfg, "batch_size_val", 1, allow_none=True)
+    _int(cfg, "num_workers", 0) if "num_workers" in cfg else None
+    _int(cfg, "seed", 0, allow_none=True)
+    for key in ("shuffle", "compile", "enable_activation_checkpointing", "fsdp_cpu_offload",
+                "log_peak_memory_stats", "fsdp_reshard_after_forward"):
+        _bool(cfg, key)
+    clip = cfg.get("clip_grad_norm")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0):
+        raise ValueError(f"config key 'clip_grad_norm': got {clip!r}; expected a positive number or null")
+    if cfg.get("dtype", "bf16") not in ("bf16", "fp32"):
+        raise ValueError(f"config key 'dtype': got {cfg.get('dtype')!r}; expected bf16 or fp32 (fp16 is not supported)")
+    device = cfg.get("device", "cuda")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"config key 'device': got {device!r}; expected cpu or cuda")
+    if device == "cuda" and not cuda_available:
+        raise ValueError("config key 'device': cuda, but no CUDA device is visible; set device=cpu or run on a GPU node")
+    if device == "cpu" and cfg.get("fsdp_cpu_offload", False):
+        raise ValueError("config key 'fsdp_cpu_offload': true with device=cpu; set fsdp_cpu_offload=false")
+    if cfg.get("run_val_every_n_steps") is not None and cfg.get("dataset_val") is None:
+        raise ValueError("config key 'run_val_every_n_steps' is set but 'dataset_val' is missing; add dataset_val or set run_val_every_n_steps=null")
+    loss = str(cfg.loss.get("_component_", ""))
+    if not loss.endswith("CEWithChunkedOutputLoss"):
+        raise ValueError(f"config key 'loss._component_': got {loss!r}; expected torchtune.modules.loss.CEWithChunkedOutputLoss")

@@ -1,0 +1,327 @@
+"""Full fine-tune with FSDP2 on CPU (gloo) or CUDA (NCCL), interim sharded checkpoints and exact
+resume. Launch::
+
+    tune run --nproc_per_node 8 gdt_tune/recipes/full_finetune_fsdp_ckpt.py \\
+        --config configs/llama3_1_8b_gdt_full.yaml key=value ...
+
+Config keys follow torchtune's ``full_finetune_distributed``; ``gdt_tune.config_checks`` lists them
+and rejects unknown or contradictory ones at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader
+from torchtune import config, modules, training
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
+from tqdm import tqdm
+
+from gdt_tune.checkpointing import CheckpointManager, Progress
+from gdt_tune.config_checks import check_config
+from gdt_tune.sampling import EvalBatchSampler, GlobalOrderBatchSampler
+
+log = logging.getLogger("gdt_tune")
+
+#: H100 SXM dense bf16 peak, for the MFU estimate.
+PEAK_FLOPS = 989e12
+
+
+def _init_distributed(device_type: str) -> tuple[int, int, int]:
+    """Start the process group (also for a plain single-process launch); returns world, rank, local rank."""
+    if "RANK" not in os.environ:  # `tune run` without --nproc_per_node: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        backend = "cuda:nccl,cpu:gloo"  # gloo for CPU-side collectives (async checkpoint staging)
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend)
+    return dist.get_world_size(), dist.get_rank(), local_rank
+
+
+class FullFinetuneRecipe:
+    """One FSDP2 full fine-tune: ``setup()``, ``train()``, ``cleanup()``."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        check_config(cfg, torch.cuda.is_available())
+        self._cfg = cfg
+        self._device = torch.device(cfg.get("device", "cuda"))
+        self._dtype = torch.bfloat16 if cfg.get("dtype", "bf16") == "bf16" else torch.float32
+        self._world, self._rank, local_rank = _init_distributed(self._device.type)
+        if self._device.type == "cuda":
+            self._device = torch.device("cuda", local_rank)
+        else:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self._world))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        self._is_rank_zero = self._rank == 0
+        self._batch_size = cfg.batch_size
+        self._accum = cfg.get("gradient_accumulation_steps", 1)
+        self._clip = cfg.get("clip_grad_norm")
+        self._log_every = cfg.get("log_every_n_steps", 1)
+        self._val_every = cfg.get("run_val_every_n_steps")
+        self._seed = training.set_seed(seed=cfg.get("seed"))
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self._cfg
+        # Logger first, so that every later step can report.
+        self._metric_logger = config.instantiate(cfg.metric_logger) if self._is_rank_zero and cfg.get("metric_logger") else None
+        self._tokenizer = config.instantiate(cfg.tokenizer)
+        # Datasets before the model: bad data fails in seconds, not after loading 16 GB of weights.
+        self._train_ds = config.instantiate(cfg.dataset, self._tokenizer)
+        self._val_ds = config.instantiate(cfg.dataset_val, self._tokenizer) if cfg.get("dataset_val") else None
+        self._check_no_shared_patients()
+        self._sampler, self._train_loader = self._setup_train_loader(self._train_ds)
+        self._steps_per_epoch = self._sampler.micro_batches_per_epoch // self._accum
+        if cfg.get("max_steps_per_epoch") is not None:
+            self._steps_per_epoch = min(self._steps_per_epoch, cfg.max_steps_per_epoch)
+        if self._steps_per_epoch == 0:
+            raise ValueError(
+                f"dataset: {len(self._train_ds)} samples make no optimizer step with batch_size={self._batch_size} x "
+                f"{self._world} ranks x gradient_accumulation_steps={self._accum}; lower them or add data")
+        self._checkpointer = config.instantiate(cfg.checkpointer)
+        self._model = self._setup_model(cfg.model)
+        self._optimizer = config.instantiate(cfg.optimizer, self._model.parameters())
+        self._lr_scheduler = (config.instantiate(cfg.lr_scheduler, self._optimizer,
+                                                 num_training_steps=self._steps_per_epoch * cfg.epochs)
+                              if cfg.get("lr_scheduler") else None)
+        self._loss_fn = config.instantiate(cfg.loss)
+        if cfg.get("compile", False):
+            training.compile_loss(self._loss_fn)
+        self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+        self._progress = Progress(seed=self._seed, world_size=self._world)
+        self._ckpt = CheckpointManager.from_config(
+            cfg, model=self._model, optimizer=self._optimizer, lr_scheduler=self._lr_scheduler,
+            progress=self._progress, rank=self._rank)
+        self._ckpt.load()
+
+    def _check_no_shared_patients(self) -> None:
+        if self._val_ds is None or not hasattr(self._val_ds, "patient_ids"):
+            return
+        shared = self._train_ds.patient_ids() & self._val_ds.patient_ids()
+        if shared:
+            raise ValueError(f"dataset and dataset_val share {len(shared)} patients (e.g. meta.patientid "
+                             f"{min(shared)!r}); split train/validation by patient")
+
+    def _collate(self):
+        return partial(padded_collate_sft, padding_idx=self._tokenizer.pad_id, ignore_idx=CROSS_ENTROPY_IGNORE_IDX)
+
+    def _setup_train_loader(self, ds) -> tuple[GlobalOrderBatchSampler, DataLoader]:
+        sampler = GlobalOrderBatchSampler(len(ds), self._batch_size, self._rank, self._world,
+                                          seed=self._seed, shuffle=self._cfg.get("shuffle", True))
+        workers = self._cfg.get("num_workers", 0)
+        loader = DataLoader(ds, batch_sampler=sampler, collate_fn=self._collate(), num_workers=workers,
+                            persistent_workers=False, prefetch_factor=2 if workers else None)
+        return sampler, loader
+
+    def _setup_model(self, cfg_model: DictConfig) -> torch.nn.Module:
+        """Build on the meta device, shard with FSDP2, then fill the shards from the HF checkpoint."""
+        cfg = self._cfg
+        with training.set_default_dtype(self._dtype), torch.device("meta"):
+            model = config.instantiate(cfg_model)
+        if cfg.get("compile", False):
+            training.compile_model(model, verbose=self._is_rank_zero)
+        if cfg.get("enable_activation_checkpointing", False):
+            training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+        custom = list(cfg.get("custom_sharded_layers") or [])
+        training.shard_model(
+            model, [partial(training.get_shard_conditions, names_to_match=custom)],
+            cpu_offload=cfg.get("fsdp_cpu_offload", False),
+            reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True))
+        state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+        with training.set_default_dtype(self._dtype), self._device:
+            for m in model.modules():
+                if hasattr(m, "rope_init"):
+                    m.rope_init()  # rope caches are buffers, not in the checkpoint
+        result = training.load_from_full_model_state_dict(
+            model, state, self._device, strict=True, cpu_offload=cfg.get("fsdp_cpu_offload", False))
+        del state
+        if result is not None and (result.missing_keys or result.unexpected_keys):
+            raise ValueError(f"checkpointer: weights do not match config key 'model' "
+                             f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
+        training.validate_no_params_on_meta_device(model)
+        n_params = sum(p.numel() for p in model.parameters())
+        self._flops_per_token_base = 6 * (n_params - model.tok_embeddings.weight.numel())
+        self._attn_flops_per_token_per_pos = 12 * len(model.layers) * model.tok_embeddings.embedding_dim
+        if self._is_rank_zero:
+            log.info("model: %.1fM parameters, dtype %s, %d ranks on %s", n_params / 1e6, self._dtype,
+                     self._world, self._device.type)
+        return model
+
+    # ---------------------------------------------------------------- steps
+    def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = batch["tokens"].to(self._device)
+        labels = batch["labels"].to(self._device)
+        # position t predicts token t+1
+        shifted = torch.full_like(labels, CROSS_ENTROPY_IGNORE_IDX)
+        shifted[:, :-1] = labels[:, 1:]
+        return tokens, shifted
+
+    def _ce_sum(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy over label tokens, one output chunk at a time (128k vocab)."""
+        logits = self._model(tokens)
+        chunks = labels.chunk(self._loss_fn.num_output_chunks, dim=1)
+        return sum(self._loss_fn.compute_cross_entropy(lc.reshape(-1, lc.size(-1)), lab.reshape(-1))
+                   for lc, lab in zip(logits, chunks))
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self._device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def _train_step(self, batches: list[dict]) -> dict[str, float]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches. The loss is
+        normalised by the label tokens of all micro-batches on all ranks, so the gradient equals
+        that of the mean over the global batch (FSDP averages gradients over ranks, hence x world)."""
+        moved = [self._to_device(b) for b in batches]
+        local_labels = sum(int((lab != CROSS_ENTROPY_IGNORE_IDX).sum()) for _, lab in moved)
+        local_tokens = sum(int((b["tokens"] != self._tokenizer.pad_id).sum()) for b in batches)
+        n_labels, n_tokens = self._all_reduce([local_labels, local_tokens])
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self._device)
+        for tokens, labels in moved:
+            ce = self._ce_sum(tokens, labels)
+            (ce * (self._world / max(n_labels, 1.0))).backward()
+            loss_sum += ce.detach().double()
+        grad_norm = None
+        if self._clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=float(self._clip))
+            if isinstance(grad_norm, DTensor):
+                grad_norm = grad_norm.full_tensor()
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        if self._lr_scheduler is not None:
+            self._lr_scheduler.step()
+        (total,) = self._all_reduce([loss_sum.item()])
+        out = {"loss": total / max(n_labels, 1.0), "tokens": n_tokens, "label_tokens": n_labels,
+               "seq_len": n_tokens / (len(batches) * self._batch_size * self._world)}
+        if grad_norm is not None:
+            out["grad_norm"] = float(grad_norm)
+        return out
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean loss per label token over the whole validation set (each sample once)."""
+        sampler = EvalBatchSampler(len(self._val_ds), self._cfg.get("batch_size_val") or self._batch_size,
+                                   self._rank, self._world)
+        loader = DataLoader(self._val_ds, batch_sampler=sampler, collate_fn=self._collate())
+        self._model.eval()
+        ce_total, n_total, last = 0.0, 0, None
+        batches = iter(loader)
+        for _ in tqdm(range(sampler.num_batches_all_ranks), desc="validation", leave=False,
+                      disable=not self._is_rank_zero):
+            batch = next(batches, None)
+            if batch is None:  # this rank ran out: a masked repeat keeps FSDP collectives matched
+                batch = dict(last, labels=torch.full_like(last["labels"], CROSS_ENTROPY_IGNORE_IDX))
+            tokens, labels = self._to_device(batch)
+            ce_total += float(self._ce_sum(tokens, labels))
+            n_total += int((labels != CROSS_ENTROPY_IGNORE_IDX).sum())
+            last = batch
+        self._model.train()
+        ce_total, n_total = self._all_reduce([ce_total, n_total])
+        return ce_total / max(n_total, 1.0)
+
+    # ---------------------------------------------------------------- loop
+    def train(self) -> None:
+        cfg, p = self._cfg, self._progress
+        total_steps = self._steps_per_epoch * cfg.epochs
+        bar = tqdm(total=total_steps, initial=p.global_step, desc="training", unit="step",
+                   disable=not self._is_rank_zero, dynamic_ncols=True)
+        window = {"tokens": 0.0, "label_tokens": 0.0, "seq_len": 0.0, "steps": 0, "t0": time.perf_counter()}
+        if self._device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self._device)
+        while p.epoch < cfg.epochs:
+            self._sampler.set_epoch(p.epoch, start_micro_batch=p.step_in_epoch * self._accum)
+            batches = iter(self._train_loader)
+            while p.step_in_epoch < self._steps_per_epoch:
+                stats = self._train_step([next(batches) for _ in range(self._accum)])
+                p.advance(stats["tokens"])
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}")
+                for k in ("tokens", "label_tokens", "seq_len"):
+                    window[k] += stats[k]
+                window["steps"] += 1
+                if p.global_step % self._log_every == 0:
+                    self._log_metrics(stats, window)
+                if self._val_ds is not None and self._val_every and p.global_step % self._val_every == 0:
+                    self._log({"val_loss": self.validate()})
+                self._ckpt.save(p.global_step)
+                if self._ckpt.stop_requested:
+                    bar.close()
+                    return
+            p.next_epoch()
+        bar.close()
+        if self._val_ds is not None:
+            self._log({"val_loss": self.validate()})
+        self.save_final(cfg.epochs - 1)
+
+    def _log(self, payload: dict) -> None:
+        if self._metric_logger is not None:
+            self._metric_logger.log_dict(payload, step=self._progress.global_step)
+
+    def _log_metrics(self, stats: dict, window: dict) -> None:
+        elapsed = time.perf_counter() - window["t0"]
+        per_device = window["tokens"] / self._world / elapsed
+        payload = {
+            "loss": stats["loss"],
+            "lr": self._optimizer.param_groups[0]["lr"],
+            "tokens_per_second_per_device": per_device,
+            "label_tokens_per_second_per_device": window["label_tokens"] / self._world / elapsed,
+        }
+        if "grad_norm" in stats:
+            payload["grad_norm"] = stats["grad_norm"]
+        if self._device.type == "cuda":
+            seq_len = window["seq_len"] / window["steps"]
+            flops = self._flops_per_token_base + self._attn_flops_per_token_per_pos * seq_len
+            payload["mfu"] = per_device * flops / PEAK_FLOPS
+            if self._cfg.get("log_peak_memory_stats", True):
+                payload["peak_memory_alloc_gib"] = torch.cuda.max_memory_allocated(self._device) / 2**30
+                payload["peak_memory_reserved_gib"] = torch.cuda.max_memory_reserved(self._device) / 2**30
+        self._log(payload)
+        window.update(tokens=0.0, label_tokens=0.0, seq_len=0.0, steps=0, t0=time.perf_counter())
+
+    def save_final(self, epoch: int) -> None:
+        """Consolidated Hugging Face checkpoint in ``${output_dir}/epoch_{epoch}/``, written by rank 0."""
+        self._ckpt.close()
+        state = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
+        if self._is_rank_zero:
+            self._checkpointer.save_checkpoint({training.MODEL_KEY: state}, epoch=epoch)
+            log.info("final checkpoint: %s", os.path.join(self._cfg.output_dir, f"epoch_{epoch}"))
+        dist.barrier()
+
+    def cleanup(self) -> None:
+        self._ckpt.close()
+        if self._metric_logger is not None:
+            self._metric_logger.close()
+        dist.destroy_process_group()
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(levelname)s gdt_tune: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
+    recipe = FullFinetuneRecipe(cfg)
+    try:
+        if recipe._is_rank_zero:
+            log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+        recipe.setup()
+        recipe.train()
+    finally:
+        if dist.is_initialized():
+            recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

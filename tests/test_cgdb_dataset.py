@@ -1,0 +1,181 @@
+"""cgdb_instruct_dataset: inputs, errors, per-(patient, LoT) sampling, patient filters, caching."""
+
+import json
+import logging
+
+import pytest
+
+import gdt_tune.datasets._index as index_mod
+from gdt_tune.datasets import cgdb_instruct_dataset
+from gdt_tune.datasets._layout import DEFAULT_SYSTEM_PROMPT, Layout, apply_cap
+
+ANSWER = "Task 1 is time to event prediction:\nHere is the prediction: the event (death) was censored and did not occur.\n"
+
+
+def row(i, patient=None, lot=None, history_lot_ms=None, split="2020-03-01"):
+    meta = {}
+    if patient is not None:
+        meta = {"patientid": patient, "split_date_included_in_input": split, "target_meta": []}
+        if lot is not None:
+            meta["target_meta"] = [{"task_type": "forecasting", "lot_date": lot}]
+        else:
+            meta["target_meta"] = [{"task_type": "events", "target_name": "death"}]
+        rows = [[patient, ms, "lot", "line of therapy", "1"] for ms in (history_lot_ms or [])]
+        meta["history_data"] = json.dumps({"columns": ["patientid", "date", "event_category", "event_name",
+                                                       "event_value"], "index": list(range(len(rows))), "data": rows})
+        meta["extra_field"] = {"anything": [1, 2, 3]}
+    return {"instruction": f"Patient history number {i}.\n\tECOG is {i % 4}.", "answer": ANSWER, "meta": meta}
+
+
+def write(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_items_match_layout_and_all_input_forms(tmp_path, tokenizer):
+    a = write(tmp_path / "d" / "a.jsonl", [{"instruction": "hi", "answer": "yo"}, row(1)])
+    b = write(tmp_path / "d" / "b.jsonl", [row(2)])
+    layout = Layout.build(tokenizer, DEFAULT_SYSTEM_PROMPT)
+    expected = [apply_cap(layout, r["instruction"], r["answer"], 8000, "gdt")[:2]
+                for r in ({"instruction": "hi", "answer": "yo"}, row(1), row(2))]
+    for spec in (tmp_path / "d", str(tmp_path / "d" / "*.jsonl"), [str(a), str(b)]):
+        ds = cgdb_instruct_dataset(tokenizer, data_files=spec)
+        assert len(ds) == 3
+        assert [(ds[i]["tokens"], ds[i]["labels"]) for i in range(3)] == expected
+    ds = cgdb_instruct_dataset(tokenizer, data_files=str(b))
+    assert len(ds) == 1 and ds.counts["kept"] == 1
+
+
+def test_demo_cohort_loads_unchanged(demo_dir, tokenizer):
+    ds = cgdb_instruct_dataset(tokenizer, data_files=demo_dir / "data" / "train", max_seq_len=2048,
+                               splits_per_patient_therapy=2, seed=1)
+    assert len(ds) > 50
+    for i in range(len(ds)):
+        item = ds[i]
+        assert len(item["tokens"]) == len(item["labels"]) <= 2048
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b'{"instruction": "a", "answer": "b"}\n{"instruction": "a", \n', ":2: invalid JSON"),
+    (b'{"instruction": "a", "answer": "b"}\n\xff\xfe\n', ":2: not valid UTF-8"),
+    (b'{"answer": "b"}\n', ":1: field 'instruction' is missing"),
+    (b'{"instruction": "a", "answer": 3}\n', ":1: field 'answer' is a int"),
+    (b'{"instruction": "  ", "answer": "b"}\n', ":1: field 'instruction' is empty"),
+    (b'{"instruction": "a", "answer": "b"}\n\n{"instruction": "a", "answer": "b"}\n', ":2: empty line"),
+    (b'["instruction", "answer"]\n', ":1: expected a JSON object"),
+])
+def test_malformed_lines_name_file_line_and_field(tmp_path, tokenizer, content, expected):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=str(path) + expected.replace("(", r"\(")):
+        cgdb_instruct_dataset(tokenizer, data_files=path)
+
+
+def test_missing_files_and_bad_arguments(tmp_path, tokenizer):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no \\*.jsonl"):
+        cgdb_instruct_dataset(tokenizer, data_files=tmp_path / "empty")
+    with pytest.raises(ValueError, match="matches no file"):
+        cgdb_instruct_dataset(tokenizer, data_files=str(tmp_path / "nope" / "*.jsonl"))
+    path = write(tmp_path / "ok.jsonl", [row(1)])
+    with pytest.raises(ValueError, match="dataset.truncation"):
+        cgdb_instruct_dataset(tokenizer, data_files=path, truncation="tail")
+    with pytest.raises(ValueError, match="dataset.splits_per_patient_therapy"):
+        cgdb_instruct_dataset(tokenizer, data_files=path, splits_per_patient_therapy=0)
+
+
+def test_meta_needed_only_by_features_that_use_it(tmp_path, tokenizer):
+    path = write(tmp_path / "plain.jsonl", [{"instruction": "a", "answer": "b"}] * 2)
+    assert len(cgdb_instruct_dataset(tokenizer, data_files=path)) == 2
+    with pytest.raises(ValueError, match=f"{path}:1: field 'meta.target_meta' is missing"):
+        cgdb_instruct_dataset(tokenizer, data_files=path, splits_per_patient_therapy=1)
+    with pytest.raises(ValueError, match=f"{path}:1: field 'meta.patientid' is missing; it is needed by patient_ids"):
+        cgdb_instruct_dataset(tokenizer, data_files=path, patient_ids=["x"])
+    events_only = write(tmp_path / "ev.jsonl", [row(1, "p1", history_lot_ms=[])])
+    with pytest.raises(ValueError, match=f"{events_only}:1: no lot_date .* no 'lot' event"):
+        cgdb_instruct_dataset(tokenizer, data_files=events_only, splits_per_patient_therapy=1)
+
+
+def _ms(day):  # epoch milliseconds of 2020-01-<day>
+    import datetime as dt
+
+    return int(dt.datetime(2020, 1, day, tzinfo=dt.timezone.utc).timestamp() * 1000)
+
+
+def test_splits_per_patient_therapy(tmp_path, tokenizer):
+    rows = ([row(i, "p1", lot="2020-01-05") for i in range(5)]
+            # event-only rows: LoT from the latest lot event on or before the split date (epoch ms)
+            + [row(10 + i, "p1", history_lot_ms=[_ms(5), _ms(20)], split="2020-01-10") for i in range(3)]
+            + [row(20 + i, "p1", lot="2020-01-20") for i in range(4)]
+            + [row(30, "p2", lot="2020-01-05")])
+    one = write(tmp_path / "one" / "all.jsonl", rows)
+    write(tmp_path / "two" / "a.jsonl", rows[:6])
+    write(tmp_path / "two" / "b.jsonl", rows[6:])
+
+    def texts(ds):
+        return sorted(tuple(ds[i]["tokens"]) for i in range(len(ds)))
+
+    ds = cgdb_instruct_dataset(tokenizer, data_files=one, splits_per_patient_therapy=2, seed=3)
+    # groups: (p1, 01-05) has 5 + 3 event-only rows, (p1, 01-20) has 4, (p2, 01-05) has 1
+    assert len(ds) == 2 + 2 + 1 and ds.counts["not_selected"] == 8
+    again = cgdb_instruct_dataset(tokenizer, data_files=one, splits_per_patient_therapy=2, seed=3)
+    assert texts(again) == texts(ds)
+    sharded = cgdb_instruct_dataset(tokenizer, data_files=tmp_path / "two", splits_per_patient_therapy=2, seed=3)
+    assert texts(sharded) == texts(ds)
+    seeds = {tuple(texts(cgdb_instruct_dataset(tokenizer, data_files=one, splits_per_patient_therapy=2, seed=s)))
+             for s in range(6)}
+    assert len(seeds) > 1
+
+
+def test_patient_ids_list_or_file(tmp_path, tokenizer):
+    path = write(tmp_path / "d.jsonl", [row(1, "p1", lot="2020-01-01"), row(2, "p2", lot="2020-01-01"),
+                                        row(3, "p3", lot="2020-01-01")])
+    ds = cgdb_instruct_dataset(tokenizer, data_files=path, patient_ids=["p1", "p3"])
+    assert len(ds) == 2 and ds.patient_ids() == {"p1", "p3"}
+    ids = tmp_path / "ids.txt"
+    ids.write_text("p2\n\n")
+    assert cgdb_instruct_dataset(tokenizer, data_files=path, patient_ids=str(ids)).patient_ids() == {"p2"}
+
+
+def test_index_is_cached_and_refreshed_when_a_file_changes(tmp_path, tokenizer, monkeypatch):
+    path = write(tmp_path / "d.jsonl", [row(1), row(2)])
+    first = cgdb_instruct_dataset(tokenizer, data_files=path)
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("scanned again")
+
+    with monkeypatch.context() as m:
+        m.setattr(index_mod, "scan_file", no_scan)
+        again = cgdb_instruct_dataset(tokenizer, data_files=path)
+        assert [again[i] for i in range(2)] == [first[i] for i in range(2)]
+        write(path, [row(1), row(2), row(3)])
+        with pytest.raises(AssertionError, match="scanned again"):
+            cgdb_instruct_dataset(tokenizer, data_files=path)
+    assert len(cgdb_instruct_dataset(tokenizer, data_files=path)) == 3
+    # another max_seq_len is another index
+    assert cgdb_instruct_dataset(tokenizer, data_files=path, max_seq_len=60, truncation="drop").counts["dropped_too_long"] == 3
+
+
+def test_file_changed_after_indexing_is_an_error(tmp_path, tokenizer):
+    path = write(tmp_path / "d.jsonl", [row(1), row(2)])
+    ds = cgdb_instruct_dataset(tokenizer, data_files=path)
+    assert ds[1]["tokens"]
+    write(path, [row(1), row(13)])  # another size: mtime alone can be too coarse
+    with pytest.raises(ValueError, match=f"{path}:1: the file changed after it was indexed; restart"):
+        ds[0]
+
+
+def test_logs_counts_and_gdt_prompt_but_no_text(tmp_path, tokenizer, caplog, monkeypatch):
+    import gdt_tune.datasets.cgdb_instruct as mod
+    from gdt_tune.datasets._layout import system_prompt_sha256
+
+    prompt = "Pretend this is the original GDT prompt."
+    monkeypatch.setattr(mod, "GDT_SYSTEM_PROMPT_SHA256", system_prompt_sha256(prompt))
+    path = write(tmp_path / "d.jsonl", [row(1), row(2)])
+    with caplog.at_level(logging.INFO, logger="gdt_tune"):
+        ds = cgdb_instruct_dataset(tokenizer, data_files=path, system_prompt=prompt, max_seq_len=70, truncation="gdt")
+    assert "original GDT system prompt" in caplog.text
+    assert "2 samples from 1 files" in caplog.text or "samples from 1 files" in caplog.text
+    assert f"truncated {ds.counts['truncated']}" in caplog.text
+    assert "Patient history" not in caplog.text and "Here is the prediction" not in caplog.text
