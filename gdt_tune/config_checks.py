@@ -22,10 +22,17 @@ KNOWN_KEYS = {
     # checkpoints
     "resume_from_checkpoint", "save_every_n_steps", "keep_last_n_checkpoints", "async_checkpointing",
     # free: interpolation helpers
-    "demo_dir",
+    "demo_dir", "model_dir", "data_dir",
 }
 REQUIRED_KEYS = ("model", "tokenizer", "checkpointer", "dataset", "optimizer", "loss", "output_dir",
                  "batch_size", "epochs")
+
+
+def has_component(cfg: DictConfig, key: str) -> bool:
+    """True when ``key`` is set to a component. ``key=null`` on the command line leaves
+    ``{_component_: null}`` (torchtune reads ``key=value`` as the component path), which counts as unset."""
+    node = cfg.get(key)
+    return node is not None and not (OmegaConf.is_dict(node) and node.get("_component_", "") is None)
 
 
 def _int(cfg: DictConfig, key: str, minimum: int, allow_none: bool = False) -> None:
@@ -79,7 +86,7 @@ def check_config(cfg: DictConfig, cuda_available: bool) -> None:
         raise ValueError("config key 'device': cuda, but no CUDA device is visible; set device=cpu or run on a GPU node")
     if device == "cpu" and cfg.get("fsdp_cpu_offload", False):
         raise ValueError("config key 'fsdp_cpu_offload': true with device=cpu; set fsdp_cpu_offload=false")
-    if cfg.get("run_val_every_n_steps") is not None and cfg.get("dataset_val") is None:
+    if cfg.get("run_val_every_n_steps") is not None and not has_component(cfg, "dataset_val"):
         raise ValueError("config key 'run_val_every_n_steps' is set but 'dataset_val' is missing; add dataset_val or set run_val_every_n_steps=null")
     loss = str(cfg.loss.get("_component_", ""))
     if not loss.endswith("CEWithChunkedOutputLoss"):

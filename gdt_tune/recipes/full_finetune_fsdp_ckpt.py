@@ -26,7 +26,7 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 from tqdm import tqdm
 
 from gdt_tune.checkpointing import CheckpointManager, Progress
-from gdt_tune.config_checks import check_config
+from gdt_tune.config_checks import check_config, has_component
 from gdt_tune.sampling import EvalBatchSampler, GlobalOrderBatchSampler
 
 log = logging.getLogger("gdt_tune")
@@ -76,11 +76,14 @@ class FullFinetuneRecipe:
     def setup(self) -> None:
         cfg = self._cfg
         # Logger first, so that every later step can report.
-        self._metric_logger = config.instantiate(cfg.metric_logger) if self._is_rank_zero and cfg.get("metric_logger") else None
+        self._metric_logger = None
+        self._ckpt = None
+        if self._is_rank_zero and has_component(cfg, "metric_logger"):
+            self._metric_logger = config.instantiate(cfg.metric_logger)
         self._tokenizer = config.instantiate(cfg.tokenizer)
         # Datasets before the model: bad data fails in seconds, not after loading 16 GB of weights.
         self._train_ds = config.instantiate(cfg.dataset, self._tokenizer)
-        self._val_ds = config.instantiate(cfg.dataset_val, self._tokenizer) if cfg.get("dataset_val") else None
+        self._val_ds = config.instantiate(cfg.dataset_val, self._tokenizer) if has_component(cfg, "dataset_val") else None
         self._check_no_shared_patients()
         self._sampler, self._train_loader = self._setup_train_loader(self._train_ds)
         self._steps_per_epoch = self._sampler.micro_batches_per_epoch // self._accum
@@ -95,7 +98,7 @@ class FullFinetuneRecipe:
         self._optimizer = config.instantiate(cfg.optimizer, self._model.parameters())
         self._lr_scheduler = (config.instantiate(cfg.lr_scheduler, self._optimizer,
                                                  num_training_steps=self._steps_per_epoch * cfg.epochs)
-                              if cfg.get("lr_scheduler") else None)
+                              if has_component(cfg, "lr_scheduler") else None)
         self._loss_fn = config.instantiate(cfg.loss)
         if cfg.get("compile", False):
             training.compile_loss(self._loss_fn)
@@ -261,7 +264,7 @@ class FullFinetuneRecipe:
                     return
             p.next_epoch()
         bar.close()
-        if self._val_ds is not None:
+        if self._val_ds is not None and not (self._val_every and p.global_step % self._val_every == 0):
             self._log({"val_loss": self.validate()})
         self.save_final(cfg.epochs - 1)
 
@@ -300,8 +303,9 @@ class FullFinetuneRecipe:
         dist.barrier()
 
     def cleanup(self) -> None:
-        self._ckpt.close()
-        if self._metric_logger is not None:
+        if self._ckpt is not None:
+            self._ckpt.close()
+        if getattr(self, "_metric_logger", None) is not None:
             self._metric_logger.close()
         dist.destroy_process_group()
 

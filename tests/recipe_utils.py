@@ -1,0 +1,51 @@
+"""Helpers to launch the recipe through `tune run` in tests and read what it wrote."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = "gdt_tune/recipes/full_finetune_fsdp_ckpt.py"
+TINY = str(REPO / "configs" / "tiny_gdt_cpu.yaml")
+TUNE = str(Path(sys.executable).with_name("tune"))
+
+
+def tune_cmd(demo_dir, output_dir, *overrides, nproc=2):
+    return [TUNE, "run", "--nproc_per_node", str(nproc), RECIPE, "--config", TINY,
+            f"demo_dir={demo_dir}", f"output_dir={output_dir}", *overrides]
+
+
+def run_recipe(demo_dir, output_dir, *overrides, nproc=2, check=True, timeout=300):
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR="")
+    proc = subprocess.run(tune_cmd(demo_dir, output_dir, *overrides, nproc=nproc), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"recipe failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def logged(output_dir, name="loss") -> dict[int, float]:
+    """{step: value} of one metric from the DiskLogger files under output_dir/logs."""
+    out = {}
+    for path in sorted(Path(output_dir, "logs").glob("*.txt")):
+        for line in path.read_text().splitlines():
+            m = re.match(r"Step (\d+) \| (.*)", line)
+            if m:
+                for item in m.group(2).split():
+                    key, _, value = item.partition(":")
+                    if key == name:
+                        out[int(m.group(1))] = float(value)
+    return out
+
+
+def final_weights(output_dir, epoch):
+    files = sorted(Path(output_dir, f"epoch_{epoch}").glob("*.safetensors"))
+    assert files, f"no final checkpoint in {output_dir}/epoch_{epoch}"
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state

@@ -1,0 +1,119 @@
+"""The FSDP2 recipe on CPU: recorded losses, learning, validation, final HF checkpoint, 1 and 2
+processes, bf16, config checks."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from recipe_utils import REPO, final_weights, logged, run_recipe
+
+from gdt_tune.config_checks import check_config
+from gdt_tune.demo_assets import TINY_MODEL
+
+# Per-step training losses of the tiny config (seed 42, fp32, 2 processes, prepare-demo seed 0),
+# recorded from a run of this recipe with torch 2.13.0 CPU.
+RECORDED = {1: 7.0692192077636715, 2: 6.871332543133969, 3: 6.564046673218159,
+            4: 6.304101215145452, 5: 6.0959938545904215}
+
+
+@pytest.fixture(scope="module")
+def fifty_steps(demo_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fifty")
+    proc = run_recipe(demo_dir, out, "max_steps_per_epoch=50", "run_val_every_n_steps=25", "save_every_n_steps=null")
+    return out, proc
+
+
+def test_losses_match_recorded_values(fifty_steps):
+    out, _ = fifty_steps
+    losses = logged(out)
+    for step, value in RECORDED.items():
+        assert losses[step] == pytest.approx(value, abs=1e-5)
+
+
+def test_loss_falls_and_validation_is_logged(fifty_steps):
+    out, proc = fifty_steps
+    losses = logged(out)
+    assert sorted(losses) == list(range(1, 51))
+    first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(46, 51)) / 5
+    assert last < 0.5 * first
+    val = logged(out, "val_loss")
+    assert sorted(val) == [25, 50]
+    assert val[50] < val[25] < 7.0
+    for key in ("lr", "grad_norm", "tokens_per_second_per_device", "label_tokens_per_second_per_device"):
+        assert logged(out, key), key
+    assert "final checkpoint" in proc.stdout
+
+
+def test_final_checkpoint_loads_in_transformers_with_same_logits(fifty_steps):
+    transformers = pytest.importorskip("transformers")
+    from torchtune.models.llama3 import llama3
+    from torchtune.training import FullModelHFCheckpointer
+
+    out, _ = fifty_steps
+    ckpt_dir = out / "epoch_0"
+    assert (ckpt_dir / "config.json").is_file() and (ckpt_dir / "model.safetensors.index.json").is_file()
+    files = sorted(p.name for p in ckpt_dir.glob("*.safetensors"))
+    ours = llama3(**TINY_MODEL)
+    sd = FullModelHFCheckpointer(str(ckpt_dir), files, "LLAMA3", str(out / "reload")).load_checkpoint()["model"]
+    ours.load_state_dict(sd)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt_dir), torch_dtype=torch.float32)
+    tokens = torch.randint(0, 1014, (2, 50), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(tokens), hf.eval()(tokens).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_one_process_bf16(demo_dir, tmp_path):
+    run_recipe(demo_dir, tmp_path, "max_steps_per_epoch=3", "dtype=bf16", "dataset_val=null",
+               "run_val_every_n_steps=null", nproc=1)
+    losses = logged(tmp_path)
+    assert sorted(losses) == [1, 2, 3] and all(0 < v < 10 for v in losses.values())
+    weights = final_weights(tmp_path, 0)
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16}
+
+
+def test_train_validation_patient_overlap_is_refused(demo_dir, tmp_path):
+    proc = run_recipe(demo_dir, tmp_path, f"dataset_val.data_files={demo_dir}/data/train", check=False)
+    assert proc.returncode != 0
+    assert "dataset and dataset_val share" in proc.stdout + proc.stderr
+    assert "meta.patientid 'SYN0000-" in proc.stdout + proc.stderr
+    assert not list(tmp_path.glob("step_*")) and not list(tmp_path.glob("epoch_*"))
+
+
+@pytest.mark.parametrize("name", ["tiny_gdt_cpu.yaml", "llama3_1_8b_gdt_full.yaml"])
+def test_shipped_configs_validate(name):
+    from torchtune.config._validate import validate
+
+    cfg = OmegaConf.load(REPO / "configs" / name)
+    validate(cfg)
+    check_config(cfg, cuda_available=True)
+
+
+def test_tiny_config_matches_demo_model():
+    cfg = OmegaConf.load(REPO / "configs" / "tiny_gdt_cpu.yaml")
+    assert {k: v for k, v in cfg.model.items() if k != "_component_"} == TINY_MODEL
+
+
+def test_gdt_config_is_the_original_run():
+    cfg = OmegaConf.load(REPO / "configs" / "llama3_1_8b_gdt_full.yaml")
+    assert cfg.model._component_ == "torchtune.models.llama3_1.llama3_1_8b"
+    assert cfg.dataset.max_seq_len == 8000 and cfg.dataset.truncation == "gdt"
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.lr_scheduler) == (1e-5, 0.1, None)
+    assert (cfg.batch_size, cfg.gradient_accumulation_steps, cfg.clip_grad_norm, cfg.epochs) == (1, 1, 1.0, 1)
+    assert (cfg.dtype, cfg.enable_activation_checkpointing, cfg.seed) == ("bf16", True, 42)
+    assert (cfg.save_every_n_steps, cfg.keep_last_n_checkpoints) == (5000, 4)
+    assert cfg.metric_logger._component_.endswith("WandBLogger")
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"bacth_size": 2}, "'bacth_size' is not known to this recipe; did you mean 'batch_size'"),
+    ({"batch_size": 0}, "'batch_size': got 0"),
+    ({"dtype": "fp16"}, "'dtype'"),
+    ({"fsdp_cpu_offload": True}, "'fsdp_cpu_offload': true with device=cpu"),
+    ({"dataset_val": None}, "'run_val_every_n_steps' is set but 'dataset_val' is missing"),
+    ({"device": "cuda"}, "no CUDA device"),
+    ({"clip_grad_norm": "yes"}, "'clip_grad_norm'"),
+])
+def test_bad_config_is_refused_with_the_key(override, message):
+    cfg = OmegaConf.load(REPO / "configs" / "tiny_gdt_cpu.yaml")
+    cfg = OmegaConf.merge(cfg, override)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        check_config(cfg, cuda_available=False)
