@@ -23,7 +23,6 @@ future) finished, and DCP writes ``.metadata`` only after every rank's shards ar
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 import shutil
@@ -181,7 +180,7 @@ class CheckpointManager:
         self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     @classmethod
-    def from_config(cls, cfg, **kwargs) -> "CheckpointManager":
+    def from_config(cls, cfg, **kwargs) -> CheckpointManager:
         keep = cfg.get("keep_last_n_checkpoints", 2)
         every = cfg.get("save_every_n_steps")
         for key, value, minimum in (("keep_last_n_checkpoints", keep, 1), ("save_every_n_steps", every, 1)):

@@ -140,7 +140,7 @@ class FileIndex:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: Path) -> "FileIndex":
+    def load(cls, path: Path) -> FileIndex:
         with np.load(path, allow_pickle=False) as z:
             return cls(**{f.name: z[f.name] for f in fields(cls)})
 

@@ -69,7 +69,7 @@ class Layout:
     assistant_header: tuple[int, ...]
 
     @classmethod
-    def build(cls, tokenizer, system_prompt: str) -> "Layout":
+    def build(cls, tokenizer, system_prompt: str) -> Layout:
         def header(role: str) -> tuple[int, ...]:
             toks = tokenizer.tokenize_message(Message(role=role, content=""))
             return tuple(toks[:-1])  # drop the empty body's <|eot_id|>

@@ -1,0 +1,27 @@
+#!/bin/bash
+# GDT 8B full fine-tune on Slurm: N nodes x 8 GPUs, requeued on preemption.
+# Slurm sends SIGTERM before it kills a job: the recipe then finishes the current step, writes
+# ${output_dir}/step_N and exits 0; the requeued job resumes from the newest complete checkpoint.
+#SBATCH --job-name=gdt-8b
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=48:00:00
+#SBATCH --signal=TERM@300
+#SBATCH --requeue
+#SBATCH --output=logs/%x-%j.out
+set -euo pipefail
+
+cd "${GDT_TUNE_DIR:?set GDT_TUNE_DIR to the gdt_tune checkout}"
+OUT=${OUT:-/shared/runs/gdt}
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+RESUME=false
+ls "$OUT"/step_*/COMPLETE >/dev/null 2>&1 && RESUME=true
+
+srun --kill-on-bad-exit=1 tune run \
+  --nnodes "$SLURM_NNODES" --nproc_per_node 8 \
+  --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:29500" --rdzv_id "$SLURM_JOB_ID" \
+  gdt_tune/recipes/full_finetune_fsdp_ckpt.py --config configs/llama3_1_8b_gdt_full.yaml \
+  model_dir=/models/Llama-3.1-8B-Instruct data_dir=/data/gdt output_dir="$OUT" \
+  resume_from_checkpoint="$RESUME"

@@ -1,0 +1,124 @@
+"""Interim checkpoints through the recipe on 2 CPU processes: folder listings, exact resume (sync
+and async, mid-epoch and across an epoch boundary), incomplete checkpoints, SIGTERM, SIGKILL."""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from recipe_utils import REPO, final_weights, logged, run_recipe, tune_cmd
+
+NO_VAL = ("dataset_val=null", "run_val_every_n_steps=null")
+# 2 epochs of 3 steps: step 4 is in the second epoch, resuming from step 2 crosses the boundary.
+TWO_EPOCHS = ("epochs=2", "max_steps_per_epoch=3", "save_every_n_steps=2", "keep_last_n_checkpoints=3", *NO_VAL)
+
+
+def steps(out):
+    return sorted(int(p.name.split("_")[1]) for p in out.glob("step_*"))
+
+
+@pytest.mark.parametrize("every, keep", [(1, 2), (1, 3), (2, 2), (2, 3), (3, 2), (3, 3)])
+def test_folder_listing(demo_dir, tmp_path, every, keep):
+    run_recipe(demo_dir, tmp_path, "max_steps_per_epoch=6", f"save_every_n_steps={every}",
+               f"keep_last_n_checkpoints={keep}", *NO_VAL)
+    saved = [s for s in range(1, 7) if s % every == 0]
+    assert steps(tmp_path) == saved[-keep:]
+    for s in steps(tmp_path):
+        names = {p.name for p in (tmp_path / f"step_{s}").iterdir()}
+        assert {".metadata", "COMPLETE", "rank_0.pt", "rank_1.pt", "__0_0.distcp", "__1_0.distcp"} <= names
+    assert (tmp_path / "epoch_0").is_dir()
+
+
+def assert_same_weights(a, b):
+    wa, wb = final_weights(a, 1), final_weights(b, 1)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_resume_is_exact(demo_dir, tmp_path, async_save):
+    base = tmp_path / "base"
+    run_recipe(demo_dir, base, *TWO_EPOCHS, f"async_checkpointing={str(async_save).lower()}")
+    assert steps(base) == [2, 4, 6]
+    expected = logged(base)
+    assert sorted(expected) == [1, 2, 3, 4, 5, 6]
+    for start in (2, 4):
+        out = tmp_path / f"from_{start}"
+        out.mkdir()
+        shutil.copytree(base / f"step_{start}", out / f"step_{start}")
+        proc = run_recipe(demo_dir, out, *TWO_EPOCHS, f"async_checkpointing={str(async_save).lower()}",
+                          "resume_from_checkpoint=true")
+        assert f"resumed from {out / f'step_{start}'}" in proc.stdout
+        resumed = logged(out)
+        assert sorted(resumed) == list(range(start + 1, 7))
+        assert all(resumed[s] == expected[s] for s in resumed), (resumed, expected)  # bit-identical
+        assert_same_weights(base, out)
+
+
+def test_incomplete_newest_is_skipped_and_none_complete_is_an_error(demo_dir, tmp_path):
+    base = tmp_path / "base"
+    run_recipe(demo_dir, base, *TWO_EPOCHS)
+    out = tmp_path / "resumed"
+    out.mkdir()
+    for s in (2, 4):
+        shutil.copytree(base / f"step_{s}", out / f"step_{s}")
+    (out / "step_4" / "COMPLETE").unlink()  # as if killed before the marker
+    proc = run_recipe(demo_dir, out, *TWO_EPOCHS, "resume_from_checkpoint=true")
+    assert "skipping incomplete step_4" in proc.stdout + proc.stderr
+    assert f"resumed from {out / 'step_2'}" in proc.stdout
+    assert logged(out) == {s: v for s, v in logged(base).items() if s > 2}
+    assert_same_weights(base, out)
+
+    empty = tmp_path / "empty"
+    proc = run_recipe(demo_dir, empty, *TWO_EPOCHS, "resume_from_checkpoint=true", check=False)
+    assert proc.returncode != 0
+    assert "no complete step_N checkpoint in" in proc.stdout + proc.stderr
+    assert "resume_from_checkpoint=false" in proc.stdout + proc.stderr
+
+
+def _launch(demo_dir, out, *overrides):
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR="", PYTHONUNBUFFERED="1")
+    return subprocess.Popen(tune_cmd(demo_dir, out, *overrides), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_for(predicate, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_sigterm_saves_current_step_and_exits_zero(demo_dir, tmp_path):
+    proc = _launch(demo_dir, tmp_path, "max_steps_per_epoch=400", "save_every_n_steps=null", *NO_VAL)
+    _wait_for(lambda: len(logged(tmp_path)) >= 3, proc)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(int(pid), signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    last = max(logged(tmp_path))
+    assert 3 <= last < 400
+    assert steps(tmp_path) == [last]
+    assert (tmp_path / f"step_{last}" / "COMPLETE").is_file()
+    assert "SIGTERM received" in out
+
+
+def test_sigkill_during_training_resumes_to_the_same_weights(demo_dir, tmp_path):
+    args = ("epochs=2", "max_steps_per_epoch=30", "save_every_n_steps=5", "keep_last_n_checkpoints=2", *NO_VAL)
+    base = tmp_path / "base"
+    run_recipe(demo_dir, base, *args)
+    out = tmp_path / "killed"
+    proc = _launch(demo_dir, out, *args)
+    _wait_for(lambda: (out / "step_10" / "COMPLETE").exists(), proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "epoch_1").exists()
+    run_recipe(demo_dir, out, *args, "resume_from_checkpoint=true")
+    assert_same_weights(base, out)
