@@ -80,8 +80,8 @@ def test_incomplete_newest_is_skipped_and_none_complete_is_an_error(demo_dir, tm
     assert "resume_from_checkpoint=false" in proc.stdout + proc.stderr
 
 
-def _launch(demo_dir, out, *overrides):
-    env = dict(os.environ, TIKTOKEN_CACHE_DIR="", PYTHONUNBUFFERED="1")
+def _launch(demo_dir, out, *overrides, **env_vars):
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR="", PYTHONUNBUFFERED="1", **env_vars)
     return subprocess.Popen(tune_cmd(demo_dir, out, *overrides), cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -122,3 +122,52 @@ def test_sigkill_during_training_resumes_to_the_same_weights(demo_dir, tmp_path)
     assert not (out / "epoch_1").exists()
     run_recipe(demo_dir, out, *args, "resume_from_checkpoint=true")
     assert_same_weights(base, out)
+
+
+SLOW_SAVE = '''
+import os
+step = os.environ.get("GDT_TEST_SLOW_SAVE_DIR")
+if step:
+    import time
+    from torch.distributed.checkpoint import filesystem
+
+    original = filesystem._FileSystemWriter.write_data
+
+    def write_data(self, plan, planner):
+        if str(self.path).endswith(step):
+            time.sleep(60)  # the test kills the run here, mid-save
+        return original(self, plan, planner)
+
+    filesystem._FileSystemWriter.write_data = write_data
+'''
+
+
+def test_sigkill_during_a_save_resumes_from_the_previous_one(demo_dir, tmp_path):
+    """A sitecustomize (test-only) stalls the step_15 save so that the kill lands inside it."""
+    args = ("epochs=2", "max_steps_per_epoch=15", "save_every_n_steps=5", "keep_last_n_checkpoints=2", *NO_VAL)
+    base = tmp_path / "base"
+    run_recipe(demo_dir, base, *args)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_SAVE)
+    out = tmp_path / "killed"
+    proc = _launch(demo_dir, out, *args, GDT_TEST_SLOW_SAVE_DIR="step_15",
+                   PYTHONPATH=f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    _wait_for(lambda: (out / "step_15" / "rank_1.pt").exists() and (out / "step_15" / "rank_0.pt").exists(), proc)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (out / "step_15").is_dir() and not (out / "step_15" / "COMPLETE").exists()
+    proc = run_recipe(demo_dir, out, *args, "resume_from_checkpoint=true")
+    assert "skipping incomplete step_15" in proc.stdout + proc.stderr
+    assert f"resumed from {out / 'step_10'}" in proc.stdout
+    assert_same_weights(base, out)
+
+
+def test_another_world_size_is_refused(demo_dir, tmp_path):
+    run_recipe(demo_dir, tmp_path, "max_steps_per_epoch=2", "save_every_n_steps=2", *NO_VAL)
+    proc = run_recipe(demo_dir, tmp_path, "max_steps_per_epoch=4", "save_every_n_steps=2", "resume_from_checkpoint=true",
+                      *NO_VAL, nproc=1, check=False)
+    assert proc.returncode != 0
+    assert "was written by 2 ranks but this run has 1" in proc.stdout + proc.stderr
+    assert (tmp_path / "step_2" / "COMPLETE").is_file()

@@ -117,3 +117,13 @@ def test_bad_config_is_refused_with_the_key(override, message):
     cfg = OmegaConf.merge(cfg, override)
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         check_config(cfg, cuda_available=False)
+
+
+def test_wandb_offline_logging(demo_dir, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_recipe(demo_dir, tmp_path, "max_steps_per_epoch=2", "dataset_val=null", "run_val_every_n_steps=null",
+               "metric_logger=torchtune.training.metric_logging.WandBLogger", "metric_logger.project=gdt_test",
+               nproc=1)
+    runs = list((tmp_path / "logs" / "wandb").glob("offline-run-*"))  # WandBLogger's dir is log_dir
+    assert runs and list(runs[0].glob("*.wandb"))
