@@ -171,3 +171,12 @@ def test_another_world_size_is_refused(demo_dir, tmp_path):
     assert proc.returncode != 0
     assert "was written by 2 ranks but this run has 1" in proc.stdout + proc.stderr
     assert (tmp_path / "step_2" / "COMPLETE").is_file()
+
+
+def test_failed_save_stops_with_the_directory_and_keeps_earlier_checkpoints(demo_dir, tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "step_2").write_text("not a directory")  # the save of step 2 cannot create its folder
+    proc = run_recipe(demo_dir, tmp_path, "max_steps_per_epoch=4", "save_every_n_steps=1", *NO_VAL, check=False)
+    assert proc.returncode != 0
+    assert f"checkpoint: saving {tmp_path / 'step_2'} failed" in proc.stdout + proc.stderr
+    assert (tmp_path / "step_1" / "COMPLETE").is_file() and not (tmp_path / "epoch_0").exists()
