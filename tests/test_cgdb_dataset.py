@@ -179,3 +179,11 @@ def test_logs_counts_and_gdt_prompt_but_no_text(tmp_path, tokenizer, caplog, mon
     assert "2 samples from 1 files" in caplog.text or "samples from 1 files" in caplog.text
     assert f"truncated {ds.counts['truncated']}" in caplog.text
     assert "Patient history" not in caplog.text and "Here is the prediction" not in caplog.text
+
+
+def test_unwritable_cache_dir_is_a_clear_error(tmp_path, tokenizer):
+    path = write(tmp_path / "d.jsonl", [row(1)])
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.raises(ValueError, match="dataset.cache_dir: cannot write the index cache in .*blocker"):
+        cgdb_instruct_dataset(tokenizer, data_files=path, cache_dir=str(blocker / "cache"))

@@ -127,3 +127,16 @@ def test_wandb_offline_logging(demo_dir, tmp_path, monkeypatch):
                nproc=1)
     runs = list((tmp_path / "logs" / "wandb").glob("offline-run-*"))  # WandBLogger's dir is log_dir
     assert runs and list(runs[0].glob("*.wandb"))
+
+
+def test_gradient_accumulation_matches_a_larger_batch(demo_dir, tmp_path):
+    """Loss is normalised over the label tokens of all micro-batches on all ranks: 2 micro-batches of
+    1 sample per rank give the same step losses as 1 batch of 2 (same 4 samples per step)."""
+    common = ("max_steps_per_epoch=4", "dataset_val=null", "run_val_every_n_steps=null", "save_every_n_steps=null")
+    run_recipe(demo_dir, tmp_path / "accum", *common, "batch_size=1", "gradient_accumulation_steps=2")
+    run_recipe(demo_dir, tmp_path / "batch", *common, "batch_size=2", "gradient_accumulation_steps=1")
+    accum, batch = logged(tmp_path / "accum"), logged(tmp_path / "batch")
+    assert sorted(accum) == sorted(batch) == [1, 2, 3, 4]
+    for step in accum:
+        assert accum[step] == pytest.approx(batch[step], abs=1e-5)
+    assert accum[1] != pytest.approx(logged(tmp_path / "accum", "loss")[4], abs=1e-3)

@@ -196,8 +196,13 @@ def index_files(files: list[Path], layout: Layout, max_seq_len: int, truncation:
         key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{settings}".encode()).hexdigest()
         cached = cache_dir / f"{path.stem[:40]}-{key[:24]}.npz"
         if not cached.exists() and build:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            scan_file(path, layout, max_seq_len, truncation, with_lot).save(cached)
+            index = scan_file(path, layout, max_seq_len, truncation, with_lot)
+            try:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                index.save(cached)
+            except OSError as e:
+                raise ValueError(f"dataset.cache_dir: cannot write the index cache in {cache_dir} ({e.strerror}); "
+                                 "set cache_dir or $GDT_TUNE_CACHE_DIR to a writable folder") from None
         while not cached.exists():
             time.sleep(1.0)
         out.append(FileIndex.load(cached))
