@@ -139,4 +139,4 @@ def test_gradient_accumulation_matches_a_larger_batch(demo_dir, tmp_path):
     assert sorted(accum) == sorted(batch) == [1, 2, 3, 4]
     for step in accum:
         assert accum[step] == pytest.approx(batch[step], abs=1e-5)
-    assert accum[1] != pytest.approx(logged(tmp_path / "accum", "loss")[4], abs=1e-3)
+    assert accum[4] < accum[1]  # and it trained

@@ -181,7 +181,7 @@ def tokenizer_fingerprint(layout: Layout) -> str:
 
 
 def index_files(files: list[Path], layout: Layout, max_seq_len: int, truncation: str, with_lot: bool,
-                cache_dir: Path | None, build: bool = True, progress=None) -> list[FileIndex]:
+                cache_dir: Path, build: bool = True, progress=None) -> list[FileIndex]:
     """Index of each file, from ``cache_dir`` when fresh. With ``build=False`` (ranks other than
     the node's first), wait for the builder to write the cache instead of scanning."""
     settings = f"v{INDEX_VERSION}|{tokenizer_fingerprint(layout)}|{max_seq_len}|{truncation}|{with_lot}"
@@ -189,9 +189,6 @@ def index_files(files: list[Path], layout: Layout, max_seq_len: int, truncation:
     for path in files:
         if progress is not None:
             progress.update(1)
-        if cache_dir is None:
-            out.append(scan_file(path, layout, max_seq_len, truncation, with_lot))
-            continue
         st = path.stat()
         key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{settings}".encode()).hexdigest()
         cached = cache_dir / f"{path.stem[:40]}-{key[:24]}.npz"
