@@ -155,6 +155,11 @@ def should_save(step: int, every: int | None) -> bool:
     return bool(every) and step % every == 0
 
 
+def _save_failed(path: Path, error: Exception) -> RuntimeError:
+    return RuntimeError(f"checkpoint: saving {path} failed ({type(error).__name__}: {error}); "
+                        "earlier checkpoints are intact; free disk space or fix permissions, then resume")
+
+
 # ------------------------------------------------------------------ manager
 class CheckpointManager:
     """Owns interim checkpoint policy, writing, pruning and resume (see module docstring)."""
@@ -181,17 +186,11 @@ class CheckpointManager:
 
     @classmethod
     def from_config(cls, cfg, **kwargs) -> CheckpointManager:
-        keep = cfg.get("keep_last_n_checkpoints", 2)
-        every = cfg.get("save_every_n_steps")
-        for key, value, minimum in (("keep_last_n_checkpoints", keep, 1), ("save_every_n_steps", every, 1)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-                raise ValueError(f"config key '{key}': got {value!r}; expected an integer >= {minimum}")
-        resume = cfg.get("resume_from_checkpoint", False)
-        if not isinstance(resume, (bool, str)):
-            raise ValueError(f"config key 'resume_from_checkpoint': got {resume!r}; expected true, false or a step_N path")
-        return cls(cfg.output_dir, save_every_n_steps=every, keep_last_n_checkpoints=keep,
-                   async_checkpointing=bool(cfg.get("async_checkpointing", False)),
-                   resume_from_checkpoint=resume, **kwargs)
+        """Types are checked by ``gdt_tune.config_checks.check_config`` at recipe start."""
+        return cls(cfg.output_dir, save_every_n_steps=cfg.get("save_every_n_steps"),
+                   keep_last_n_checkpoints=cfg.get("keep_last_n_checkpoints", 2),
+                   async_checkpointing=cfg.get("async_checkpointing", False),
+                   resume_from_checkpoint=cfg.get("resume_from_checkpoint", False), **kwargs)
 
     def _on_sigterm(self, signum, frame) -> None:
         self._sigterm = True
@@ -262,8 +261,7 @@ class CheckpointManager:
                 dcp.save(self._state, checkpoint_id=str(path), process_group=self._pg)
                 self._complete(path)
         except Exception as e:
-            raise RuntimeError(f"checkpoint: saving {path} failed ({type(e).__name__}: {e}); "
-                               "earlier checkpoints are intact; free disk space or fix permissions, then resume") from e
+            raise _save_failed(path, e) from e
         self._last_saved = step
         if wait:
             self._wait_in_flight()
@@ -286,8 +284,7 @@ class CheckpointManager:
         try:
             future.result()
         except Exception as e:
-            raise RuntimeError(f"checkpoint: saving {path} failed ({type(e).__name__}: {e}); "
-                               "earlier checkpoints are intact; free disk space or fix permissions, then resume") from e
+            raise _save_failed(path, e) from e
         self._complete(path)
 
     def close(self) -> None:

@@ -71,8 +71,13 @@ def check_config(cfg: DictConfig, cuda_available: bool) -> None:
     _int(cfg, "batch_size_val", 1, allow_none=True)
     _int(cfg, "num_workers", 0) if "num_workers" in cfg else None
     _int(cfg, "seed", 0, allow_none=True)
+    _int(cfg, "save_every_n_steps", 1, allow_none=True)
+    _int(cfg, "keep_last_n_checkpoints", 1) if "keep_last_n_checkpoints" in cfg else None
+    resume = cfg.get("resume_from_checkpoint", False)
+    if not isinstance(resume, (bool, str)):
+        raise ValueError(f"config key 'resume_from_checkpoint': got {resume!r}; expected true, false or a step_N path")
     for key in ("shuffle", "compile", "enable_activation_checkpointing", "fsdp_cpu_offload",
-                "log_peak_memory_stats", "fsdp_reshard_after_forward"):
+                "log_peak_memory_stats", "fsdp_reshard_after_forward", "async_checkpointing"):
         _bool(cfg, key)
     clip = cfg.get("clip_grad_norm")
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0):

@@ -111,6 +111,10 @@ def test_gdt_config_is_the_original_run():
     ({"dataset_val": None}, "'run_val_every_n_steps' is set but 'dataset_val' is missing"),
     ({"device": "cuda"}, "no CUDA device"),
     ({"clip_grad_norm": "yes"}, "'clip_grad_norm'"),
+    ({"save_every_n_steps": 0}, "'save_every_n_steps': got 0"),
+    ({"keep_last_n_checkpoints": "two"}, "'keep_last_n_checkpoints': got 'two'"),
+    ({"resume_from_checkpoint": 3}, "'resume_from_checkpoint': got 3"),
+    ({"async_checkpointing": "yes"}, "'async_checkpointing'"),
 ])
 def test_bad_config_is_refused_with_the_key(override, message):
     cfg = OmegaConf.load(REPO / "configs" / "tiny_gdt_cpu.yaml")

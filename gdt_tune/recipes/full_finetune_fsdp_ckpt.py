@@ -256,7 +256,7 @@ class FullFinetuneRecipe:
                 window["steps"] += 1
                 if p.global_step % self._log_every == 0:
                     self._log_metrics(stats, window)
-                if self._val_ds is not None and self._val_every and p.global_step % self._val_every == 0:
+                if self._validation_due(p.global_step):
                     self._log({"val_loss": self.validate()})
                 self._ckpt.save(p.global_step)
                 if self._ckpt.stop_requested:
@@ -264,9 +264,12 @@ class FullFinetuneRecipe:
                     return
             p.next_epoch()
         bar.close()
-        if self._val_ds is not None and not (self._val_every and p.global_step % self._val_every == 0):
+        if self._val_ds is not None and not self._validation_due(p.global_step):  # not just done
             self._log({"val_loss": self.validate()})
         self.save_final(cfg.epochs - 1)
+
+    def _validation_due(self, step: int) -> bool:
+        return self._val_ds is not None and bool(self._val_every) and step % self._val_every == 0
 
     def _log(self, payload: dict) -> None:
         if self._metric_logger is not None:
