@@ -2,7 +2,8 @@
 kept, exact resume, SIGTERM-safe. The recipe calls it in three places::
 
     ckpt = CheckpointManager.from_config(cfg, model=..., optimizer=..., lr_scheduler=..., progress=..., rank=...)
-    ckpt.load()             # at setup: restore the newest complete checkpoint if asked to
+    path = find_resume(cfg.output_dir, cfg.resume_from_checkpoint, rank, world)  # before building the model
+    ckpt.load(path)         # restore it (None: fresh start)
     ckpt.save(step)         # after every optimizer step: the manager owns the policy
     ckpt.close()            # at the end: wait for an async save in flight
 
@@ -11,7 +12,7 @@ YAML::
     save_every_n_steps: 5000        # null: no interim checkpoints
     keep_last_n_checkpoints: 4      # >= 2 with async_checkpointing
     async_checkpointing: true       # training blocks only while the state is staged
-    resume_from_checkpoint: false   # true: newest complete step_N in output_dir; or a step_N path
+    resume_from_checkpoint: false   # true: newest usable step_N in output_dir; or a step_N path
 
 A ``step_N`` folder is a torch.distributed.checkpoint (each rank writes its own shards) of the
 model and optimizer (FSDP2 sharded state dicts), the LR scheduler and the progress counters, plus
@@ -129,16 +130,6 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path, bool]]:
     return [(s, p, is_complete(p)) for s, p in sorted(found)]
 
 
-def latest_complete(output_dir: Path) -> tuple[Path | None, list[Path]]:
-    """The newest complete checkpoint and the incomplete ones newer than it."""
-    newer_incomplete = []
-    for _, path, complete in reversed(list_checkpoints(output_dir)):
-        if complete:
-            return path, newer_incomplete
-        newer_incomplete.append(path)
-    return None, newer_incomplete
-
-
 def to_prune(output_dir: Path, keep: int) -> list[Path]:
     """Folders to delete: complete ones beyond the ``keep`` newest, and incomplete ones older than
     the newest complete one (left by a crash; an in-flight save is always newer)."""
@@ -155,6 +146,83 @@ def should_save(step: int, every: int | None) -> bool:
     return bool(every) and step % every == 0
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """What makes ``path`` unusable as a checkpoint (a crash artefact), or None: the completion
+    marker, a readable DCP metadata file, every rank file, and every shard file at least as long
+    as the metadata says."""
+    if not (path / COMPLETE_MARKER).is_file():
+        return f"no {COMPLETE_MARKER} marker (the save did not finish)"
+    if not (path / METADATA).is_file():
+        return f"no {METADATA} file"
+    if not (path / "rank_0.pt").is_file():
+        return "rank_0.pt is missing"
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # unpickling a damaged file can raise almost anything
+        return f"unreadable {METADATA} ({type(e).__name__})"
+    try:
+        world = torch.load(path / "rank_0.pt", weights_only=False)["world_size"]
+    except Exception as e:
+        return f"unreadable rank_0.pt ({type(e).__name__})"
+    missing = [r for r in range(world) if not (path / f"rank_{r}.pt").is_file()]
+    if missing:
+        return f"rank_{missing[0]}.pt is missing"
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = path / name
+        if not shard.is_file():
+            return f"shard {name} is missing"
+        if shard.stat().st_size < size:
+            return f"shard {name} is truncated ({shard.stat().st_size} of {size} bytes)"
+    return None
+
+
+def find_resume(output_dir, resume, rank: int, world_size: int) -> Path | None:
+    """The checkpoint to resume from (``resume_from_checkpoint``: false, true or a step_N path), or
+    None for a fresh start. With true, damaged or unfinished checkpoints are skipped with a
+    warning. Raises ValueError when none is usable or it was written by another world size."""
+    if resume is False or resume is None:
+        return None
+    if resume is not True:
+        path = Path(resume)
+        problem = checkpoint_problem(path) if path.is_dir() else "not a folder"
+        if problem:
+            raise ValueError(f"config key 'resume_from_checkpoint': {path} is not usable ({problem}); "
+                             "pass another step_N folder, or true for the newest usable one")
+    else:
+        path, skipped = None, []
+        for _, candidate, _ in reversed(list_checkpoints(Path(output_dir))):
+            problem = checkpoint_problem(candidate)
+            if problem is None:
+                path = candidate
+                break
+            skipped.append(f"{candidate.name} ({problem})")
+        if skipped and rank == 0:
+            log.warning("checkpoint: skipping %s", "; ".join(skipped))
+        if path is None:
+            raise ValueError(f"config key 'resume_from_checkpoint': no usable step_N checkpoint in {output_dir}; "
+                             "set resume_from_checkpoint=false to start fresh")
+    saved_world = torch.load(path / "rank_0.pt", weights_only=False)["world_size"]
+    if saved_world != world_size:
+        raise ValueError(f"checkpoint {path} was written by {saved_world} ranks but this run has {world_size}; "
+                         f"resume with --nproc_per_node/--nnodes giving {saved_world} ranks (the data order depends on it)")
+    return path
+
+
+def check_model_shapes(path: Path, model_state: dict) -> None:
+    """Refuse a checkpoint whose model tensors differ from this model's (another model config)."""
+    prefix = f"{MODEL_OPTIM_KEY}.model."
+    saved = {k[len(prefix):]: tuple(v.size) for k, v in dcp.FileSystemReader(str(path)).read_metadata()
+             .state_dict_metadata.items() if k.startswith(prefix) and hasattr(v, "size")}
+    ours = {k: tuple(v.shape) for k, v in model_state.items()}
+    for name in sorted(set(saved) | set(ours)):
+        if saved.get(name) != ours.get(name):
+            raise ValueError(f"checkpoint {path} holds another model ({name}: saved {saved.get(name)}, this config "
+                             f"{ours.get(name)}); resume with the model config it was written with, or use a new output_dir")
+
+
 def _save_failed(path: Path, error: Exception) -> RuntimeError:
     return RuntimeError(f"checkpoint: saving {path} failed ({type(error).__name__}: {error}); "
                         "earlier checkpoints are intact; free disk space or fix permissions, then resume")
@@ -166,13 +234,13 @@ class CheckpointManager:
 
     def __init__(self, output_dir, *, model, optimizer, lr_scheduler, progress: Progress, rank: int,
                  save_every_n_steps: int | None = None, keep_last_n_checkpoints: int = 2,
-                 async_checkpointing: bool = False, resume_from_checkpoint=False):
+                 async_checkpointing: bool = False):
         if async_checkpointing and keep_last_n_checkpoints < 2:
             raise ValueError("config key 'keep_last_n_checkpoints' must be >= 2 with async_checkpointing=true "
                              "(the newest save may still be in flight); raise it or set async_checkpointing=false")
         self.output_dir = Path(output_dir)
         self.every, self.keep = save_every_n_steps, keep_last_n_checkpoints
-        self.async_save, self.resume = async_checkpointing, resume_from_checkpoint
+        self.async_save = async_checkpointing
         self.rank, self.progress = rank, progress
         self._state = {MODEL_OPTIM_KEY: _ModelOptimState(model, optimizer), LR_KEY: _Scheduler(lr_scheduler),
                        PROGRESS_KEY: progress}
@@ -189,40 +257,17 @@ class CheckpointManager:
         """Types are checked by ``gdt_tune.config_checks.check_config`` at recipe start."""
         return cls(cfg.output_dir, save_every_n_steps=cfg.get("save_every_n_steps"),
                    keep_last_n_checkpoints=cfg.get("keep_last_n_checkpoints", 2),
-                   async_checkpointing=cfg.get("async_checkpointing", False),
-                   resume_from_checkpoint=cfg.get("resume_from_checkpoint", False), **kwargs)
+                   async_checkpointing=cfg.get("async_checkpointing", False), **kwargs)
 
     def _on_sigterm(self, signum, frame) -> None:
         self._sigterm = True
 
     # ---------------------------------------------------------- resume
-    def resume_path(self) -> Path | None:
-        """The checkpoint to resume from, or None for a fresh start."""
-        if self.resume is False or self.resume is None:
-            return None
-        if self.resume is not True:
-            path = Path(self.resume)
-            if not is_complete(path):
-                raise ValueError(f"config key 'resume_from_checkpoint': {path} is not a complete checkpoint "
-                                 f"(needs {METADATA} and {COMPLETE_MARKER}); pass another step_N folder or true")
-            return path
-        path, skipped = latest_complete(self.output_dir)
-        if skipped and self.rank == 0:
-            log.warning("checkpoint: skipping incomplete %s", ", ".join(p.name for p in skipped))
-        if path is None:
-            raise ValueError(f"config key 'resume_from_checkpoint': no complete step_N checkpoint in {self.output_dir}; "
-                             "set resume_from_checkpoint=false to start fresh")
-        return path
-
-    def load(self) -> None:
-        path = self.resume_path()
+    def load(self, path: Path | None) -> None:
+        """Restore the state saved in ``path`` (from :func:`find_resume`); None: fresh start."""
         if path is None:
             return
-        saved_world = torch.load(path / "rank_0.pt", weights_only=False)["world_size"]
-        world = dist.get_world_size()
-        if saved_world != world:
-            raise ValueError(f"checkpoint {path} was written by {saved_world} ranks but this run has {world}; "
-                             f"resume with --nproc_per_node/--nnodes giving {saved_world} ranks (the data order depends on it)")
+        check_model_shapes(path, self._state[MODEL_OPTIM_KEY].state_dict()["model"])
         dcp.load(self._state, checkpoint_id=str(path), process_group=self._pg)
         set_rng_state(torch.load(path / f"rank_{self.rank}.pt", weights_only=False)["rng"])
         self._last_saved = self.progress.global_step
@@ -230,22 +275,22 @@ class CheckpointManager:
             log.info("checkpoint: resumed from %s (step %d, epoch %d)", path, self.progress.global_step, self.progress.epoch)
 
     # ---------------------------------------------------------- save
-    def save(self, step: int) -> None:
+    def save(self, step: int) -> bool:
         """Called after every optimizer step. Saves on the interval, and on SIGTERM (agreed by all
-        ranks), after which ``stop_requested`` is set."""
+        ranks), after which ``stop_requested`` is set. Returns whether a save was started."""
         flag = torch.tensor([int(self._sigterm)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._pg)
         if flag.item():
             self.stop_requested = True
         self._finish_if_done()
-        if self.stop_requested or should_save(step, self.every):
-            self._write(step, wait=self.stop_requested)
-            if self.stop_requested and self.rank == 0:
-                log.warning("checkpoint: SIGTERM received; saved step %d, exiting", step)
+        if not (self.stop_requested or should_save(step, self.every)) or step == self._last_saved:
+            return False
+        self._write(step, wait=self.stop_requested)
+        if self.stop_requested and self.rank == 0:
+            log.warning("checkpoint: SIGTERM received; saved step %d, exiting", step)
+        return True
 
     def _write(self, step: int, wait: bool) -> None:
-        if step == self._last_saved:
-            return
         self._wait_in_flight()
         path = self.output_dir / f"step_{step}"
         try:

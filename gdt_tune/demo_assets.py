@@ -114,16 +114,16 @@ def hf_config(m: dict) -> dict:
     }
 
 
-def write_model(model_dir: Path, seed: int) -> None:
-    """A randomly initialised tiny Llama 3 (seeded) in HF format."""
+def write_model(model_dir: Path, seed: int, dims: dict = TINY_MODEL) -> None:
+    """A randomly initialised Llama 3 of shape ``dims`` (``llama3(**dims)``; seeded) in HF format."""
     torch.manual_seed(seed)
-    model = llama3(**TINY_MODEL)
-    state = tune_to_hf(model.state_dict(), num_heads=TINY_MODEL["num_heads"],
-                       num_kv_heads=TINY_MODEL["num_kv_heads"], dim=TINY_MODEL["embed_dim"])
+    model = llama3(**dims)
+    state = tune_to_hf(model.state_dict(), num_heads=dims["num_heads"], num_kv_heads=dims["num_kv_heads"],
+                       dim=dims["embed_dim"])
     model_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(model_dir / "model.safetensors"),
               metadata={"format": "pt"})
-    (model_dir / "config.json").write_text(json.dumps(hf_config(TINY_MODEL), indent=1))
+    (model_dir / "config.json").write_text(json.dumps(hf_config(dims), indent=1))
 
 
 def _training_text(data_dir: Path, max_chars: int = 3_000_000):

@@ -146,7 +146,7 @@ def test_index_is_cached_and_refreshed_when_a_file_changes(tmp_path, tokenizer, 
         raise AssertionError("scanned again")
 
     with monkeypatch.context() as m:
-        m.setattr(index_mod, "scan_file", no_scan)
+        m.setattr(index_mod, "scan_chunk", no_scan)
         again = cgdb_instruct_dataset(tokenizer, data_files=path)
         assert [again[i] for i in range(2)] == [first[i] for i in range(2)]
         write(path, [row(1), row(2), row(3)])
@@ -187,3 +187,22 @@ def test_unwritable_cache_dir_is_a_clear_error(tmp_path, tokenizer):
     blocker.write_text("a file where the cache folder should be")
     with pytest.raises(ValueError, match="dataset.cache_dir: cannot write the index cache in .*blocker"):
         cgdb_instruct_dataset(tokenizer, data_files=path, cache_dir=str(blocker / "cache"))
+
+
+def test_parallel_chunked_index_equals_one_pass(tmp_path, tokenizer, monkeypatch):
+    rows = [row(i, f"p{i % 7}", lot=f"2020-0{1 + i % 3}-01") for i in range(60)]
+    path = write(tmp_path / "d.jsonl", rows)
+    one = cgdb_instruct_dataset(tokenizer, data_files=path, splits_per_patient_therapy=2, cache_dir=tmp_path / "c1")
+    monkeypatch.setattr(index_mod, "CHUNK_BYTES", 700)  # about 3 lines a chunk
+    assert len(index_mod.chunks_of(path, 700)) > 10
+    many = cgdb_instruct_dataset(tokenizer, data_files=path, splits_per_patient_therapy=2, index_workers=2,
+                                 cache_dir=tmp_path / "c2")
+    assert len(many) == len(one) == 7 * 3 * 2
+    assert [many[i] for i in range(len(many))] == [one[i] for i in range(len(one))]
+    assert [many.where(i) for i in range(len(many))] == [one.where(i) for i in range(len(one))]
+    # an error in a later chunk names the line in the file, from a worker process
+    text = path.read_text().splitlines(keepends=True)
+    text[47] = '{"instruction": "x", "answer": 3}\n'
+    path.write_text("".join(text))
+    with pytest.raises(ValueError, match=r"d\.jsonl:48: field 'answer' is a int"):
+        cgdb_instruct_dataset(tokenizer, data_files=path, index_workers=2, cache_dir=tmp_path / "c3")

@@ -68,7 +68,7 @@ def test_incomplete_newest_is_skipped_and_none_complete_is_an_error(demo_dir, tm
         shutil.copytree(base / f"step_{s}", out / f"step_{s}")
     (out / "step_4" / "COMPLETE").unlink()  # as if killed before the marker
     proc = run_recipe(demo_dir, out, *TWO_EPOCHS, "resume_from_checkpoint=true")
-    assert "skipping incomplete step_4" in proc.stdout + proc.stderr
+    assert "skipping step_4 (no COMPLETE marker" in proc.stdout + proc.stderr
     assert f"resumed from {out / 'step_2'}" in proc.stdout
     assert logged(out) == {s: v for s, v in logged(base).items() if s > 2}
     assert_same_weights(base, out)
@@ -76,7 +76,7 @@ def test_incomplete_newest_is_skipped_and_none_complete_is_an_error(demo_dir, tm
     empty = tmp_path / "empty"
     proc = run_recipe(demo_dir, empty, *TWO_EPOCHS, "resume_from_checkpoint=true", check=False)
     assert proc.returncode != 0
-    assert "no complete step_N checkpoint in" in proc.stdout + proc.stderr
+    assert "no usable step_N checkpoint in" in proc.stdout + proc.stderr
     assert "resume_from_checkpoint=false" in proc.stdout + proc.stderr
 
 
@@ -159,7 +159,7 @@ def test_sigkill_during_a_save_resumes_from_the_previous_one(demo_dir, tmp_path)
     proc.wait()
     assert (out / "step_15").is_dir() and not (out / "step_15" / "COMPLETE").exists()
     proc = run_recipe(demo_dir, out, *args, "resume_from_checkpoint=true")
-    assert "skipping incomplete step_15" in proc.stdout + proc.stderr
+    assert "skipping step_15 (no COMPLETE marker" in proc.stdout + proc.stderr
     assert f"resumed from {out / 'step_10'}" in proc.stdout
     assert_same_weights(base, out)
 

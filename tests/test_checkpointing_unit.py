@@ -1,16 +1,26 @@
-"""CheckpointManager policy in milliseconds: interval, completeness, newest-complete lookup, pruning."""
+"""Checkpoint policy in milliseconds: interval, completeness, damaged checkpoints, resume choice, pruning."""
+
+import logging
+import shutil
+import warnings
 
 import pytest
+import torch
+import torch.distributed.checkpoint as dcp
 
 from gdt_tune.checkpointing import (
     COMPLETE_MARKER,
     METADATA,
     CheckpointManager,
-    latest_complete,
+    check_model_shapes,
+    checkpoint_problem,
+    find_resume,
     list_checkpoints,
     should_save,
     to_prune,
 )
+
+warnings.filterwarnings("ignore", message=".*process group.*")
 
 
 def make(root, step, complete=True, metadata=True):
@@ -28,23 +38,68 @@ def test_interval():
     assert not any(should_save(s, None) for s in range(1, 5))
 
 
-def test_latest_complete_skips_incomplete_newer_ones(tmp_path):
-    assert latest_complete(tmp_path) == (None, [])
-    make(tmp_path, 5)
-    make(tmp_path, 10)
-    make(tmp_path, 15, complete=False)  # killed before the marker
-    make(tmp_path, 20, metadata=False, complete=False)  # killed mid-write
+def test_list_checkpoints_ignores_other_folders(tmp_path):
+    for s in (10, 5):
+        make(tmp_path, s)
     (tmp_path / "epoch_0").mkdir()
     (tmp_path / "step_x").mkdir()
-    path, skipped = latest_complete(tmp_path)
-    assert path == tmp_path / "step_10"
-    assert skipped == [tmp_path / "step_20", tmp_path / "step_15"]
-    assert [s for s, _, _ in list_checkpoints(tmp_path)] == [5, 10, 15, 20]
-
-
-def test_marker_without_metadata_is_incomplete(tmp_path):
+    assert [(s, c) for s, _, c in list_checkpoints(tmp_path)] == [(5, True), (10, True)]
     make(tmp_path, 3, metadata=False, complete=True)
-    assert latest_complete(tmp_path) == (None, [tmp_path / "step_3"])
+    assert list_checkpoints(tmp_path)[0] == (3, tmp_path / "step_3", False)
+
+
+def real(root, step, world=1, shape=(4, 3)):
+    """A small real DCP checkpoint laid out as the manager writes it."""
+    path = root / f"step_{step}"
+    state = {"train_state": {"model": {"w": torch.full(shape, float(step)), "b": torch.zeros(3)}}}
+    dcp.save(state, checkpoint_id=str(path))
+    for r in range(world):
+        torch.save({"rng": None, "world_size": world}, path / f"rank_{r}.pt")
+    (path / COMPLETE_MARKER).write_text("")
+    return path
+
+
+def shard_of(path):
+    return next(p for p in path.iterdir() if p.suffix == ".distcp")
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda p: (p / COMPLETE_MARKER).unlink(), "no COMPLETE marker"),
+    (lambda p: (p / METADATA).unlink(), "no .metadata file"),
+    (lambda p: (p / METADATA).write_bytes(b"garbage"), "unreadable .metadata"),
+    (lambda p: shard_of(p).write_bytes(shard_of(p).read_bytes()[:-9]), "is truncated"),
+    (lambda p: shard_of(p).unlink(), "is missing"),
+    (lambda p: (p / "rank_0.pt").unlink(), "rank_0.pt is missing"),
+    (lambda p: (p / "rank_0.pt").write_bytes(b"\x80garbage"), "unreadable rank_0.pt"),
+])
+def test_damaged_newest_is_skipped_with_a_warning(tmp_path, caplog, damage, problem):
+    real(tmp_path, 2)
+    damage(real(tmp_path, 4))
+    assert checkpoint_problem(tmp_path / "step_2") is None
+    assert problem in checkpoint_problem(tmp_path / "step_4")
+    with caplog.at_level(logging.WARNING, logger="gdt_tune"):
+        assert find_resume(tmp_path, True, rank=0, world_size=1) == tmp_path / "step_2"
+    warning = next(r.message for r in caplog.records if r.name == "gdt_tune")
+    assert warning.startswith("checkpoint: skipping step_4 (") and problem in warning
+    # named explicitly, or with nothing older to fall back on: a clear error
+    with pytest.raises(ValueError, match=rf"step_4 is not usable \(.*{problem}"):
+        find_resume(tmp_path, str(tmp_path / "step_4"), rank=0, world_size=1)
+    shutil.rmtree(tmp_path / "step_2")
+    with pytest.raises(ValueError, match="no usable step_N checkpoint in .*resume_from_checkpoint=false"):
+        find_resume(tmp_path, True, rank=0, world_size=1)
+
+
+def test_resume_off_world_size_and_model_shape(tmp_path):
+    assert find_resume(tmp_path, False, rank=0, world_size=2) is None
+    path = real(tmp_path, 2, world=2)
+    assert find_resume(tmp_path, True, rank=0, world_size=2) == path
+    with pytest.raises(ValueError, match="written by 2 ranks but this run has 4; resume with"):
+        find_resume(tmp_path, True, rank=0, world_size=4)
+    check_model_shapes(path, {"w": torch.zeros(4, 3), "b": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"holds another model \(w: saved \(4, 3\), this config \(8, 3\)\)"):
+        check_model_shapes(path, {"w": torch.zeros(8, 3), "b": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"another model \(extra: saved None"):
+        check_model_shapes(path, {"w": torch.zeros(4, 3), "b": torch.zeros(3), "extra": torch.zeros(1)})
 
 
 def test_prune_keeps_k_newest_complete_and_never_the_newest(tmp_path):

@@ -9,12 +9,14 @@ import datetime as dt
 import glob
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from gdt_tune.datasets._layout import Layout, apply_cap
 
@@ -40,6 +42,9 @@ def resolve_data_files(data_files) -> list[Path]:
             found = sorted(Path(p) for p in glob.glob(spec) if os.path.isfile(p))
             if not found:
                 raise ValueError(f"dataset.data_files: {spec} matches no file; check the path or glob")
+        for path in found:
+            if path.stat().st_size == 0:
+                raise ValueError(f"{path}: the file is empty; remove it or point dataset.data_files elsewhere")
         files += found
     return files
 
@@ -145,14 +150,34 @@ class FileIndex:
             return cls(**{f.name: z[f.name] for f in fields(cls)})
 
 
-def scan_file(path: Path, layout: Layout, max_seq_len: int, truncation: str, with_lot: bool) -> FileIndex:
-    """Read, validate and tokenize every line of ``path``."""
+def chunks_of(path: Path, chunk_bytes: int) -> list[tuple[int, int, int]]:
+    """(start byte, end byte, first line number) of pieces of ``path`` of about ``chunk_bytes``,
+    cut at line ends, so that several processes can scan one big file."""
+    out, start, line = [], 0, 1
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk_bytes)
+            if not block:
+                break
+            block += f.readline()  # finish the line
+            out.append((start, start + len(block), line))
+            start += len(block)
+            line += block.count(b"\n") + (not block.endswith(b"\n"))
+    return out
+
+
+def scan_chunk(path: Path, start: int, end: int, first_line: int, layout: Layout, max_seq_len: int,
+               truncation: str, with_lot: bool) -> FileIndex:
+    """Read, validate and tokenize the lines of ``path`` in bytes ``[start, end)``."""
     cols = {k: [] for k in ("offsets", "lengths", "lines", "status", "num_tokens", "patient", "lot")}
     patients: dict[str, int] = {}
     lots: dict[str, int] = {}
-    offset = 0
+    offset = start
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        f.seek(start)
+        for lineno, raw in enumerate(iter(f.readline, b""), start=first_line):
+            if offset >= end:
+                break
             where = f"{path}:{lineno}"
             record = read_record(raw, where)
             tokens, _, status = apply_cap(layout, record["instruction"], record["answer"], max_seq_len, truncation)
@@ -172,6 +197,25 @@ def scan_file(path: Path, layout: Layout, max_seq_len: int, truncation: str, wit
                      lots=np.asarray(list(lots), dtype=str))
 
 
+def merge(parts: list[FileIndex]) -> FileIndex:
+    """One index from the indexes of consecutive chunks (codes remapped to shared vocabularies)."""
+    out = {f.name: np.concatenate([getattr(p, f.name) for p in parts])
+           for f in fields(FileIndex) if f.name not in ("patient", "lot", "patients", "lots")}
+    for codes, vocab in (("patient", "patients"), ("lot", "lots")):
+        names = np.unique(np.concatenate([getattr(p, vocab) for p in parts]))
+        remapped = []
+        for p in parts:
+            mapping = np.searchsorted(names, getattr(p, vocab)).astype(np.int32)
+            c = getattr(p, codes)
+            remapped.append(np.where(c < 0, -1, mapping[np.maximum(c, 0)] if len(mapping) else -1))
+        out[codes], out[vocab] = np.concatenate(remapped).astype(np.int32), names
+    return FileIndex(**out)
+
+
+def _scan_job(args) -> FileIndex:
+    return scan_chunk(*args)
+
+
 def tokenizer_fingerprint(layout: Layout) -> str:
     """Identifies the tokenizer + system prompt by what they produce."""
     h = hashlib.sha256()
@@ -180,27 +224,60 @@ def tokenizer_fingerprint(layout: Layout) -> str:
     return h.hexdigest()[:16]
 
 
+#: Size of the pieces that indexing processes scan in parallel.
+CHUNK_BYTES = 32 * 2**20
+
+
+def default_index_workers() -> int:
+    """All CPUs this process may use (only one process per node indexes)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _build(todo: list[Path], scan_args: tuple, workers: int, show_progress: bool) -> list[FileIndex]:
+    """Scan files ``todo`` in chunks, with ``workers`` processes when there is more than one chunk."""
+    jobs = [(path, *chunk, *scan_args) for path in todo for chunk in chunks_of(path, CHUNK_BYTES)]
+    results: list[FileIndex] = []
+    with tqdm(total=sum(j[2] - j[1] for j in jobs), desc="indexing samples", unit="B", unit_scale=True,
+              disable=not show_progress) as bar:
+        if workers > 1 and len(jobs) > 1:
+            ctx = mp.get_context("fork")  # workers only read and tokenize: no threads or collectives
+            with ctx.Pool(min(workers, len(jobs))) as pool:
+                for job, index in zip(jobs, pool.imap(_scan_job, jobs)):
+                    results.append(index)
+                    bar.update(job[2] - job[1])
+        else:
+            for job in jobs:
+                results.append(_scan_job(job))
+                bar.update(job[2] - job[1])
+    return [merge([r for r, job in zip(results, jobs) if job[0] == path]) for path in todo]
+
+
 def index_files(files: list[Path], layout: Layout, max_seq_len: int, truncation: str, with_lot: bool,
-                cache_dir: Path, build: bool = True, progress=None) -> list[FileIndex]:
-    """Index of each file, from ``cache_dir`` when fresh. With ``build=False`` (ranks other than
-    the node's first), wait for the builder to write the cache instead of scanning."""
+                cache_dir: Path, build: bool = True, workers: int | None = None,
+                show_progress: bool = False) -> list[FileIndex]:
+    """Index of each file, from ``cache_dir`` when fresh; missing ones are scanned by ``workers``
+    processes (default: all CPUs). With ``build=False`` (ranks other than the node's first), wait
+    for the builder to write the cache instead of scanning."""
     settings = f"v{INDEX_VERSION}|{tokenizer_fingerprint(layout)}|{max_seq_len}|{truncation}|{with_lot}"
-    out = []
+    cached = []
     for path in files:
-        if progress is not None:
-            progress.update(1)
         st = path.stat()
         key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{settings}".encode()).hexdigest()
-        cached = cache_dir / f"{path.stem[:40]}-{key[:24]}.npz"
-        if not cached.exists() and build:
-            index = scan_file(path, layout, max_seq_len, truncation, with_lot)
-            try:
-                cache_dir.mkdir(parents=True, exist_ok=True)
-                index.save(cached)
-            except OSError as e:
-                raise ValueError(f"dataset.cache_dir: cannot write the index cache in {cache_dir} ({e.strerror}); "
-                                 "set cache_dir or $GDT_TUNE_CACHE_DIR to a writable folder") from None
-        while not cached.exists():
+        cached.append(cache_dir / f"{path.stem[:40]}-{key[:24]}.npz")
+    todo = [(path, c) for path, c in zip(files, cached) if not c.exists()]
+    if todo and build:
+        built = _build([p for p, _ in todo], (layout, max_seq_len, truncation, with_lot),
+                       workers or default_index_workers(), show_progress)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            for (_, c), index in zip(todo, built):
+                index.save(c)
+        except OSError as e:
+            raise ValueError(f"dataset.cache_dir: cannot write the index cache in {cache_dir} ({e.strerror}); "
+                             "set cache_dir or $GDT_TUNE_CACHE_DIR to a writable folder") from None
+    out = []
+    for c in cached:
+        while not c.exists():
             time.sleep(1.0)
-        out.append(FileIndex.load(cached))
+        out.append(FileIndex.load(c))
     return out

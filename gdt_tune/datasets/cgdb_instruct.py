@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from gdt_tune.datasets._index import (
     FileIndex,
@@ -136,6 +135,7 @@ def cgdb_instruct_dataset(
     seed: int = 0,
     patient_ids=None,
     cache_dir: str | None = None,
+    index_workers: int | None = None,
 ) -> CGDBInstructDataset:
     """GDT patient samples (TwinWeaver JSONL, spec ``gdt-data-format.md``) as Llama 3 training
     sequences with the prompt masked.
@@ -178,6 +178,8 @@ def cgdb_instruct_dataset(
         patient_ids: keep only these patients: a list of ids or a file with one id per line.
         cache_dir: where the per-file index is cached (default ``$GDT_TUNE_CACHE_DIR`` or
             ``~/.cache/gdt_tune/index``). Only the first rank of each node builds it.
+        index_workers: processes that build the index, each scanning 32 MB pieces of the files
+            (default: every CPU of the node; the other ranks wait for it).
 
     Returns:
         CGDBInstructDataset: ``ds[i] == {"tokens": [...], "labels": [...]}``; ``len(ds)`` is
@@ -197,6 +199,8 @@ def cgdb_instruct_dataset(
           truncation: gdt
           splits_per_patient_therapy: null
     """
+    if index_workers is not None and (not isinstance(index_workers, int) or index_workers < 1):
+        raise ValueError(f"dataset.index_workers: {index_workers!r}; expected null or an integer >= 1")
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"dataset.truncation: {truncation!r} is not one of {', '.join(TRUNCATION_POLICIES)}")
     if not isinstance(max_seq_len, int) or max_seq_len < 16:
@@ -214,10 +218,10 @@ def cgdb_instruct_dataset(
     files = resolve_data_files(data_files)
     layout = Layout.build(tokenizer, prompt)
     builder = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    with tqdm(total=len(files), desc="indexing samples", unit="file", disable=quiet or len(files) < 2) as bar:
-        indexes: list[FileIndex] = index_files(
-            files, layout, max_seq_len, truncation, splits_per_patient_therapy is not None,
-            Path(cache_dir) if cache_dir else default_cache_dir(), build=builder, progress=bar)
+    indexes: list[FileIndex] = index_files(
+        files, layout, max_seq_len, truncation, splits_per_patient_therapy is not None,
+        Path(cache_dir) if cache_dir else default_cache_dir(), build=builder, workers=index_workers,
+        show_progress=not quiet)
 
     file_idx = np.concatenate([np.full(len(ix.offsets), i, dtype=np.int32) for i, ix in enumerate(indexes)])
     cat = {name: np.concatenate([getattr(ix, name) for ix in indexes])

@@ -25,7 +25,7 @@ from torchtune import config, modules, training
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 from tqdm import tqdm
 
-from gdt_tune.checkpointing import CheckpointManager, Progress
+from gdt_tune.checkpointing import CheckpointManager, Progress, find_resume
 from gdt_tune.config_checks import check_config, has_component
 from gdt_tune.sampling import EvalBatchSampler, GlobalOrderBatchSampler
 
@@ -33,6 +33,21 @@ log = logging.getLogger("gdt_tune")
 
 #: H100 SXM dense bf16 peak, for the MFU estimate.
 PEAK_FLOPS = 989e12
+
+
+def hf_weight_map(checkpointer) -> None:
+    """Give a ``FullModelHFCheckpointer`` the key -> file map that ``save_checkpoint`` needs,
+    from the safetensors headers alone (``load_checkpoint`` would read every weight)."""
+    from safetensors import safe_open
+
+    paths = getattr(checkpointer, "_checkpoint_paths", None)
+    if paths is None or not all(str(p).endswith(".safetensors") for p in paths):
+        checkpointer.load_checkpoint()  # other checkpointers / formats: read them
+        return
+    checkpointer._weight_map = {}
+    for i, path in enumerate(paths):
+        with safe_open(str(path), framework="pt") as f:
+            checkpointer._weight_map.update(dict.fromkeys(f.keys(), f"{i + 1:04}"))
 
 
 def _init_distributed(device_type: str) -> tuple[int, int, int]:
@@ -94,7 +109,8 @@ class FullFinetuneRecipe:
                 f"dataset: {len(self._train_ds)} samples make no optimizer step with batch_size={self._batch_size} x "
                 f"{self._world} ranks x gradient_accumulation_steps={self._accum}; lower them or add data")
         self._checkpointer = config.instantiate(cfg.checkpointer)
-        self._model = self._setup_model(cfg.model)
+        resume = find_resume(cfg.output_dir, cfg.get("resume_from_checkpoint", False), self._rank, self._world)
+        self._model = self._setup_model(cfg.model, from_hf=resume is None)
         self._optimizer = config.instantiate(cfg.optimizer, self._model.parameters())
         self._lr_scheduler = (config.instantiate(cfg.lr_scheduler, self._optimizer,
                                                  num_training_steps=self._steps_per_epoch * cfg.epochs)
@@ -107,7 +123,7 @@ class FullFinetuneRecipe:
         self._ckpt = CheckpointManager.from_config(
             cfg, model=self._model, optimizer=self._optimizer, lr_scheduler=self._lr_scheduler,
             progress=self._progress, rank=self._rank)
-        self._ckpt.load()
+        self._ckpt.load(resume)
 
     def _check_no_shared_patients(self) -> None:
         if self._val_ds is None or not hasattr(self._val_ds, "patient_ids"):
@@ -128,8 +144,10 @@ class FullFinetuneRecipe:
                             persistent_workers=False, prefetch_factor=2 if workers else None)
         return sampler, loader
 
-    def _setup_model(self, cfg_model: DictConfig) -> torch.nn.Module:
-        """Build on the meta device, shard with FSDP2, then fill the shards from the HF checkpoint."""
+    def _setup_model(self, cfg_model: DictConfig, from_hf: bool) -> torch.nn.Module:
+        """Build on the meta device, shard with FSDP2, then fill the shards from the HF checkpoint
+        (``from_hf``), or leave them empty for an interim checkpoint to fill (resume: the HF
+        weights are not read, only their file layout, which the final save needs)."""
         cfg = self._cfg
         with training.set_default_dtype(self._dtype), torch.device("meta"):
             model = config.instantiate(cfg_model)
@@ -142,17 +160,22 @@ class FullFinetuneRecipe:
             model, [partial(training.get_shard_conditions, names_to_match=custom)],
             cpu_offload=cfg.get("fsdp_cpu_offload", False),
             reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True))
-        state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+        if from_hf:
+            state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+        else:
+            hf_weight_map(self._checkpointer)
+            model.to_empty(device=self._device)
         with training.set_default_dtype(self._dtype), self._device:
             for m in model.modules():
                 if hasattr(m, "rope_init"):
                     m.rope_init()  # rope caches are buffers, not in the checkpoint
-        result = training.load_from_full_model_state_dict(
-            model, state, self._device, strict=True, cpu_offload=cfg.get("fsdp_cpu_offload", False))
-        del state
-        if result is not None and (result.missing_keys or result.unexpected_keys):
-            raise ValueError(f"checkpointer: weights do not match config key 'model' "
-                             f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
+        if from_hf:
+            result = training.load_from_full_model_state_dict(
+                model, state, self._device, strict=True, cpu_offload=cfg.get("fsdp_cpu_offload", False))
+            del state
+            if result is not None and (result.missing_keys or result.unexpected_keys):
+                raise ValueError(f"checkpointer: weights do not match config key 'model' "
+                                 f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
         training.validate_no_params_on_meta_device(model)
         n_params = sum(p.numel() for p in model.parameters())
         self._flops_per_token_base = 6 * (n_params - model.tok_embeddings.weight.numel())
@@ -258,7 +281,9 @@ class FullFinetuneRecipe:
                     self._log_metrics(stats, window)
                 if self._validation_due(p.global_step):
                     self._log({"val_loss": self.validate()})
-                self._ckpt.save(p.global_step)
+                started = time.perf_counter()
+                if self._ckpt.save(p.global_step):
+                    self._log({"checkpoint_blocked_seconds": time.perf_counter() - started})
                 if self._ckpt.stop_requested:
                     bar.close()
                     return
