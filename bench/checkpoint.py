@@ -53,6 +53,11 @@ def main() -> None:
 
     dims = TINY_MODEL if args.tiny else MODEL_115M
     model = prepare(work, dims)
+    data = work / "short"
+    if not data.exists():
+        from gdt_tune.data.synthetic import write_cohort
+
+        write_cohort(data, 40, seed=0, splits_per_lot=4, token_budget=150)
     import torch
     from torchtune.models.llama3 import llama3
 
@@ -60,9 +65,9 @@ def main() -> None:
         n_params = sum(p.numel() for p in llama3(**dims).parameters())
     print(f"# checkpoint benchmark\n\nmachine: {machine()}\ncommand: `{command_line()}`\n"
           f"model: Llama 3 shape {dims} = {n_params / 1e6:.1f}M parameters, fp32, AdamW; 2 CPU ranks; "
-          f"{args.steps} steps, a save every {args.every}; samples capped at 512 tokens\n")
+          f"{args.steps} steps, a save every {args.every}; synthetic samples with history trimmed to about 500 tokens\n")
     base = [f"demo_dir={work / 'demo'}", f"checkpointer.checkpoint_dir={model}", "dataset_val=null",
-            "run_val_every_n_steps=null", "dataset.max_seq_len=512", f"max_steps_per_epoch={args.steps}",
+            "run_val_every_n_steps=null", f"dataset.data_files={data / 'train'}", "dataset.max_seq_len=1024", f"max_steps_per_epoch={args.steps}",
             "keep_last_n_checkpoints=2", *[f"model.{k}={v}" for k, v in dims.items()]]
     runs, rows = {}, []
     for mode in ("sync", "async"):

@@ -235,9 +235,6 @@ class CheckpointManager:
     def __init__(self, output_dir, *, model, optimizer, lr_scheduler, progress: Progress, rank: int,
                  save_every_n_steps: int | None = None, keep_last_n_checkpoints: int = 2,
                  async_checkpointing: bool = False):
-        if async_checkpointing and keep_last_n_checkpoints < 2:
-            raise ValueError("config key 'keep_last_n_checkpoints' must be >= 2 with async_checkpointing=true "
-                             "(the newest save may still be in flight); raise it or set async_checkpointing=false")
         self.output_dir = Path(output_dir)
         self.every, self.keep = save_every_n_steps, keep_last_n_checkpoints
         self.async_save = async_checkpointing
@@ -254,7 +251,7 @@ class CheckpointManager:
 
     @classmethod
     def from_config(cls, cfg, **kwargs) -> CheckpointManager:
-        """Types are checked by ``gdt_tune.config_checks.check_config`` at recipe start."""
+        """Types and combinations are checked by ``gdt_tune.config_checks.check_config`` at recipe start."""
         return cls(cfg.output_dir, save_every_n_steps=cfg.get("save_every_n_steps"),
                    keep_last_n_checkpoints=cfg.get("keep_last_n_checkpoints", 2),
                    async_checkpointing=cfg.get("async_checkpointing", False), **kwargs)

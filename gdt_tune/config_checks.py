@@ -4,6 +4,7 @@ contradictory settings, each reported with the key and the fix before anything i
 from __future__ import annotations
 
 import difflib
+import os
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -93,6 +94,27 @@ def check_config(cfg: DictConfig, cuda_available: bool) -> None:
         raise ValueError("config key 'fsdp_cpu_offload': true with device=cpu; set fsdp_cpu_offload=false")
     if cfg.get("run_val_every_n_steps") is not None and not has_component(cfg, "dataset_val"):
         raise ValueError("config key 'run_val_every_n_steps' is set but 'dataset_val' is missing; add dataset_val or set run_val_every_n_steps=null")
+    if cfg.get("async_checkpointing", False) and cfg.get("keep_last_n_checkpoints", 2) < 2:
+        raise ValueError("config key 'keep_last_n_checkpoints' must be >= 2 with async_checkpointing=true "
+                         "(the newest save may still be in flight); raise it or set async_checkpointing=false")
     loss = str(cfg.loss.get("_component_", ""))
     if not loss.endswith("CEWithChunkedOutputLoss"):
         raise ValueError(f"config key 'loss._component_': got {loss!r}; expected torchtune.modules.loss.CEWithChunkedOutputLoss")
+
+
+def check_paths(cfg: DictConfig) -> None:
+    """Raise ValueError naming the config key of a tokenizer or checkpoint file that does not exist."""
+    for key in ("path", "special_tokens_path"):
+        value = cfg.tokenizer.get(key)
+        if value is not None and not os.path.isfile(value):
+            raise ValueError(f"config key 'tokenizer.{key}': {value} is not a file; point it at the model's tokenizer")
+    folder = cfg.checkpointer.get("checkpoint_dir")
+    if folder is None or not os.path.isdir(folder):
+        raise ValueError(f"config key 'checkpointer.checkpoint_dir': {folder} is not a folder; point it at the "
+                         "downloaded model (e.g. tune download meta-llama/Llama-3.1-8B-Instruct --output-dir DIR)")
+    files = cfg.checkpointer.get("checkpoint_files")
+    names = list(files) if OmegaConf.is_list(files) else []
+    for name in names:
+        if not os.path.isfile(os.path.join(folder, str(name))):
+            raise ValueError(f"config key 'checkpointer.checkpoint_files': {name} is not in {folder}; "
+                             "list the model's *.safetensors files")

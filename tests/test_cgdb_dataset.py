@@ -86,7 +86,7 @@ def test_missing_files_and_bad_arguments(tmp_path, tokenizer):
 
 
 def test_meta_needed_only_by_features_that_use_it(tmp_path, tokenizer):
-    path = write(tmp_path / "plain.jsonl", [{"instruction": "a", "answer": "b"}] * 2)
+    path = write(tmp_path / "plain.jsonl", [{"instruction": "a", "answer": "b"}, {"instruction": "a", "answer": "c"}])
     assert len(cgdb_instruct_dataset(tokenizer, data_files=path)) == 2
     with pytest.raises(ValueError, match=f"{path}:1: field 'meta.target_meta' is missing"):
         cgdb_instruct_dataset(tokenizer, data_files=path, splits_per_patient_therapy=1)

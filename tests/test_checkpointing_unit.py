@@ -11,7 +11,6 @@ import torch.distributed.checkpoint as dcp
 from gdt_tune.checkpointing import (
     COMPLETE_MARKER,
     METADATA,
-    CheckpointManager,
     check_model_shapes,
     checkpoint_problem,
     find_resume,
@@ -114,9 +113,3 @@ def test_prune_keeps_k_newest_complete_and_never_the_newest(tmp_path):
     empty.mkdir()
     make(empty, 7, complete=False)
     assert to_prune(empty, 2) == []  # nothing complete yet: never delete
-
-
-def test_keep_one_with_async_is_refused():
-    with pytest.raises(ValueError, match="'keep_last_n_checkpoints' must be >= 2 with async_checkpointing=true"):
-        CheckpointManager("/tmp/x", model=None, optimizer=None, lr_scheduler=None, progress=None, rank=0,
-                          keep_last_n_checkpoints=1, async_checkpointing=True)

@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 from gdt_tune.datasets._layout import Layout, apply_cap
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+#: Longest accepted JSONL line; a GDT sample (8k tokens + meta) is well under 1 MiB.
+MAX_LINE_BYTES = 16 * 2**20
 _PROBE = "Probe: hemoglobin - 718-7 is 12.5,\n\tdrug X is administered. ÄÖü 123456 <|eot_id|>\n\n"
 
 
@@ -51,6 +53,9 @@ def resolve_data_files(data_files) -> list[Path]:
 
 def read_record(raw: bytes, where: str) -> dict:
     """Decode one JSONL line and check instruction/answer; errors name ``where`` (file:line)."""
+    if len(raw) > MAX_LINE_BYTES:
+        raise ValueError(f"{where}: line of {len(raw) / 2**20:.0f} MiB, over the {MAX_LINE_BYTES // 2**20} MiB limit; "
+                         "is the file JSONL (one sample per line)?")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -79,11 +84,15 @@ def _meta(record: dict, field_name: str, where: str, why: str):
     return value
 
 
-def patient_of(record: dict, where: str, why: str) -> str:
-    value = _meta(record, "patientid", where, why)
-    if not isinstance(value, (str, int)):
+def patient_of(record: dict, where: str) -> str | None:
+    """``meta.patientid`` as a string, None when absent."""
+    meta = record.get("meta")
+    pid = meta.get("patientid") if isinstance(meta, dict) else None
+    if pid is None or pid == "":
+        return None
+    if isinstance(pid, bool) or not isinstance(pid, (str, int)):
         raise ValueError(f"{where}: field 'meta.patientid' must be a string")
-    return str(value)
+    return str(pid)
 
 
 def _to_date(value, where: str, field_name: str) -> dt.date:
@@ -134,6 +143,7 @@ class FileIndex:
     lines: np.ndarray  # int32 1-based line number
     status: np.ndarray  # int8 _layout.Status
     num_tokens: np.ndarray  # int32 tokens after the cap (0 when dropped)
+    digest: np.ndarray  # int64 hash of instruction + answer (duplicate check)
     patient: np.ndarray  # int32 code into patients, -1 when meta.patientid is absent
     lot: np.ndarray  # int32 code into lots, -1 when not computed
     patients: np.ndarray  # str
@@ -148,6 +158,13 @@ class FileIndex:
     def load(cls, path: Path) -> FileIndex:
         with np.load(path, allow_pickle=False) as z:
             return cls(**{f.name: z[f.name] for f in fields(cls)})
+
+
+def sample_digest(record: dict) -> int:
+    """64-bit hash of a sample's instruction and answer."""
+    h = hashlib.blake2b(record["instruction"].encode(), digest_size=8)
+    h.update(b"\0" + record["answer"].encode())
+    return int.from_bytes(h.digest(), "little", signed=True)
 
 
 def chunks_of(path: Path, chunk_bytes: int) -> list[tuple[int, int, int]]:
@@ -169,7 +186,7 @@ def chunks_of(path: Path, chunk_bytes: int) -> list[tuple[int, int, int]]:
 def scan_chunk(path: Path, start: int, end: int, first_line: int, layout: Layout, max_seq_len: int,
                truncation: str, with_lot: bool) -> FileIndex:
     """Read, validate and tokenize the lines of ``path`` in bytes ``[start, end)``."""
-    cols = {k: [] for k in ("offsets", "lengths", "lines", "status", "num_tokens", "patient", "lot")}
+    cols = {k: [] for k in ("offsets", "lengths", "lines", "status", "num_tokens", "digest", "patient", "lot")}
     patients: dict[str, int] = {}
     lots: dict[str, int] = {}
     offset = start
@@ -181,17 +198,17 @@ def scan_chunk(path: Path, start: int, end: int, first_line: int, layout: Layout
             where = f"{path}:{lineno}"
             record = read_record(raw, where)
             tokens, _, status = apply_cap(layout, record["instruction"], record["answer"], max_seq_len, truncation)
-            meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
-            pid = meta.get("patientid")
+            pid = patient_of(record, where)
             cols["offsets"].append(offset)
             cols["lengths"].append(len(raw))
             cols["lines"].append(lineno)
             cols["status"].append(int(status))
             cols["num_tokens"].append(len(tokens))
-            cols["patient"].append(-1 if pid in (None, "") else patients.setdefault(str(pid), len(patients)))
+            cols["digest"].append(sample_digest(record))
+            cols["patient"].append(-1 if pid is None else patients.setdefault(pid, len(patients)))
             cols["lot"].append(lots.setdefault(lot_of(record, where), len(lots)) if with_lot else -1)
             offset += len(raw)
-    dtypes = {"offsets": np.int64, "status": np.int8}
+    dtypes = {"offsets": np.int64, "status": np.int8, "digest": np.int64}
     return FileIndex(**{k: np.asarray(v, dtype=dtypes.get(k, np.int32)) for k, v in cols.items()},
                      patients=np.asarray(list(patients), dtype=str),
                      lots=np.asarray(list(lots), dtype=str))

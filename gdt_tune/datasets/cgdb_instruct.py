@@ -67,6 +67,10 @@ class CGDBInstructDataset(Dataset):
         """``file:line`` of sample ``index`` (for error messages; never the text)."""
         return f"{self._files[self._file_idx[index]]}:{self._lines[index]}"
 
+    def where_patient(self, patient_id: str) -> str:
+        """``file:line`` of the first sample of a patient."""
+        return self.where(self._patient_ids.index(patient_id))
+
     def patient_ids(self) -> set[str]:
         """The distinct ``meta.patientid`` values of the samples (rows without one are skipped)."""
         return {p for p in self._patient_ids if p is not None}
@@ -100,6 +104,15 @@ def _decode(indexes: list[FileIndex], codes: str, vocab: str) -> list[str | None
         names = [str(x) for x in getattr(ix, vocab)]
         out += [None if c < 0 else names[c] for c in getattr(ix, codes)]
     return out
+
+
+def _refuse_duplicates(digest: np.ndarray, where) -> None:
+    order = np.argsort(digest, kind="stable")
+    same = np.flatnonzero(digest[order][1:] == digest[order][:-1])
+    if len(same):
+        first, again = order[same[0]], order[same[0] + 1]
+        raise ValueError(f"{where(again)}: same instruction and answer as {where(first)}; "
+                         f"remove duplicate samples ({len(same)} found)")
 
 
 def _read_patient_ids(patient_ids) -> set[str]:
@@ -186,9 +199,10 @@ def cgdb_instruct_dataset(
         exact and the same on every rank; ``ds.counts`` holds kept / truncated / dropped counts.
 
     Raises:
-        ValueError: bad arguments, or a bad sample: invalid UTF-8 or JSON, missing / non-string /
-            empty ``instruction`` or ``answer``, or a ``meta`` field missing when a feature needs
-            it. The message names the file and line, never the text.
+        ValueError: bad arguments, or a bad sample: invalid UTF-8 or JSON, a line over 16 MiB,
+            missing / non-string / empty ``instruction`` or ``answer``, the same instruction and
+            answer twice, or a ``meta`` field missing when a feature needs it. The message names
+            the file and line, never the text.
 
     Example (config)::
 
@@ -225,13 +239,14 @@ def cgdb_instruct_dataset(
 
     file_idx = np.concatenate([np.full(len(ix.offsets), i, dtype=np.int32) for i, ix in enumerate(indexes)])
     cat = {name: np.concatenate([getattr(ix, name) for ix in indexes])
-           for name in ("offsets", "lengths", "lines", "status", "patient", "lot")}
+           for name in ("offsets", "lengths", "lines", "status", "digest", "patient", "lot")}
     # Patient / LoT strings as global codes (vocabularies are per file).
     patient_names = _decode(indexes, "patient", "patients")
 
     def where(i: int) -> str:
         return f"{files[file_idx[i]]}:{cat['lines'][i]}"
 
+    _refuse_duplicates(cat["digest"], where)
     keep = np.ones(len(file_idx), dtype=bool)
     if patient_ids is not None or splits_per_patient_therapy is not None:
         missing = np.flatnonzero(cat["patient"] < 0)

@@ -26,7 +26,7 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 from tqdm import tqdm
 
 from gdt_tune.checkpointing import CheckpointManager, Progress, find_resume
-from gdt_tune.config_checks import check_config, has_component
+from gdt_tune.config_checks import check_config, check_paths, has_component
 from gdt_tune.sampling import EvalBatchSampler, GlobalOrderBatchSampler
 
 log = logging.getLogger("gdt_tune")
@@ -70,6 +70,7 @@ class FullFinetuneRecipe:
 
     def __init__(self, cfg: DictConfig) -> None:
         check_config(cfg, torch.cuda.is_available())
+        check_paths(cfg)
         self._cfg = cfg
         self._device = torch.device(cfg.get("device", "cuda"))
         self._dtype = torch.bfloat16 if cfg.get("dtype", "bf16") == "bf16" else torch.float32
@@ -105,8 +106,10 @@ class FullFinetuneRecipe:
         if cfg.get("max_steps_per_epoch") is not None:
             self._steps_per_epoch = min(self._steps_per_epoch, cfg.max_steps_per_epoch)
         if self._steps_per_epoch == 0:
+            dropped = sum(v for k, v in getattr(self._train_ds, "counts", {}).items() if k.startswith("dropped"))
+            why = f" ({dropped} dropped by the length cap: raise dataset.max_seq_len)" if dropped else ""
             raise ValueError(
-                f"dataset: {len(self._train_ds)} samples make no optimizer step with batch_size={self._batch_size} x "
+                f"dataset: {len(self._train_ds)} samples{why} make no optimizer step with batch_size={self._batch_size} x "
                 f"{self._world} ranks x gradient_accumulation_steps={self._accum}; lower them or add data")
         self._checkpointer = config.instantiate(cfg.checkpointer)
         resume = find_resume(cfg.output_dir, cfg.get("resume_from_checkpoint", False), self._rank, self._world)
@@ -130,8 +133,10 @@ class FullFinetuneRecipe:
             return
         shared = self._train_ds.patient_ids() & self._val_ds.patient_ids()
         if shared:
-            raise ValueError(f"dataset and dataset_val share {len(shared)} patients (e.g. meta.patientid "
-                             f"{min(shared)!r}); split train/validation by patient")
+            first = min(shared)  # named by where it is, not by its id
+            raise ValueError(f"dataset and dataset_val share {len(shared)} patients (e.g. the patient of "
+                             f"{self._train_ds.where_patient(first)} and {self._val_ds.where_patient(first)}); "
+                             "split train/validation by patient")
 
     def _collate(self):
         return partial(padded_collate_sft, padding_idx=self._tokenizer.pad_id, ignore_idx=CROSS_ENTROPY_IGNORE_IDX)
@@ -170,12 +175,10 @@ class FullFinetuneRecipe:
                 if hasattr(m, "rope_init"):
                     m.rope_init()  # rope caches are buffers, not in the checkpoint
         if from_hf:
-            result = training.load_from_full_model_state_dict(
+            self._check_weights_fit(model, state)
+            training.load_from_full_model_state_dict(
                 model, state, self._device, strict=True, cpu_offload=cfg.get("fsdp_cpu_offload", False))
             del state
-            if result is not None and (result.missing_keys or result.unexpected_keys):
-                raise ValueError(f"checkpointer: weights do not match config key 'model' "
-                                 f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})")
         training.validate_no_params_on_meta_device(model)
         n_params = sum(p.numel() for p in model.parameters())
         self._flops_per_token_base = 6 * (n_params - model.tok_embeddings.weight.numel())
@@ -184,6 +187,15 @@ class FullFinetuneRecipe:
             log.info("model: %.1fM parameters, dtype %s, %d ranks on %s", n_params / 1e6, self._dtype,
                      self._world, self._device.type)
         return model
+
+    def _check_weights_fit(self, model: torch.nn.Module, state: dict) -> None:
+        ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in state.items()}
+        for name in sorted(set(ours) | set(theirs)):
+            if ours.get(name) != theirs.get(name):
+                raise ValueError(
+                    f"checkpointer: weights do not match config key 'model' ({name}: checkpoint {theirs.get(name)}, "
+                    f"model {ours.get(name)}); set model to the architecture of {self._cfg.checkpointer.checkpoint_dir}")
 
     # ---------------------------------------------------------------- steps
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,14 +356,18 @@ def recipe_main(cfg: DictConfig) -> None:
     handler.setFormatter(logging.Formatter("%(levelname)s gdt_tune: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
-    recipe = FullFinetuneRecipe(cfg)
+    recipe = None
     try:
+        recipe = FullFinetuneRecipe(cfg)
         if recipe._is_rank_zero:
             log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
         recipe.setup()
         recipe.train()
+    except ValueError as e:  # bad config or data: our messages name the key or file:line and the fix
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     finally:
-        if dist.is_initialized():
+        if recipe is not None and dist.is_initialized():
             recipe.cleanup()
 
 

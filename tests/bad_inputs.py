@@ -1,0 +1,155 @@
+"""The bad-input corpus: data files and config overrides that must stop a run with a one-line
+error naming the file:line or config key and the fix. ``tests/test_bad_inputs.py`` runs each
+case through the recipe.
+
+A case is (id, setup, expected) where ``setup(tmp, demo)`` writes what it needs under ``tmp`` and
+returns the command-line overrides; ``expected`` are substrings of the error line ({tmp} and
+{demo} are filled in).
+"""
+
+import json
+from pathlib import Path
+
+GOOD = {"instruction": "Patient history.\n\tECOG is 1.", "answer": "Task 1 is time to event prediction:\nx"}
+
+
+def _line(i: int, **change) -> str:
+    return json.dumps({**GOOD, "instruction": f"{GOOD['instruction']} Visit {i}.", **change}) + "\n"
+
+
+def train_file(*lines, name="train.jsonl", mode="w"):
+    """A setup writing ``lines`` (str or bytes) as the training data."""
+    def setup(tmp: Path, demo: Path) -> list[str]:
+        path = tmp / "data" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"".join(x if isinstance(x, bytes) else x.encode() for x in lines))
+        return [f"dataset.data_files={path}"]
+    return setup
+
+
+def overrides(*items):
+    def setup(tmp: Path, demo: Path) -> list[str]:
+        return [x.format(tmp=tmp, demo=demo) for x in items]
+    return setup
+
+
+def with_meta(i, **meta):
+    return _line(i, meta=meta)
+
+
+def _val_shares_train(tmp: Path, demo: Path) -> list[str]:
+    return [f"dataset_val.data_files={demo}/data/train/part-00000.jsonl"]
+
+
+def _empty_dir(tmp: Path, demo: Path) -> list[str]:
+    (tmp / "empty").mkdir()
+    return [f"dataset.data_files={tmp}/empty"]
+
+
+def _huge_line(tmp: Path, demo: Path) -> list[str]:
+    path = tmp / "data" / "train.jsonl"
+    path.parent.mkdir(parents=True)
+    with open(path, "w") as f:
+        f.write(_line(1))
+        f.write(json.dumps({"instruction": "x" * (17 * 2**20), "answer": "y"}) + "\n")
+    return [f"dataset.data_files={path}"]
+
+
+def _other_files_only(tmp: Path, demo: Path) -> list[str]:
+    (tmp / "csv").mkdir()
+    (tmp / "csv" / "train.csv").write_text("instruction,answer\n")
+    return [f"dataset.data_files={tmp}/csv"]
+
+
+def _tiny_yaml_without(key):
+    def setup(tmp: Path, demo: Path) -> list[str]:
+        from omegaconf import OmegaConf
+        cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "tiny_gdt_cpu.yaml")
+        del cfg[key]
+        OmegaConf.save(cfg, tmp / "config.yaml")
+        return ["--config-file", str(tmp / "config.yaml")]
+    return setup
+
+
+F = "{tmp}/data/train.jsonl"
+DATA_CASES = [
+    ("invalid-utf8", train_file(_line(1), b'{"instruction": "caf\xe9", "answer": "b"}\n'), [f"{F}:2: not valid UTF-8"]),
+    ("invalid-json", train_file(_line(1), _line(2), '{"instruction": "a", "answer": \n'), [f"{F}:3: invalid JSON"]),
+    ("json-array-line", train_file('["instruction", "answer"]\n'), [f"{F}:1: expected a JSON object"]),
+    ("answer-not-string", train_file(_line(1, answer=7)), [f"{F}:1: field 'answer' is a int; expected a non-empty string"]),
+    ("instruction-null", train_file(_line(1, instruction=None)), [f"{F}:1: field 'instruction' is missing"]),
+    ("instruction-empty", train_file(_line(1, instruction="")), [f"{F}:1: field 'instruction' is empty"]),
+    ("answer-whitespace", train_file(_line(1, answer="  \n ")), [f"{F}:1: field 'answer' is empty"]),
+    ("answer-missing", train_file(json.dumps({"instruction": "a"}) + "\n"), [f"{F}:1: field 'answer' is missing"]),
+    ("blank-line", train_file(_line(1), "\n", _line(2)), [f"{F}:2: empty line"]),
+    ("huge-line", _huge_line, [f"{F}:2: line of 17 MiB, over the 16 MiB limit"]),
+    ("duplicate-samples", train_file(_line(1), _line(2), _line(1)), [f"{F}:3: same instruction and answer as {F}:1"]),
+    ("empty-file", train_file(), [f"{F}: the file is empty"]),
+    ("empty-directory", _empty_dir, ["dataset.data_files: directory {tmp}/empty holds no *.jsonl files"]),
+    ("directory-without-jsonl", _other_files_only, ["dataset.data_files: directory {tmp}/csv holds no *.jsonl"]),
+    ("glob-matches-nothing", overrides("dataset.data_files={tmp}/nowhere/*.jsonl"),
+     ["dataset.data_files: {tmp}/nowhere/*.jsonl matches no file"]),
+    ("patients-in-two-splits", _val_shares_train,
+     ["dataset and dataset_val share", "(e.g. the patient of {demo}/data/train/part-00000.jsonl:"]),
+    ("meta-patientid-missing", lambda t, d: [*train_file(with_meta(1, target_meta=[{"lot_date": "2020-01-01"}]))(t, d),
+                                            "dataset.splits_per_patient_therapy=1"],
+     [f"{F}:1: field 'meta.patientid' is missing; it is needed by splits_per_patient_therapy"]),
+    ("meta-target-meta-missing", lambda t, d: [*train_file(with_meta(1, patientid="p"))(t, d),
+                                              "dataset.splits_per_patient_therapy=1"],
+     [f"{F}:1: field 'meta.target_meta' is missing"]),
+    ("meta-patientid-list", lambda t, d: [*train_file(with_meta(1, patientid=["p"]))(t, d),
+                                         "dataset.splits_per_patient_therapy=1"],
+     [f"{F}:1: field 'meta.patientid' must be a string"]),
+    ("meta-bad-date", lambda t, d: [*train_file(with_meta(1, patientid="p", target_meta=[{"lot_date": "soon"}]))(t, d),
+                                   "dataset.splits_per_patient_therapy=1"],
+     [f"{F}:1: field 'meta.target_meta.lot_date' holds an unreadable date"]),
+    ("meta-history-not-a-table", lambda t, d: [*train_file(with_meta(
+        1, patientid="p", target_meta=[], split_date_included_in_input="2020-01-01", history_data="[1, 2]"))(t, d),
+        "dataset.splits_per_patient_therapy=1"],
+     [f"{F}:1: field 'meta.history_data' is not a pandas orient='split' table"]),
+    ("all-samples-too-long", overrides("dataset.max_seq_len=64", "dataset.truncation=drop"),
+     ["dropped by the length cap: raise dataset.max_seq_len"]),
+]
+
+CONFIG_CASES = [
+    ("unknown-key", overrides("learning_rate=1e-4"), ["config key 'learning_rate' is not known to this recipe"]),
+    ("typo-batch-size", overrides("bacth_size=2"), ["config key 'bacth_size'", "did you mean 'batch_size'"]),
+    ("typo-save-every", overrides("save_every_n_step=5"), ["did you mean 'save_every_n_steps'"]),
+    ("typo-keep-last", overrides("keep_last_checkpoints=3"), ["did you mean 'keep_last_n_checkpoints'"]),
+    ("batch-size-text", overrides("batch_size=two"), ["config key 'batch_size': got 'two'; expected an integer >= 1"]),
+    ("batch-size-zero", overrides("batch_size=0"), ["config key 'batch_size': got 0"]),
+    ("grad-accum-zero", overrides("gradient_accumulation_steps=0"), ["config key 'gradient_accumulation_steps': got 0"]),
+    ("epochs-float", overrides("epochs=1.5"), ["config key 'epochs': got 1.5"]),
+    ("async-not-bool", overrides("async_checkpointing=maybe"), ["config key 'async_checkpointing': got 'maybe'"]),
+    ("keep-1-with-async", overrides("async_checkpointing=true", "keep_last_n_checkpoints=1"),
+     ["'keep_last_n_checkpoints' must be >= 2 with async_checkpointing=true"]),
+    ("save-every-zero", overrides("save_every_n_steps=0"), ["config key 'save_every_n_steps': got 0"]),
+    ("resume-number", overrides("resume_from_checkpoint=3"), ["config key 'resume_from_checkpoint': got 3"]),
+    ("resume-nothing-saved", overrides("resume_from_checkpoint=true"),
+     ["no usable step_N checkpoint in {tmp}/out", "resume_from_checkpoint=false"]),
+    ("resume-missing-path", overrides("resume_from_checkpoint={tmp}/elsewhere/step_3"),
+     ["{tmp}/elsewhere/step_3 is not usable (not a folder)"]),
+    ("dtype-fp16", overrides("dtype=fp16"), ["config key 'dtype': got 'fp16'"]),
+    ("device-tpu", overrides("device=tpu"), ["config key 'device': got 'tpu'"]),
+    ("cuda-without-gpu", overrides("device=cuda"), ["no CUDA device is visible; set device=cpu"]),
+    ("cpu-offload-on-cpu", overrides("fsdp_cpu_offload=true"), ["'fsdp_cpu_offload': true with device=cpu"]),
+    ("validation-without-dataset", overrides("dataset_val=null"),
+     ["'run_val_every_n_steps' is set but 'dataset_val' is missing"]),
+    ("clip-negative", overrides("clip_grad_norm=-1"), ["config key 'clip_grad_norm': got -1"]),
+    ("plain-cross-entropy", overrides("loss._component_=torch.nn.CrossEntropyLoss"),
+     ["config key 'loss._component_'", "CEWithChunkedOutputLoss"]),
+    ("missing-tokenizer", overrides("tokenizer.path={tmp}/nope/tokenizer.model"),
+     ["config key 'tokenizer.path': {tmp}/nope/tokenizer.model is not a file"]),
+    ("missing-checkpoint-dir", overrides("checkpointer.checkpoint_dir={tmp}/no_model"),
+     ["config key 'checkpointer.checkpoint_dir': {tmp}/no_model is not a folder"]),
+    ("missing-checkpoint-file", overrides("checkpointer.checkpoint_files=[model-0001.safetensors]"),
+     ["config key 'checkpointer.checkpoint_files': model-0001.safetensors is not in"]),
+    ("batch-larger-than-data", overrides("batch_size=100000"),
+     ["samples make no optimizer step with batch_size=100000 x 1 ranks"]),
+    ("truncation-unknown", overrides("dataset.truncation=middle"), ["dataset.truncation: 'middle' is not one of"]),
+    ("max-seq-len-tiny", overrides("dataset.max_seq_len=4"), ["dataset.max_seq_len: 4; expected an integer >= 16"]),
+    ("missing-optimizer", _tiny_yaml_without("optimizer"), ["config key 'optimizer' is missing"]),
+    ("model-other-shape", overrides("model.num_layers=3"), ["checkpointer: weights do not match config key 'model'"]),
+]
+
+CASES = DATA_CASES + CONFIG_CASES
