@@ -1,0 +1,76 @@
+"""No patient text leaves through the run's outputs: a 2-rank demo run with the disk logger, a
+1-rank run with wandb offline and a run stopped by a bad sample write logs, wandb files,
+checkpoints, the index cache and stdout/stderr; none may hold a line of any instruction or answer."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from recipe_utils import run_recipe
+
+MIN_LEN = 24  # shorter lines are templates ("Task 1 is ..."), not a patient's text
+PRINTABLE_RUN = re.compile(rb"[\x20-\x7e\t\r\n\x80-\xff]{%d,}" % MIN_LEN)
+
+
+def needles(data_dir: Path) -> dict[str, set[str]]:
+    """Every line of at least MIN_LEN characters of every instruction and answer, by its prefix."""
+    out: dict[str, set[str]] = {}
+    for path in data_dir.rglob("*.jsonl"):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            for text in (record["instruction"], record["answer"]):
+                for part in text.splitlines():
+                    part = part.strip()
+                    if len(part) >= MIN_LEN:
+                        out.setdefault(part[:MIN_LEN], set()).add(part)
+    return out
+
+
+def leaks(blob: bytes, found: dict[str, set[str]]) -> list[str]:
+    hits = []
+    for run in PRINTABLE_RUN.findall(blob):
+        text = run.decode("utf-8", errors="replace")
+        for i in range(len(text) - MIN_LEN + 1):
+            for needle in found.get(text[i:i + MIN_LEN], ()):
+                if text.startswith(needle, i):
+                    hits.append(needle)
+    return hits
+
+
+def test_leak_scanner_finds_a_planted_line(demo_dir):
+    found = needles(demo_dir / "data")
+    line = next(iter(next(iter(found.values()))))
+    assert leaks(b"\x00\x01 loss 0.3 " + line.encode() + b"\x00", found) == [line]
+    assert leaks(b"\x00 loss: 0.31 lr: 0.003 tokens_per_second_per_device: 100.0\n", found) == []
+
+
+def test_no_patient_text_in_anything_a_run_writes(demo_dir, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    cache = tmp_path / "index-cache"
+    monkeypatch.setenv("GDT_TUNE_CACHE_DIR", str(cache))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    outputs = []
+    disk = run_recipe(demo_dir, tmp_path / "disk", "max_steps_per_epoch=12", "save_every_n_steps=5",
+                      "run_val_every_n_steps=5", "async_checkpointing=true")
+    wandb = run_recipe(demo_dir, tmp_path / "wandb", "max_steps_per_epoch=4", "run_val_every_n_steps=2",
+                       "save_every_n_steps=2", "metric_logger=torchtune.training.metric_logging.WandBLogger",
+                       "metric_logger.project=gdt_test", nproc=1)
+    assert list((tmp_path / "wandb" / "logs" / "wandb").glob("offline-run-*/*.wandb"))
+    assert list((tmp_path / "disk").glob("step_*/.metadata")) and list((tmp_path / "disk" / "logs").glob("*.txt"))
+    # a bad sample whose text must not be echoed
+    first = (demo_dir / "data" / "train" / "part-00000.jsonl").read_text().splitlines()[0]
+    bad = tmp_path / "bad" / "train.jsonl"
+    bad.parent.mkdir()
+    bad.write_text(json.dumps(dict(json.loads(first), answer=12)) + "\n")
+    failed = run_recipe(demo_dir, tmp_path / "failed", f"dataset.data_files={bad}", nproc=1, check=False)
+    assert failed.returncode == 1 and f"{bad}:1: field 'answer' is a int" in failed.stderr
+    for proc in (disk, wandb, failed):
+        outputs.append(("stdout/stderr", (proc.stdout + proc.stderr).encode()))
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p != bad]
+    assert len(files) > 30
+    outputs += [(str(p), p.read_bytes()) for p in files]
+    found = needles(demo_dir / "data")
+    assert sum(map(len, found.values())) > 1000
+    leaked = {name: hits[:2] for name, blob in outputs if (hits := leaks(blob, found))}
+    assert leaked == {}
