@@ -312,6 +312,7 @@ class CheckpointManager:
         if self.rank == 0:
             (path / COMPLETE_MARKER).write_text("")
             for old in to_prune(self.output_dir, self.keep):
+                (old / COMPLETE_MARKER).unlink(missing_ok=True)  # a half-deleted folder must not look complete
                 shutil.rmtree(old, ignore_errors=True)
 
     def _finish_if_done(self) -> None:
