@@ -137,9 +137,9 @@ def main() -> None:
         n_params = sum(p.numel() for p in m.parameters())
         flops_per_token = 6 * (n_params - m.tok_embeddings.weight.numel()) + 12 * dims["num_layers"] * dims["embed_dim"] * seq
     print(f"# GPU throughput benchmark\n\nmachine: {machine()}\ncommand: `{command_line()}`\n"
-          f"model: {model} shape, {n_params / 1e9:.2f}B parameters, random weights; {nproc} processes; "
+          f"model: {model} shape, {n_params / 1e6:,.1f}M parameters, random weights; {nproc} processes; "
           f"samples of exactly {seq} tokens, batch 1 per GPU; {args.steps} steps, median of steps 3..{args.steps}\n"
-          f"FLOPs per token: {flops_per_token / 1e9:.2f} GFLOP (convention in the script docstring)\n")
+          f"FLOPs per token: {flops_per_token / 1e9:.4g} GFLOP (convention in the script docstring)\n")
     base = [f"demo_dir={work / 'demo'}", f"checkpointer.checkpoint_dir={ckpt}",
             f"checkpointer.checkpoint_files={json.dumps(json.loads((ckpt / 'files.json').read_text()))}",
             f"dataset.data_files={data}", f"dataset.max_seq_len={seq}", "dataset_val=null", "run_val_every_n_steps=null",

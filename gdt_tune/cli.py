@@ -1,4 +1,4 @@
-"""``gdt-tune`` command line: prepare-demo and demo."""
+"""``gdt-tune`` command line: prepare-demo, demo, evaluate, data-report."""
 
 from __future__ import annotations
 
@@ -48,6 +48,46 @@ def _demo(args) -> int:
     return rc
 
 
+def _evaluate(args) -> int:
+    from omegaconf import OmegaConf
+
+    from gdt_tune.evaluate import evaluate, summary
+
+    cfg = OmegaConf.load(args.config) if args.config else None
+    if cfg is not None:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args.overrides))
+    try:
+        metrics = evaluate(args.checkpoint, args.data, args.out, cfg=cfg, max_samples=args.max_samples,
+                           train_data=args.train_data, samples=args.samples, batch_size=args.batch_size,
+                           device=args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(summary(metrics))
+    print(f"wrote {Path(args.out) / 'metrics.json'}, forecast_mae.png, event_calibration.png")
+    return 0
+
+
+def _data_report(args) -> int:
+    from torchtune.models.llama3 import llama3_tokenizer
+
+    from gdt_tune.data_report import data_report
+
+    tok = Path(args.tokenizer)
+    special = Path(args.special_tokens) if args.special_tokens else tok.with_name("special_tokens.json")
+    try:
+        if not tok.is_file():
+            raise ValueError(f"--tokenizer {tok} is not a file; give the model's tokenizer.model")
+        tokenizer = llama3_tokenizer(str(tok), special_tokens_path=str(special) if special.is_file() else None)
+        data_report(args.data, tokenizer, args.out, max_seq_len=args.max_seq_len)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print((Path(args.out) / "report.md").read_text())
+    print(f"wrote {Path(args.out) / 'report.md'} and its plots")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="gdt-tune", description="Train GDT-style clinical digital-twin models with torchtune.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -61,6 +101,26 @@ def main(argv=None) -> int:
     d.add_argument("--nproc", type=int, default=2, help="CPU processes (default 2)")
     d.add_argument("overrides", nargs="*", help="extra config overrides, key=value")
     d.set_defaults(func=_demo)
+    e = sub.add_parser("evaluate", help="clinical-task metrics of a checkpoint on held-out samples")
+    e.add_argument("--checkpoint", required=True, help="final HF folder (epoch_N) or interim step_N (needs --config)")
+    e.add_argument("--data", required=True, help="held-out JSONL: a file, a glob or a folder")
+    e.add_argument("--config", help="the training config (model, tokenizer, system prompt, training data)")
+    e.add_argument("--out", default="eval", help="output folder (default eval)")
+    e.add_argument("--max-samples", type=int, default=None)
+    e.add_argument("--train-data", help="training JSONL for the majority baseline (default: the config's dataset)")
+    e.add_argument("--samples", type=int, default=3, help="sampled completions per forecast (default 3)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    e.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. demo_dir=...)")
+    e.set_defaults(func=_evaluate)
+    r = sub.add_parser("data-report", help="counts, lengths, task mix and split overlap of a dataset (no text)")
+    r.add_argument("--data", required=True, action="append", help="JSONL file, glob or folder; repeat for splits, "
+                   "or a folder with train/validation/test")
+    r.add_argument("--tokenizer", required=True, help="tokenizer.model of the model to train")
+    r.add_argument("--special-tokens", help="special_tokens.json (default: beside the tokenizer, if there)")
+    r.add_argument("--max-seq-len", type=int, default=8000)
+    r.add_argument("--out", default="data_report", help="output folder (default data_report)")
+    r.set_defaults(func=_data_report)
     args = ap.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,152 @@
+"""Clinical-task metrics, pure functions over plain values (tested on hand-made cases).
+
+Events: three outcomes per task, in ``OUTCOMES`` order; a prediction is a probability per outcome.
+Forecasts: ``{(weeks, variable): value}`` per task, compared with the truth and with the
+copy-forward baseline (the last observed value from the instruction's summary block).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter, defaultdict
+
+import numpy as np
+
+from gdt_tune.data.text import EVENT_OUTCOMES
+
+OUTCOMES = tuple(EVENT_OUTCOMES)  # "was not censored and occurred", ... "was censored and did not occur"
+OCCURRED = OUTCOMES.index("was not censored and occurred")
+_LAST_VALUES_RE = re.compile(r"The last values of the variables in the input data are:\n((?:\t.+\n?)+)")
+_LAST_VALUE_RE = re.compile(r"^\t(.+) was (-?[0-9.]+)[,.]?$")
+
+
+def outcome_index(censored: bool, occurred: bool) -> int:
+    return OUTCOMES.index(next(k for k, v in EVENT_OUTCOMES.items() if v == (censored, occurred)))
+
+
+def softmax(scores) -> list[float]:
+    m = max(scores)
+    e = [math.exp(s - m) for s in scores]
+    return [x / sum(e) for x in e]
+
+
+def event_metrics(events: list[str], truths: list[int], probs: list[list[float]], n_bins: int = 10) -> dict:
+    """Accuracy, Brier score (sum over the 3 outcomes, averaged over tasks), per-event confusion
+    (rows truth, columns prediction, ``OUTCOMES`` order) and a calibration table of P(occurred)."""
+    if not truths:
+        return {"tasks": 0}
+    p = np.asarray(probs, dtype=float)
+    y = np.zeros_like(p)
+    y[np.arange(len(truths)), truths] = 1.0
+    pred = p.argmax(axis=1)
+    confusion: dict[str, list[list[int]]] = {}
+    for event, t, k in zip(events, truths, pred):
+        confusion.setdefault(event, [[0] * 3 for _ in range(3)])[t][int(k)] += 1
+    return {"tasks": len(truths), "accuracy": float((pred == np.asarray(truths)).mean()),
+            "brier": float(((p - y) ** 2).sum(axis=1).mean()), "confusion": confusion,
+            "calibration": calibration(p[:, OCCURRED], y[:, OCCURRED], n_bins)}
+
+
+def calibration(p: np.ndarray, y: np.ndarray, n_bins: int) -> list[dict]:
+    """Equal-width bins of predicted probability: count, mean prediction, observed frequency."""
+    bins = np.minimum((np.asarray(p) * n_bins).astype(int), n_bins - 1)
+    out = []
+    for b in range(n_bins):
+        m = bins == b
+        if m.any():
+            out.append({"bin": [b / n_bins, (b + 1) / n_bins], "count": int(m.sum()),
+                        "mean_predicted": float(np.mean(p[m])), "observed": float(np.mean(y[m]))})
+    return out
+
+
+def majority_baseline(train_outcomes: dict[str, Counter], events: list[str], truths: list[int]) -> dict:
+    """The training set's majority outcome per event (accuracy) and its outcome frequencies as
+    probabilities (Brier)."""
+    probs, known = [], []
+    for event in events:
+        counts = train_outcomes.get(event)
+        if counts:
+            total = sum(counts.values())
+            probs.append([counts.get(k, 0) / total for k in range(3)])
+        else:
+            probs.append([1 / 3] * 3)
+        known.append(bool(counts))
+    majority = [max(range(3), key=lambda k: (p[k], -k)) for p in probs]
+    p, y = np.asarray(probs), np.zeros((len(truths), 3))
+    y[np.arange(len(truths)), truths] = 1.0
+    return {"accuracy": float(np.mean(np.asarray(majority) == np.asarray(truths))) if truths else None,
+            "brier": float(((p - y) ** 2).sum(axis=1).mean()) if truths else None,
+            "events_without_training_data": sorted({e for e, k in zip(events, known) if not k})}
+
+
+def last_values(instruction: str) -> dict[str, float]:
+    """``{variable: value}`` from the summary block's 'The last values of the variables ...'."""
+    m = _LAST_VALUES_RE.search(instruction)
+    out = {}
+    for line in m.group(1).splitlines() if m else []:
+        v = _LAST_VALUE_RE.match(line.rstrip())
+        if v:
+            try:
+                out[v.group(1)] = float(v.group(2).rstrip("."))
+            except ValueError:
+                pass
+    return out
+
+
+def forecast_points(visits) -> dict[tuple[float, str], float]:
+    """``{(cumulative weeks, variable): value}`` of a parsed forecasting task (weeks in the answer
+    are deltas from the previous visit)."""
+    out, weeks = {}, 0.0
+    for delta, values in visits:
+        weeks += delta
+        for name, value in values.items():
+            if isinstance(value, float):
+                out[(round(weeks, 4), name)] = value
+    return out
+
+
+def forecast_metrics(items: list[dict]) -> dict:
+    """``items``: one per forecasting task, ``{"truth": points, "predictions": [points or None, ...],
+    "last": {variable: value}}`` (``predictions[0]`` greedy, the rest sampled; None: unparseable).
+    MAE per variable and overall for greedy, the sample mean and copy-forward; scaled MAE = MAE /
+    standard deviation of the true values of that variable; share of unparseable outputs."""
+    errors = {k: defaultdict(list) for k in ("greedy", "sampled_mean", "copy_forward")}
+    truths_by_var = defaultdict(list)
+    outputs = unparseable = missing = 0
+    for item in items:
+        preds = item["predictions"]
+        outputs += len(preds)
+        unparseable += sum(p is None for p in preds)
+        sampled = [p for p in preds[1:] if p is not None]
+        for key, true in item["truth"].items():
+            var = key[1]
+            truths_by_var[var].append(true)
+            greedy = preds[0].get(key) if preds and preds[0] is not None else None
+            if greedy is None:
+                missing += 1
+            else:
+                errors["greedy"][var].append(abs(greedy - true))
+            values = [p[key] for p in sampled if key in p]
+            if values:
+                errors["sampled_mean"][var].append(abs(sum(values) / len(values) - true))
+            if var in item["last"]:
+                errors["copy_forward"][var].append(abs(item["last"][var] - true))
+    out = {"tasks": len(items), "targets": sum(map(len, truths_by_var.values())), "outputs": outputs,
+           "unparseable_share": unparseable / outputs if outputs else None,
+           "targets_missing_from_greedy": missing, "per_variable": {}}
+    for var, truths in sorted(truths_by_var.items()):
+        sd = float(np.std(truths)) if len(truths) > 1 else 0.0
+        row = {"n": len(truths)}
+        for method, errs in errors.items():
+            e = errs.get(var, [])
+            row[f"mae_{method}"] = float(np.mean(e)) if e else None
+            row[f"scaled_mae_{method}"] = float(np.mean(e)) / sd if e and sd > 0 else None
+            row[f"n_{method}"] = len(e)
+        out["per_variable"][var] = row
+    for method, errs in errors.items():
+        all_e = [x for e in errs.values() for x in e]
+        out[f"mae_{method}"] = float(np.mean(all_e)) if all_e else None
+        scaled = [v[f"scaled_mae_{method}"] for v in out["per_variable"].values() if v[f"scaled_mae_{method}"] is not None]
+        out[f"scaled_mae_{method}"] = float(np.mean(scaled)) if scaled else None
+    return out

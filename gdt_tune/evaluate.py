@@ -1,0 +1,310 @@
+"""``gdt-tune evaluate``: clinical-task metrics of a trained checkpoint on held-out samples.
+
+    gdt-tune evaluate --checkpoint RUN/epoch_0 --data DATA/test --out eval/ [--config CONFIG] [--max-samples N]
+
+- Event tasks: the three completions are scored by mean per-token log-probability after the
+  prompt and the true answer text up to that task's outcome; a softmax over the three gives the
+  probabilities. Accuracy, Brier score, per-event confusion and calibration, against the training
+  set's majority outcome per event (training data: ``--train-data`` or the config's dataset).
+- Forecasting tasks: the answer is generated greedily and ``--samples`` times sampled
+  (temperature 0.9, top-p 0.85, as GDT), parsed with ``parse_answer``; MAE and scaled MAE per
+  variable against the copy-forward baseline, and the share of unparseable outputs.
+
+Writes ``metrics.json``, ``forecast_mae.png`` and ``event_calibration.png``. No sample text is
+logged or written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from gdt_tune.data.answers import parse_answer
+from gdt_tune.data.text import EVENT, FORECASTING
+from gdt_tune.datasets._index import read_record, resolve_data_files
+from gdt_tune.datasets._layout import DEFAULT_SYSTEM_PROMPT, Layout
+from gdt_tune.eval_metrics import (
+    OUTCOMES,
+    event_metrics,
+    forecast_metrics,
+    forecast_points,
+    last_values,
+    majority_baseline,
+    outcome_index,
+    softmax,
+)
+
+log = logging.getLogger("gdt_tune")
+_EVENT_OUTCOME_RE = re.compile(r"Here is the prediction: the event \((.+?)\) (" + "|".join(map(re.escape, OUTCOMES)) + r")\.")
+
+
+# ---------------------------------------------------------------- loading
+def load_model_and_tokenizer(checkpoint: Path, cfg, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer, system prompt) from a final HF folder (``epoch_N``) or an interim
+    ``step_N`` (which needs the training config for the model and tokenizer)."""
+    from torchtune import config as tt_config
+
+    is_interim = (checkpoint / ".metadata").is_file()
+    if cfg is None and is_interim:
+        raise ValueError(f"--checkpoint {checkpoint} is an interim step_N checkpoint; pass the training --config too")
+    if cfg is not None:
+        with torch.device("meta"):
+            model = tt_config.instantiate(cfg.model)
+        tokenizer = tt_config.instantiate(cfg.tokenizer)
+        prompt = cfg.dataset.get("system_prompt") or DEFAULT_SYSTEM_PROMPT
+    else:
+        model, tokenizer = _from_hf_folder(checkpoint)
+        prompt = DEFAULT_SYSTEM_PROMPT
+    model = model.to_empty(device=device).to(dtype)
+    if is_interim:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+        from gdt_tune.checkpointing import MODEL_OPTIM_KEY, checkpoint_problem
+
+        problem = checkpoint_problem(checkpoint)
+        if problem:
+            raise ValueError(f"--checkpoint {checkpoint} is not usable ({problem})")
+        state = {MODEL_OPTIM_KEY: {"model": model.state_dict()}}
+        dcp.load(state, checkpoint_id=str(checkpoint), planner=DefaultLoadPlanner(allow_partial_load=True))
+        model.load_state_dict(state[MODEL_OPTIM_KEY]["model"])
+    else:
+        state = _hf_weights(checkpoint)
+        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+    for m in model.modules():
+        if hasattr(m, "rope_init"):
+            with device:
+                m.rope_init()
+    return model.eval(), tokenizer, prompt
+
+
+def _from_hf_folder(folder: Path):
+    from torchtune.models.llama3 import llama3, llama3_tokenizer
+    from torchtune.models.llama3_1 import llama3_1
+
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"--checkpoint {folder} has no config.json; pass a final epoch_N folder or --config")
+    c = json.loads(config_file.read_text())
+    dims = dict(vocab_size=c["vocab_size"], num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
+                num_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]), embed_dim=c["hidden_size"],
+                max_seq_len=c["max_position_embeddings"], intermediate_dim=c["intermediate_size"],
+                norm_eps=c["rms_norm_eps"], rope_base=c.get("rope_theta", 500000.0))
+    scaling = c.get("rope_scaling") or {}
+    with torch.device("meta"):
+        model = (llama3_1(**dims, scale_factor=scaling.get("factor", 8)) if scaling.get("rope_type") == "llama3"
+                 else llama3(**dims))
+    found = [p for p in (folder / "tokenizer.model", folder / "original" / "tokenizer.model") if p.is_file()]
+    if not found:
+        raise ValueError(f"--checkpoint {folder} holds no tokenizer.model; pass the training --config")
+    special = found[0].with_name("special_tokens.json")
+    tokenizer = llama3_tokenizer(str(found[0]), special_tokens_path=str(special) if special.is_file() else None)
+    return model, tokenizer
+
+
+def _hf_weights(folder: Path) -> dict:
+    from torchtune.training import FullModelHFCheckpointer
+
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"--checkpoint {folder} holds no *.safetensors weights")
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = FullModelHFCheckpointer(checkpoint_dir=str(folder), checkpoint_files=files, model_type="LLAMA3",
+                                       output_dir=tmp)
+        return ckpt.load_checkpoint()["model"]
+
+
+def read_samples(data, max_samples: int | None) -> list[tuple[str, dict]]:
+    """(file:line, record) of the held-out samples, validated like training data."""
+    out = []
+    for path in resolve_data_files(data):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                out.append((f"{path}:{lineno}", read_record(raw, f"{path}:{lineno}")))
+                if max_samples and len(out) >= max_samples:
+                    return out
+    return out
+
+
+def training_outcomes(data) -> dict[str, Counter]:
+    """Outcome counts per event name in the training data (for the majority baseline)."""
+    counts: dict[str, Counter] = {}
+    for path in resolve_data_files(data):
+        with open(path, "rb") as f:
+            for raw in f:
+                text = raw.decode("utf-8", errors="replace")
+                for event, outcome in _EVENT_OUTCOME_RE.findall(text):
+                    counts.setdefault(event, Counter())[OUTCOMES.index(outcome)] += 1
+    return counts
+
+
+# ---------------------------------------------------------------- scoring
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_bos=False, add_eos=False)
+
+
+def event_candidates(layout: Layout, record: dict) -> list[dict]:
+    """For each event task: the context tokens (prompt, assistant header, answer up to the
+    outcome) and the three candidate completions' tokens."""
+    answer = record["answer"].strip()
+    context = [*layout.prompt_tokens(record["instruction"]), *layout.assistant_header]
+    out = []
+    for task, m in zip([t for t in parse_answer(answer) if t.type == EVENT], _EVENT_OUTCOME_RE.finditer(answer)):
+        prefix = answer[: m.start(2)].rstrip()  # "... the event (death)"; the space goes with the outcome
+        out.append({"event": task.event, "truth": outcome_index(task.censored, task.occurred),
+                    "context": context + _encode(layout.tokenizer, prefix),
+                    "candidates": [_encode(layout.tokenizer, f" {o}") for o in OUTCOMES]})  # the "." may merge with "\n"
+    return out
+
+
+@torch.no_grad()
+def score_sequences(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, device, batch_size: int) -> list[float]:
+    """Mean log-probability of each continuation given its context, in padded batches."""
+    scores = []
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start:start + batch_size]
+        length = max(len(c) + len(x) for c, x in batch)
+        tokens = torch.full((len(batch), length), pad_id, dtype=torch.long)
+        for i, (c, x) in enumerate(batch):
+            tokens[i, : len(c) + len(x)] = torch.tensor(c + x)
+        logits = model(tokens.to(device))
+        logits = torch.cat(logits, dim=1) if isinstance(logits, list) else logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        for i, (c, x) in enumerate(batch):
+            pos = torch.arange(len(c) - 1, len(c) + len(x) - 1)
+            scores.append(float(logprobs[i, pos, torch.tensor(x)].mean()))
+    return scores
+
+
+def _top_p_next_token(top_p: float, temperature: float):
+    def next_token(model, input_pos, x, q=None, *, mask=None, temperature_=None, **kwargs):
+        logits = model(x, input_pos=input_pos, mask=mask)[:, -1]
+        if temperature <= 0:
+            return logits.argmax(-1, keepdim=True).to(torch.int), logits.unsqueeze(1)
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1)
+        return order.gather(-1, choice).to(torch.int), logits.unsqueeze(1)
+    return next_token
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[list[int]], max_new: int, temperature: float, top_p: float,
+                     device, dtype) -> list[str]:
+    """Decoded completions of left-padded ``prompts`` (KV cache; stops at <|eot_id|>). The first
+    token is picked by torchtune's sampler (temperature only; answers always start with 'Task')."""
+    from torchtune.generation import generate
+    from torchtune.modules.common_utils import local_kv_cache
+
+    length = max(map(len, prompts))
+    batch = torch.full((len(prompts), length), tokenizer.pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        batch[i, length - len(p):] = torch.tensor(p)
+    with local_kv_cache(model, batch_size=len(prompts), device=device, dtype=dtype,
+                        decoder_max_seq_len=length + max_new):
+        out, _ = generate(model, batch.to(device), max_generated_tokens=max_new, pad_id=tokenizer.pad_id,
+                          temperature=max(temperature, 1e-5), stop_tokens=[tokenizer.eot_id],
+                          custom_generate_next_token=_top_p_next_token(top_p, temperature))
+    texts = []
+    for row in out[:, length:].tolist():
+        row = row[: row.index(tokenizer.eot_id)] if tokenizer.eot_id in row else row
+        texts.append(tokenizer.decode([t for t in row if t != tokenizer.pad_id and t != 0]))
+    return texts
+
+
+def parsed_forecast(text: str) -> dict | None:
+    """The numeric forecasting task of a generated answer as points, or None when unparseable."""
+    try:
+        tasks = [t for t in parse_answer(text) if t.type == FORECASTING]
+    except ValueError:
+        return None
+    return forecast_points(tasks[0].visits) if tasks else None
+
+
+# ---------------------------------------------------------------- command
+def evaluate(checkpoint, data, out, cfg=None, max_samples=None, train_data=None, samples=3, batch_size=8,
+             device=None, seed=0) -> dict:
+    torch.manual_seed(seed)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    checkpoint, out = Path(checkpoint), Path(out)
+    model, tokenizer, prompt = load_model_and_tokenizer(checkpoint, cfg, device, dtype)
+    layout = Layout.build(tokenizer, prompt)
+    records = read_samples(data, max_samples)
+    if not records:
+        raise ValueError(f"--data {data}: no samples")
+
+    tasks, pairs = [], []
+    for where, record in records:
+        try:
+            for t in event_candidates(layout, record):
+                tasks.append(t)
+                pairs += [(t["context"], c) for c in t["candidates"]]
+        except ValueError as e:
+            raise ValueError(f"{where}: answer does not parse ({e})") from None
+    scores = []
+    for start in tqdm(range(0, len(pairs), batch_size * 4), desc="scoring events", unit="batch"):
+        scores += score_sequences(model, pairs[start:start + batch_size * 4], tokenizer.pad_id, device, batch_size)
+    probs = [softmax(scores[3 * i: 3 * i + 3]) for i in range(len(tasks))]
+    events, truths = [t["event"] for t in tasks], [t["truth"] for t in tasks]
+    metrics = {"checkpoint": str(checkpoint), "data": str(data), "samples": len(records),
+               "events": event_metrics(events, truths, probs)}
+    if train_data is None and cfg is not None:
+        train_data = cfg.dataset.get("data_files")
+    if train_data is not None and tasks:
+        metrics["events"]["baseline_majority"] = majority_baseline(training_outcomes(train_data), events, truths)
+
+    items, prompts = [], []
+    for _, record in records:
+        truth = [t for t in parse_answer(record["answer"]) if t.type == FORECASTING]
+        if truth:
+            items.append({"truth": forecast_points(truth[0].visits), "last": last_values(record["instruction"]),
+                          "predictions": [], "max_new": len(layout.answer_tokens(record["answer"])) + 32})
+            prompts.append([*layout.prompt_tokens(record["instruction"]), *layout.assistant_header])
+    runs = [(0.0, 1.0)] + [(0.9, 0.85)] * samples
+    for start in tqdm(range(0, len(items), batch_size), desc="generating forecasts", unit="batch"):
+        chunk = items[start:start + batch_size]
+        max_new = max(i["max_new"] for i in chunk)
+        for temperature, top_p in runs:
+            texts = generate_answers(model, tokenizer, prompts[start:start + batch_size], max_new, temperature, top_p,
+                                     device, dtype)
+            for item, text in zip(chunk, texts):
+                item["predictions"].append(parsed_forecast(text))
+    metrics["forecasting"] = forecast_metrics(items)
+    metrics["forecasting"]["generation"] = {"greedy": 1, "sampled": samples, "temperature": 0.9, "top_p": 0.85}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    from gdt_tune.plots import calibration_plot, forecast_mae_plot
+
+    forecast_mae_plot(metrics["forecasting"], out / "forecast_mae.png")
+    calibration_plot(metrics["events"], out / "event_calibration.png")
+    return metrics
+
+
+def summary(metrics: dict) -> str:
+    """A few lines for the terminal (numbers only)."""
+    ev, fc = metrics["events"], metrics["forecasting"]
+
+    def f(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    lines = [f"samples: {metrics['samples']}"]
+    if ev.get("tasks"):
+        base = ev.get("baseline_majority", {})
+        lines.append(f"events: {ev['tasks']} tasks, accuracy {f(ev['accuracy'])} (majority baseline "
+                     f"{f(base.get('accuracy'))}), Brier {f(ev['brier'])} (baseline {f(base.get('brier'))})")
+    if fc["tasks"]:
+        lines.append(f"forecasting: {fc['targets']} targets, MAE greedy {f(fc['mae_greedy'])}, sampled mean "
+                     f"{f(fc['mae_sampled_mean'])}, copy-forward {f(fc['mae_copy_forward'])}; scaled MAE greedy "
+                     f"{f(fc['scaled_mae_greedy'])} vs copy-forward {f(fc['scaled_mae_copy_forward'])}; "
+                     f"unparseable {f(fc['unparseable_share'])}")
+    return "\n".join(lines)

@@ -1,0 +1,66 @@
+"""PNG plots of the evaluation and data reports (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def forecast_mae_plot(forecasting: dict, path: Path) -> None:
+    """Per-variable MAE of the model (greedy, sampled mean) beside copy-forward."""
+    rows = forecasting.get("per_variable", {})
+    names = sorted(rows)
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names) + 2), 4))
+    width = 0.27
+    for k, (method, label) in enumerate((("greedy", "model, greedy"), ("sampled_mean", "model, sample mean"),
+                                         ("copy_forward", "copy-forward"))):
+        values = [rows[n][f"mae_{method}"] or 0.0 for n in names]
+        ax.bar([i + (k - 1) * width for i in range(len(names))], values, width, label=label)
+    ax.set_xticks(range(len(names)), [n.split(" - ")[0] for n in names], rotation=30, ha="right")
+    ax.set_ylabel("MAE")
+    ax.set_title("Forecasting MAE per variable" if names else "Forecasting MAE (no forecasting tasks)")
+    ax.legend()
+    _save(fig, path)
+
+
+def calibration_plot(events: dict, path: Path) -> None:
+    """Reliability curve of P(not censored and occurred)."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect")
+    cal = events.get("calibration", [])
+    if cal:
+        ax.plot([c["mean_predicted"] for c in cal], [c["observed"] for c in cal], "o-", label="model")
+    ax.set_xlabel("predicted P(occurred)")
+    ax.set_ylabel("observed frequency")
+    ax.set_title(f"Event calibration ({events.get('tasks', 0)} tasks)")
+    ax.legend()
+    _save(fig, path)
+
+
+def length_histogram(counts, edges, cap: int, path: Path) -> None:
+    """Token-length histogram with the length cap marked."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(edges[:-1], counts, width=[b - a for a, b in zip(edges[:-1], edges[1:])], align="edge")
+    ax.axvline(cap, color="red", linestyle="--", label=f"max_seq_len {cap}")
+    ax.set_xlabel("tokens per sample (spec layout)")
+    ax.set_ylabel("samples")
+    ax.legend()
+    _save(fig, path)
+
+
+def bar_chart(labels: list[str], values: list[int], title: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(labels) + 2), 3.5))
+    ax.bar(range(len(labels)), values)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_title(title)
+    _save(fig, path)

@@ -1,0 +1,27 @@
+"""The benchmark scripts run end to end in their smallest settings and print their tables (no
+timing is asserted: numbers live in docs/performance.md)."""
+
+import subprocess
+import sys
+
+import pytest
+from recipe_utils import REPO
+
+SCRIPTS = {
+    "data_pipeline.py": (["--sizes", "300", "--items", "4"], ["ours / stock:", "| 300 |", "samples/s"]),
+    "recipe_step.py": (["--steps", "14", "--repeat", "1"], ["ours / stock time per step:"]),
+    "checkpoint.py": (["--tiny", "--steps", "4"], ["async blocked / sync blocked:", "resumed / fresh:",
+                                                   "interim checkpoint step_4"]),
+    "gpu_throughput.py": (["--steps", "4", "--variants", "ours:plain,stock:plain"], ["| ours:plain |", "| stock:plain |"]),
+}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_benchmark_runs(script, tmp_path):
+    args, expected = SCRIPTS[script]
+    proc = subprocess.run([sys.executable, f"bench/{script}", "--work", str(tmp_path), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "failed" not in proc.stdout
+    for part in expected:
+        assert part in proc.stdout, proc.stdout[-2000:]

@@ -1,0 +1,111 @@
+"""`gdt-tune evaluate` and `gdt-tune data-report`: event scoring picks what a forced model
+favours; both commands run end to end on the demo artefacts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from recipe_utils import REPO, run_recipe
+
+from gdt_tune.datasets import cgdb_instruct_dataset
+from gdt_tune.datasets._layout import DEFAULT_SYSTEM_PROMPT, Layout
+from gdt_tune.eval_metrics import softmax
+from gdt_tune.evaluate import event_candidates, read_samples, score_sequences
+
+
+class Favours(torch.nn.Module):
+    """A stub language model: wherever the input so far is a prefix of ``target``, it predicts
+    the next token of ``target`` with near certainty; elsewhere it is uniform."""
+
+    def __init__(self, target, vocab):
+        super().__init__()
+        self.target, self.vocab = target, vocab
+
+    def forward(self, tokens):
+        logits = torch.zeros(*tokens.shape, self.vocab)
+        for b, row in enumerate(tokens.tolist()):
+            for i in range(min(len(row), len(self.target) - 1)):
+                if row[: i + 1] != self.target[: i + 1]:
+                    break
+                logits[b, i, self.target[i + 1]] = 20.0
+        return logits
+
+
+@pytest.mark.parametrize("favoured", range(3))
+def test_event_scoring_picks_the_favoured_completion(demo_dir, tokenizer, favoured):
+    layout = Layout.build(tokenizer, DEFAULT_SYSTEM_PROMPT)
+    record = next(r for _, r in read_samples(demo_dir / "data" / "test", None) if "time to event" in r["answer"])
+    tasks = event_candidates(layout, record)
+    assert tasks and all(len(t["candidates"]) == 3 for t in tasks)
+    first = tasks[0]
+    # the truth's tokens are exactly the training layout's up to the end of the outcome
+    full = layout.prompt_tokens(record["instruction"]) + layout.answer_tokens(record["answer"])
+    truth = first["context"] + first["candidates"][first["truth"]]
+    assert full[: len(truth)] == truth
+    model = Favours(first["context"] + first["candidates"][favoured], vocab=1024)
+    scores = score_sequences(model, [(first["context"], c) for c in first["candidates"]], tokenizer.pad_id,
+                             torch.device("cpu"), batch_size=2)
+    probs = softmax(scores)
+    assert max(range(3), key=probs.__getitem__) == favoured and probs[favoured] > 0.9
+    assert scores[favoured] == pytest.approx(0.0, abs=1e-3)
+
+
+def _cli(*args, **env):
+    return subprocess.run([sys.executable, "-m", "gdt_tune.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, TIKTOKEN_CACHE_DIR="", **env), timeout=900)
+
+
+def test_evaluate_final_and_interim_checkpoints_of_a_demo_run(demo_dir, tmp_path):
+    run_recipe(demo_dir, tmp_path / "run", "max_steps_per_epoch=4", "save_every_n_steps=4", "dataset_val=null",
+               "run_val_every_n_steps=null")
+    common = ["--data", str(demo_dir / "data" / "test"), "--max-samples", "6", "--samples", "1"]
+    final = _cli("evaluate", "--checkpoint", str(tmp_path / "run" / "epoch_0"), "--out", str(tmp_path / "final"),
+                 "--train-data", str(demo_dir / "data" / "train"), *common)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "events:" in final.stdout and "majority baseline" in final.stdout
+    interim = _cli("evaluate", "--checkpoint", str(tmp_path / "run" / "step_4"), "--config",
+                   str(REPO / "configs" / "tiny_gdt_cpu.yaml"), "--out", str(tmp_path / "interim"), *common,
+                   f"demo_dir={demo_dir}")
+    assert interim.returncode == 0, interim.stderr[-3000:]
+    a = json.loads((tmp_path / "final" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "interim" / "metrics.json").read_text())
+    assert a["samples"] == b["samples"] == 6
+    assert a["events"]["tasks"] > 0 and a["forecasting"]["tasks"] > 0
+    # step_4 is the last step: the same weights as epoch_0, so the same event metrics
+    assert a["events"]["confusion"] == b["events"]["confusion"]
+    for key in ("accuracy", "brier"):
+        assert a["events"][key] == pytest.approx(b["events"][key], abs=1e-4)
+    assert a["events"]["baseline_majority"]["accuracy"] is not None
+    assert a["forecasting"]["mae_copy_forward"] > 0 and 0 <= a["forecasting"]["unparseable_share"] <= 1
+    for name in ("forecast_mae.png", "event_calibration.png"):
+        assert (tmp_path / "final" / name).read_bytes()[:4] == b"\x89PNG"
+    # no sample text in what it wrote or printed
+    answer_line = "Here is the prediction: the event ("
+    assert answer_line not in (tmp_path / "final" / "metrics.json").read_text() + final.stdout + final.stderr
+    # step_N without the training config: a clear error
+    bad = _cli("evaluate", "--checkpoint", str(tmp_path / "run" / "step_4"), "--out", str(tmp_path / "x"), *common)
+    assert bad.returncode == 1 and "pass the training --config too" in bad.stderr
+
+
+def test_data_report_on_the_demo_data(demo_dir, tokenizer, tmp_path):
+    proc = _cli("data-report", "--data", str(demo_dir / "data"), "--tokenizer",
+                str(demo_dir / "model" / "tokenizer.model"), "--max-seq-len", "1200", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (tmp_path / "report.md").read_text()
+    lines = {s: sum(1 for p in (demo_dir / "data" / s).glob("*.jsonl") for _ in open(p))
+             for s in ("train", "validation", "test")}
+    for split, n in lines.items():
+        assert f"| {split} | 1 | {n:,} |" in report
+    assert "| train / validation | 0 |" in report and "| validation / test | 0 |" in report
+    # the policy counts agree with what the dataset builder does at the same cap
+    ds = cgdb_instruct_dataset(tokenizer, data_files=demo_dir / "data" / "train", max_seq_len=1200, truncation="drop")
+    dropped = ds.counts["dropped_too_long"]
+    assert dropped > 0
+    row = next(line for line in report.splitlines() if line.startswith("| train |") and line.count("|") == 7)
+    assert row.split("|")[4].strip() == f"{dropped:,}"  # the "drop: dropped" column
+    for name in ("lengths_train.png", "task_mix.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    assert "SYN0" not in report and "Here is the prediction" not in report
