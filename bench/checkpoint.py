@@ -2,7 +2,7 @@
 resumed, and size on disk, with a Llama-3-shaped model of about 115M parameters on 2 CPU ranks.
 
     python bench/checkpoint.py            # about 6 min
-    python bench/checkpoint.py --tiny     # the demo's 0.3M-parameter model, a quick look
+    python bench/checkpoint.py --tiny     # the demo's 0.2M-parameter model, a quick look
 
 "Blocked" is the time ``CheckpointManager.save`` holds the training loop (the recipe logs it as
 ``checkpoint_blocked_seconds``). "Launch to first step" runs from starting ``tune run`` to the

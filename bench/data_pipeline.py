@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, demo_tokenizer, machine, peak_rss_mb, run_child, table  # noqa: E402
 
 PATIENT_PLACEHOLDER = "@@PATIENT@@"
+SAMPLE_PLACEHOLDER = "@@SAMPLE@@"
 
 
 def gdt_sized_samples(tokenizer, n: int, lo: int = 6000, hi: int = 8000) -> list[dict]:
@@ -81,7 +82,7 @@ def item_production(tokenizer, work: Path, n_items: int) -> tuple[list[list], di
 def write_scaling_data(folder: Path, n: int, tokenizer, per_patient: int = 40, shard: int = 100_000) -> None:
     """``n`` short GDT-shaped samples in shards of ``shard`` lines: real synthetic instructions and
     answers trimmed to about 300 tokens, meta reduced to the fields the dataset reads."""
-    if (folder / "DONE").exists():
+    if (folder / "DONE_v2").exists():
         return
     from gdt_tune.data.synthetic import generate_cohort
 
@@ -92,13 +93,16 @@ def write_scaling_data(folder: Path, n: int, tokenizer, per_patient: int = 40, s
         history["data"] = [r for r in history["data"] if r[i_cat] == "lot"]
         meta = {"patientid": PATIENT_PLACEHOLDER, "split_date_included_in_input": s["meta"]["split_date_included_in_input"],
                 "target_meta": s["meta"]["target_meta"], "history_data": json.dumps(history)}
-        pool.append(json.dumps({"instruction": s["instruction"], "answer": s["answer"], "meta": meta}) + "\n")
+        instruction = s["instruction"].replace("Starting with demographic data:",
+                                               f"Starting with demographic data:\n\tsample is {SAMPLE_PLACEHOLDER},")
+        pool.append(json.dumps({"instruction": instruction, "answer": s["answer"], "meta": meta}) + "\n")
     folder.mkdir(parents=True, exist_ok=True)
     for start in range(0, n, shard):
         with open(folder / f"part-{start // shard:05d}.jsonl", "w") as f:
             for i in range(start, min(n, start + shard)):
-                f.write(pool[i % len(pool)].replace(PATIENT_PLACEHOLDER, f"BENCH-{i // per_patient:07d}"))
-    (folder / "DONE").write_text("")
+                line = pool[i % len(pool)].replace(PATIENT_PLACEHOLDER, f"BENCH-{i // per_patient:07d}")
+                f.write(line.replace(SAMPLE_PLACEHOLDER, str(i)))  # every sample unique (duplicates are refused)
+    (folder / "DONE_v2").write_text("")
 
 
 def construct_child(files: str, cache: str, splits: bool, demo: str) -> None:

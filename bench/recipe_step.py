@@ -55,7 +55,7 @@ def main() -> None:
     work = Path(args.work)
     demo_tokenizer(work)  # prepares work/demo: tiny model, tokenizer, data
     print(f"# recipe step benchmark\n\nmachine: {machine()}\ncommand: `{command_line()}`\n"
-          f"config: configs/tiny_gdt_cpu.yaml (0.3M parameters, fp32, batch 1 per rank, demo samples), "
+          f"config: configs/tiny_gdt_cpu.yaml (0.2M parameters, fp32, batch 1 per rank, demo samples), "
           f"{args.steps} steps, 2 CPU ranks (gloo)\n")
     results = {RECIPE: [], STOCK: []}
     for r in range(args.repeat):  # interleaved, so that drifts in machine speed hit both alike

@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     e.add_argument("--max-samples", type=int, default=None)
     e.add_argument("--train-data", help="training JSONL for the majority baseline (default: the config's dataset)")
     e.add_argument("--samples", type=int, default=3, help="sampled completions per forecast (default 3)")
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
     e.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     e.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. demo_dir=...)")
     e.set_defaults(func=_evaluate)

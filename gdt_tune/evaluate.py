@@ -174,13 +174,25 @@ def score_sequences(model, pairs: list[tuple[list[int], list[int]]], pad_id: int
         tokens = torch.full((len(batch), length), pad_id, dtype=torch.long)
         for i, (c, x) in enumerate(batch):
             tokens[i, : len(c) + len(x)] = torch.tensor(c + x)
-        logits = model(tokens.to(device))
-        logits = torch.cat(logits, dim=1) if isinstance(logits, list) else logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        hidden, head = _hidden_states(model, tokens.to(device))
         for i, (c, x) in enumerate(batch):
-            pos = torch.arange(len(c) - 1, len(c) + len(x) - 1)
-            scores.append(float(logprobs[i, pos, torch.tensor(x)].mean()))
+            pos = torch.arange(len(c) - 1, len(c) + len(x) - 1, device=hidden.device)
+            logprobs = torch.log_softmax(head(hidden[i, pos]).float(), dim=-1)  # only where needed: 128k vocab
+            scores.append(float(logprobs[torch.arange(len(x)), torch.tensor(x)].mean()))
     return scores
+
+
+def _hidden_states(model, tokens):
+    """(final hidden states, output head) of a torchtune decoder; (logits, identity) for any
+    other module."""
+    head = getattr(model, "output", None)
+    if not isinstance(head, torch.nn.Module):
+        return model(tokens), torch.nn.Identity()
+    model.output = torch.nn.Identity()
+    try:
+        return model(tokens), head
+    finally:
+        model.output = head
 
 
 def _top_p_next_token(top_p: float, temperature: float):
@@ -231,7 +243,7 @@ def parsed_forecast(text: str) -> dict | None:
 
 
 # ---------------------------------------------------------------- command
-def evaluate(checkpoint, data, out, cfg=None, max_samples=None, train_data=None, samples=3, batch_size=8,
+def evaluate(checkpoint, data, out, cfg=None, max_samples=None, train_data=None, samples=3, batch_size=4,
              device=None, seed=0) -> dict:
     torch.manual_seed(seed)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

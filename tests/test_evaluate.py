@@ -109,3 +109,16 @@ def test_data_report_on_the_demo_data(demo_dir, tokenizer, tmp_path):
     for name in ("lengths_train.png", "task_mix.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert "SYN0" not in report and "Here is the prediction" not in report
+
+
+def test_scores_equal_a_full_forward(demo_dir, tokenizer):
+    from gdt_tune.evaluate import load_model_and_tokenizer
+
+    model, _, _ = load_model_and_tokenizer(demo_dir / "model", None, torch.device("cpu"), torch.float32)
+    pairs = [([1014, 5, 6, 7], [8, 9]), ([1014, 300], [301, 302, 303])]
+    got = score_sequences(model, pairs, tokenizer.pad_id, torch.device("cpu"), batch_size=2)
+    for (c, x), score in zip(pairs, got):
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([c + x])), dim=-1)[0]
+        expected = sum(float(logprobs[len(c) - 1 + j, t]) for j, t in enumerate(x)) / len(x)
+        assert score == pytest.approx(expected, abs=1e-5)
