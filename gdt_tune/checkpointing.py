@@ -1,8 +1,8 @@
 """Interim sharded checkpoints: ``${output_dir}/step_{N}/`` every N optimizer steps, the K newest
-kept, exact resume, SIGTERM-safe. The recipe calls it in three places::
+kept, exact resume, SIGTERM-safe. The recipe uses it like this::
 
-    ckpt = CheckpointManager.from_config(cfg, model=..., optimizer=..., lr_scheduler=..., progress=..., rank=...)
     path = find_resume(cfg.output_dir, cfg.resume_from_checkpoint, rank, world)  # before building the model
+    ckpt = CheckpointManager.from_config(cfg, model=..., optimizer=..., lr_scheduler=..., progress=..., rank=...)
     ckpt.load(path)         # restore it (None: fresh start)
     ckpt.save(step)         # after every optimizer step: the manager owns the policy
     ckpt.close()            # at the end: wait for an async save in flight
@@ -19,6 +19,7 @@ model and optimizer (FSDP2 sharded state dicts), the LR scheduler and the progre
 one ``rank_R.pt`` per rank with its RNG states. It is complete only once DCP's ``.metadata`` and
 our ``COMPLETE`` marker exist; the marker is written by rank 0 after the save (for async: its
 future) finished, and DCP writes ``.metadata`` only after every rank's shards are written.
+``find_resume`` also checks every shard file against the metadata and skips damaged folders.
 """
 
 from __future__ import annotations
