@@ -217,11 +217,20 @@ def check_model_shapes(path: Path, model_state: dict) -> None:
     prefix = f"{MODEL_OPTIM_KEY}.model."
     saved = {k[len(prefix):]: tuple(v.size) for k, v in dcp.FileSystemReader(str(path)).read_metadata()
              .state_dict_metadata.items() if k.startswith(prefix) and hasattr(v, "size")}
-    ours = {k: tuple(v.shape) for k, v in model_state.items()}
-    for name in sorted(set(saved) | set(ours)):
-        if saved.get(name) != ours.get(name):
-            raise ValueError(f"checkpoint {path} holds another model ({name}: saved {saved.get(name)}, this config "
-                             f"{ours.get(name)}); resume with the model config it was written with, or use a new output_dir")
+    mismatch = shape_mismatch(saved, {k: tuple(v.shape) for k, v in model_state.items()})
+    if mismatch:
+        name, theirs, ours = mismatch
+        raise ValueError(f"checkpoint {path} holds another model ({name}: saved {theirs}, this config "
+                         f"{ours}); resume with the model config it was written with, or use a new output_dir")
+
+
+def shape_mismatch(theirs: dict, ours: dict) -> tuple[str, tuple | None, tuple | None] | None:
+    """The first tensor name (sorted) whose shape differs between two ``{name: shape}`` maps, with
+    both shapes (None where absent); None when they match."""
+    for name in sorted(set(theirs) | set(ours)):
+        if theirs.get(name) != ours.get(name):
+            return name, theirs.get(name), ours.get(name)
+    return None
 
 
 def _save_failed(path: Path, error: Exception) -> RuntimeError:

@@ -9,21 +9,18 @@ in 32 MB pieces by all CPUs; memory grows with patients, not samples.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from gdt_tune.data.answers import parse_answer
-from gdt_tune.datasets import _index
 from gdt_tune.datasets._index import (
-    chunks_of,
     default_index_workers,
     lot_of,
+    map_chunks,
     patient_of,
-    read_record,
+    read_chunk,
     resolve_data_files,
 )
 from gdt_tune.datasets._layout import DEFAULT_SYSTEM_PROMPT, Layout, apply_cap
@@ -46,46 +43,37 @@ def splits_of(data: list[str]) -> dict[str, list[Path]]:
     return out
 
 
-def _chunk_stats(job) -> dict:
-    path, start, end, first_line, layout, cap = job
+def _chunk_stats(path: Path, start: int, end: int, first_line: int, layout: Layout, cap: int) -> dict:
     edges = np.linspace(0, 2 * cap, BINS + 1)
     st = {"samples": 0, "lengths": np.zeros(BINS + 1, dtype=np.int64), "tasks": Counter(), "events": Counter(),
           "policy": Counter(), "groups": Counter(), "patients": set(), "no_patient": 0, "no_lot": 0,
           "unparseable": 0, "tokens": 0}
-    with open(path, "rb") as f:
-        f.seek(start)
-        offset = start
-        for lineno, raw in enumerate(iter(f.readline, b""), start=first_line):
-            if offset >= end:
-                break
-            offset += len(raw)
-            where = f"{path}:{lineno}"
-            record = read_record(raw, where)
-            st["samples"] += 1
-            prompt, answer = layout.prompt_tokens(record["instruction"]), layout.answer_tokens(record["answer"])
-            n = len(prompt) + len(answer)
-            st["tokens"] += n
-            st["lengths"][min(np.searchsorted(edges, n, side="right") - 1, BINS)] += 1
-            if n > cap:
-                for policy in ("gdt", "drop", "history"):
-                    status = apply_cap(layout, record["instruction"], record["answer"], cap, policy)[2]
-                    st["policy"][(policy, "dropped" if status.dropped else "cut")] += 1
-            try:
-                for task in parse_answer(record["answer"]):
-                    st["tasks"][task.type] += 1
-                    if task.event:
-                        st["events"][task.event] += 1
-            except ValueError:
-                st["unparseable"] += 1
-            pid = patient_of(record, where)
-            if pid is None:
-                st["no_patient"] += 1
-                continue
-            st["patients"].add(pid)
-            try:
-                st["groups"][(pid, lot_of(record, where))] += 1
-            except ValueError:
-                st["no_lot"] += 1
+    for _, _, _, where, record in read_chunk(path, start, end, first_line):
+        st["samples"] += 1
+        prompt, answer = layout.prompt_tokens(record["instruction"]), layout.answer_tokens(record["answer"])
+        n = len(prompt) + len(answer)
+        st["tokens"] += n
+        st["lengths"][min(np.searchsorted(edges, n, side="right") - 1, BINS)] += 1
+        if n > cap:
+            for policy in ("gdt", "drop", "history"):
+                status = apply_cap(layout, record["instruction"], record["answer"], cap, policy)[2]
+                st["policy"][(policy, "dropped" if status.dropped else "cut")] += 1
+        try:
+            for task in parse_answer(record["answer"]):
+                st["tasks"][task.type] += 1
+                if task.event:
+                    st["events"][task.event] += 1
+        except ValueError:
+            st["unparseable"] += 1
+        pid = patient_of(record, where)
+        if pid is None:
+            st["no_patient"] += 1
+            continue
+        st["patients"].add(pid)
+        try:
+            st["groups"][(pid, lot_of(record, where))] += 1
+        except ValueError:
+            st["no_lot"] += 1
     return st
 
 
@@ -98,14 +86,7 @@ def _merge(parts: list[dict]) -> dict:
 
 
 def split_stats(files: list[Path], layout: Layout, cap: int, workers: int, desc: str) -> dict:
-    jobs = [(path, *chunk, layout, cap) for path in files for chunk in chunks_of(path, _index.CHUNK_BYTES)]
-    with tqdm(total=len(jobs), desc=desc, unit="chunk") as bar:
-        if workers > 1 and len(jobs) > 1:
-            with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
-                parts = [bar.update(1) or r for r in pool.imap(_chunk_stats, jobs)]
-        else:
-            parts = [bar.update(1) or _chunk_stats(j) for j in jobs]
-    return _merge(parts)
+    return _merge([st for _, st in map_chunks(files, _chunk_stats, (layout, cap), workers, desc)])
 
 
 def data_report(data: list[str], tokenizer, out, max_seq_len: int = 8000, system_prompt: str | None = None,

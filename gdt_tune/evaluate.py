@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from gdt_tune.data.answers import parse_answer
 from gdt_tune.data.text import EVENT, FORECASTING
-from gdt_tune.datasets._index import read_record, resolve_data_files
+from gdt_tune.datasets._index import read_chunk, resolve_data_files
 from gdt_tune.datasets._layout import DEFAULT_SYSTEM_PROMPT, Layout
 from gdt_tune.eval_metrics import (
     OUTCOMES,
@@ -125,11 +125,10 @@ def read_samples(data, max_samples: int | None) -> list[tuple[str, dict]]:
     """(file:line, record) of the held-out samples, validated like training data."""
     out = []
     for path in resolve_data_files(data):
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                out.append((f"{path}:{lineno}", read_record(raw, f"{path}:{lineno}")))
-                if max_samples and len(out) >= max_samples:
-                    return out
+        for _, _, _, where, record in read_chunk(path, 0, path.stat().st_size, 1):
+            out.append((where, record))
+            if max_samples and len(out) >= max_samples:
+                return out
     return out
 
 

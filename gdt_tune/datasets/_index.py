@@ -183,31 +183,62 @@ def chunks_of(path: Path, chunk_bytes: int) -> list[tuple[int, int, int]]:
     return out
 
 
+def read_chunk(path: Path, start: int, end: int, first_line: int):
+    """Yield ``(offset, line number, raw bytes, file:line, record)`` for the lines of ``path`` in
+    bytes ``[start, end)``, each checked by :func:`read_record`."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        offset = start
+        for lineno, raw in enumerate(iter(f.readline, b""), start=first_line):
+            if offset >= end:
+                break
+            where = f"{path}:{lineno}"
+            yield offset, lineno, raw, where, read_record(raw, where)
+            offset += len(raw)
+
+
+def map_chunks(files: list[Path], fn, args: tuple, workers: int, desc: str, show_progress: bool = True) -> list:
+    """``[(path, fn(path, start, end, first_line, *args)), ...]`` over the 32 MB chunks of
+    ``files`` in order, with ``workers`` processes when there is more than one chunk."""
+    jobs = [(fn, path, *chunk, *args) for path in files for chunk in chunks_of(path, CHUNK_BYTES)]
+    results = []
+    with tqdm(total=sum(j[3] - j[2] for j in jobs), desc=desc, unit="B", unit_scale=True,
+              disable=not show_progress) as bar:
+        if workers > 1 and len(jobs) > 1:
+            ctx = mp.get_context("fork")  # workers only read and tokenize: no threads or collectives
+            with ctx.Pool(min(workers, len(jobs))) as pool:
+                outputs = pool.imap(_run_job, jobs)
+                for job, out in zip(jobs, outputs):
+                    results.append((job[1], out))
+                    bar.update(job[3] - job[2])
+        else:
+            for job in jobs:
+                results.append((job[1], _run_job(job)))
+                bar.update(job[3] - job[2])
+    return results
+
+
+def _run_job(job):
+    return job[0](*job[1:])
+
+
 def scan_chunk(path: Path, start: int, end: int, first_line: int, layout: Layout, max_seq_len: int,
                truncation: str, with_lot: bool) -> FileIndex:
     """Read, validate and tokenize the lines of ``path`` in bytes ``[start, end)``."""
     cols = {k: [] for k in ("offsets", "lengths", "lines", "status", "num_tokens", "digest", "patient", "lot")}
     patients: dict[str, int] = {}
     lots: dict[str, int] = {}
-    offset = start
-    with open(path, "rb") as f:
-        f.seek(start)
-        for lineno, raw in enumerate(iter(f.readline, b""), start=first_line):
-            if offset >= end:
-                break
-            where = f"{path}:{lineno}"
-            record = read_record(raw, where)
-            tokens, _, status = apply_cap(layout, record["instruction"], record["answer"], max_seq_len, truncation)
-            pid = patient_of(record, where)
-            cols["offsets"].append(offset)
-            cols["lengths"].append(len(raw))
-            cols["lines"].append(lineno)
-            cols["status"].append(int(status))
-            cols["num_tokens"].append(len(tokens))
-            cols["digest"].append(sample_digest(record))
-            cols["patient"].append(-1 if pid is None else patients.setdefault(pid, len(patients)))
-            cols["lot"].append(lots.setdefault(lot_of(record, where), len(lots)) if with_lot else -1)
-            offset += len(raw)
+    for offset, lineno, raw, where, record in read_chunk(path, start, end, first_line):
+        tokens, _, status = apply_cap(layout, record["instruction"], record["answer"], max_seq_len, truncation)
+        pid = patient_of(record, where)
+        cols["offsets"].append(offset)
+        cols["lengths"].append(len(raw))
+        cols["lines"].append(lineno)
+        cols["status"].append(int(status))
+        cols["num_tokens"].append(len(tokens))
+        cols["digest"].append(sample_digest(record))
+        cols["patient"].append(-1 if pid is None else patients.setdefault(pid, len(patients)))
+        cols["lot"].append(lots.setdefault(lot_of(record, where), len(lots)) if with_lot else -1)
     dtypes = {"offsets": np.int64, "status": np.int8, "digest": np.int64}
     return FileIndex(**{k: np.asarray(v, dtype=dtypes.get(k, np.int32)) for k, v in cols.items()},
                      patients=np.asarray(list(patients), dtype=str),
@@ -229,10 +260,6 @@ def merge(parts: list[FileIndex]) -> FileIndex:
     return FileIndex(**out)
 
 
-def _scan_job(args) -> FileIndex:
-    return scan_chunk(*args)
-
-
 def tokenizer_fingerprint(layout: Layout) -> str:
     """Identifies the tokenizer + system prompt by what they produce."""
     h = hashlib.sha256()
@@ -252,21 +279,8 @@ def default_index_workers() -> int:
 
 def _build(todo: list[Path], scan_args: tuple, workers: int, show_progress: bool) -> list[FileIndex]:
     """Scan files ``todo`` in chunks, with ``workers`` processes when there is more than one chunk."""
-    jobs = [(path, *chunk, *scan_args) for path in todo for chunk in chunks_of(path, CHUNK_BYTES)]
-    results: list[FileIndex] = []
-    with tqdm(total=sum(j[2] - j[1] for j in jobs), desc="indexing samples", unit="B", unit_scale=True,
-              disable=not show_progress) as bar:
-        if workers > 1 and len(jobs) > 1:
-            ctx = mp.get_context("fork")  # workers only read and tokenize: no threads or collectives
-            with ctx.Pool(min(workers, len(jobs))) as pool:
-                for job, index in zip(jobs, pool.imap(_scan_job, jobs)):
-                    results.append(index)
-                    bar.update(job[2] - job[1])
-        else:
-            for job in jobs:
-                results.append(_scan_job(job))
-                bar.update(job[2] - job[1])
-    return [merge([r for r, job in zip(results, jobs) if job[0] == path]) for path in todo]
+    results = map_chunks(todo, scan_chunk, scan_args, workers, "indexing samples", show_progress)
+    return [merge([index for p, index in results if p == path]) for path in todo]
 
 
 def index_files(files: list[Path], layout: Layout, max_seq_len: int, truncation: str, with_lot: bool,

@@ -25,7 +25,7 @@ from torchtune import config, modules, training
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 from tqdm import tqdm
 
-from gdt_tune.checkpointing import CheckpointManager, Progress, find_resume
+from gdt_tune.checkpointing import CheckpointManager, Progress, find_resume, shape_mismatch
 from gdt_tune.config_checks import check_config, check_paths, has_component
 from gdt_tune.sampling import EvalBatchSampler, GlobalOrderBatchSampler
 
@@ -189,13 +189,13 @@ class FullFinetuneRecipe:
         return model
 
     def _check_weights_fit(self, model: torch.nn.Module, state: dict) -> None:
-        ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        theirs = {k: tuple(v.shape) for k, v in state.items()}
-        for name in sorted(set(ours) | set(theirs)):
-            if ours.get(name) != theirs.get(name):
-                raise ValueError(
-                    f"checkpointer: weights do not match config key 'model' ({name}: checkpoint {theirs.get(name)}, "
-                    f"model {ours.get(name)}); set model to the architecture of {self._cfg.checkpointer.checkpoint_dir}")
+        mismatch = shape_mismatch({k: tuple(v.shape) for k, v in state.items()},
+                                  {k: tuple(v.shape) for k, v in model.state_dict().items()})
+        if mismatch:
+            name, theirs, ours = mismatch
+            raise ValueError(
+                f"checkpointer: weights do not match config key 'model' ({name}: checkpoint {theirs}, "
+                f"model {ours}); set model to the architecture of {self._cfg.checkpointer.checkpoint_dir}")
 
     # ---------------------------------------------------------------- steps
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
