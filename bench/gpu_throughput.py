@@ -1,15 +1,16 @@
-"""Training throughput and MFU on GDT-shaped 8k-token samples: our recipe with compile and
-activation checkpointing on/off, against torchtune's stock ``full_finetune_distributed`` in the
-same call. Random weights of the real architecture (no download).
+"""Training throughput and MFU on GDT-shaped 8k-token samples: our recipe with compile,
+activation checkpointing (full, op-level selective) and float8 on/off, against torchtune's stock
+``full_finetune_distributed`` in the same call. Random weights of the real architecture (no download).
 
     python bench/gpu_throughput.py                    # GPU: Llama-3.2-3B shape on each GPU of the node
-    python bench/gpu_throughput.py --model 8b         # Llama-3.1-8B shape (needs ~80 GB per GPU at 8k tokens with AC)
+    python bench/gpu_throughput.py --model 8b         # Llama-3.1-8B shape (one GPU: needs AC, ~63 GiB)
+    python bench/gpu_throughput.py --model 8b --layers 8 --variants stock:compile,ours:compile
     python bench/gpu_throughput.py --model tiny       # CPU: the pipeline end to end with the demo model
 
-MFU convention: model FLOPs per token = 6 x (parameters - input embedding) + 12 x layers x
-dim x seq_len (causal attention counted in full, as PaLM's appendix B); MFU = tokens/s/GPU x
-FLOPs per token / 989e12 (H100 SXM dense bf16). Every sample is exactly ``--seq-len`` tokens, so
-both recipes process the same tokens per step.
+A variant is ``recipe:options`` with options joined by ``+``: ``compile``, ``ac`` (full activation
+checkpointing), ``op`` (op-level selective), ``every2`` (every 2nd layer), ``f8`` (float8), or ``plain``.
+MFU: ``gdt_tune.mfu`` (PaLM appendix B FLOPs; the GPU's dense bf16 peak looked up by its name).
+Every sample is exactly ``--seq-len`` tokens, so both recipes process the same tokens per step.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RECIPE, TINY_CONFIG, command_line, demo_tokenizer, launch, machine, median, step_times, table  # noqa: E402
 
 STOCK = "bench/stock_full_finetune_cpu.py"
-PEAK_FLOPS = 989e12
 SHAPES = {
     "8b": dict(vocab_size=128_256, num_layers=32, num_heads=32, num_kv_heads=8, embed_dim=4096, max_seq_len=131072,
                intermediate_dim=14336, norm_eps=1e-5, rope_base=500000.0),
@@ -48,7 +48,8 @@ def random_hf_checkpoint(folder: Path, dims: dict, dtype, demo: Path) -> None:
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in tune_to_hf(llama3(**dims).state_dict(), num_heads=dims["num_heads"],
                                                     num_kv_heads=dims["num_kv_heads"], dim=dims["embed_dim"]).items()}
-    gen = torch.Generator().manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # random numbers are much faster on a GPU
+    gen = torch.Generator(device).manual_seed(0)
     shard, size, files = {}, 0, []
 
     def flush():
@@ -57,7 +58,8 @@ def random_hf_checkpoint(folder: Path, dims: dict, dtype, demo: Path) -> None:
         files.append(name)
 
     for key, shape in shapes.items():
-        t = torch.ones(shape, dtype=dtype) if "norm" in key else (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+        t = (torch.ones(shape, dtype=dtype) if "norm" in key
+             else (torch.randn(shape, generator=gen, device=device) * 0.02).to(dtype).cpu())
         shard[key], size = t, size + t.numel() * t.element_size()
         if size > 4 * 2**30:
             flush()
@@ -100,16 +102,105 @@ def fixed_length_samples(tokenizer, n: int, total: int) -> list[dict]:
     return out
 
 
+def variant_overrides(who: str, opts: str, cuda: bool) -> list[str]:
+    """Config overrides of one variant (see the module docstring)."""
+    parts = set(opts.split("+"))
+    ac = bool(parts & {"ac", "op", "every2"})
+    out = [f"compile={'compile' in parts}", f"enable_activation_checkpointing={ac}", f"log_peak_memory_stats={cuda}"]
+    if who == "stock":
+        if parts & {"op", "every2", "f8"}:
+            raise SystemExit(f"variant stock:{opts}: the stock recipe runs only plain, compile and ac")
+        return out + ["optimizer_in_bwd=false", "enable_activation_offloading=false"]
+    if "op" in parts:
+        out += ["ac_mode=selective", "ac_option=op"]
+    if "every2" in parts:
+        out += ["ac_mode=selective", "ac_option=2"]
+    return out + [f"float8={'f8' in parts}"]
+
+
+def run_variants(model: str, variants: list[str], work: Path, seq: int, steps: int, nproc: int,
+                 layers: int | None = None, lr: float | None = None) -> tuple[str, list[list]]:
+    """Run each variant; returns (a header describing the setup, table rows)."""
+    import torch
+
+    from gdt_tune.demo_assets import TINY_MODEL
+    from gdt_tune.mfu import decoder_flops_per_token, mfu, peak_tflops
+
+    cuda = torch.cuda.is_available()
+    tokenizer = demo_tokenizer(work)
+    dims = dict(TINY_MODEL if model == "tiny" else SHAPES[model])
+    if layers:
+        dims["num_layers"] = layers
+    ckpt = work / f"model_{model}_{dims['num_layers']}"
+    random_hf_checkpoint(ckpt, dims, torch.bfloat16 if cuda else torch.float32, work / "demo")
+    data = work / f"data_{seq}.jsonl"
+    if not data.exists():
+        n = max(64, 2 * nproc * (steps + 2))
+        data.write_text("".join(json.dumps(s) + "\n" for s in fixed_length_samples(tokenizer, n, seq)))
+    with torch.device("meta"):
+        from torchtune.models.llama3 import llama3
+
+        m = llama3(**dims)
+        n_params = sum(p.numel() for p in m.parameters())
+        flops_per_token = decoder_flops_per_token(m)(seq)
+    peak = peak_tflops(torch.cuda.get_device_name()) if cuda else None
+    every = 5 if steps >= 20 else 1  # as a real run: the loss is read (a host sync) only when logged
+    header = (f"model: {model} shape, {dims['num_layers']} layers, {n_params / 1e6:,.1f}M parameters, random weights; "
+              f"{nproc} processes; samples of exactly {seq} tokens, batch 1 per GPU; {steps} steps, logged every "
+              f"{every}; step time: median over the logging windows after the first; FLOPs per token "
+              f"{flops_per_token / 1e9:.4g} GFLOP (gdt_tune.mfu); peak {peak or 'n/a'} TFLOP/s")
+    base = [f"demo_dir={work / 'demo'}", f"checkpointer.checkpoint_dir={ckpt}",
+            f"checkpointer.checkpoint_files={json.dumps(json.loads((ckpt / 'files.json').read_text()))}",
+            f"dataset.data_files={data}", f"dataset.max_seq_len={seq}", "dataset_val=null", "run_val_every_n_steps=null",
+            f"max_steps_per_epoch={steps}", "epochs=1", f"log_every_n_steps={every}", "save_every_n_steps=null", "batch_size=1",
+            f"device={'cuda' if cuda else 'cpu'}", f"dtype={'bf16' if cuda else 'fp32'}", "shuffle=false",
+            "optimizer.fused=" + ("true" if cuda else "false"), *[f"model.{k}={v}" for k, v in dims.items()]]
+    if lr is not None:
+        base.append(f"optimizer.lr={lr}")
+    rows = []
+    for variant in variants:
+        who, _, opts = variant.partition(":")
+        recipe = RECIPE if who == "ours" else STOCK
+        out = work / "runs" / variant.replace(":", "_").replace("+", "_")
+        shutil.rmtree(out, ignore_errors=True)
+        try:
+            res = launch(recipe, TINY_CONFIG, [*base, f"output_dir={out}", *variant_overrides(who, opts, cuda)],
+                         out / "logs", nproc=nproc)
+        except RuntimeError as e:
+            print(f"{variant} failed:\n{str(e)[-3000:]}", file=sys.stderr, flush=True)
+            rows.append([variant, "failed", "", "", "", "", str(e).strip().splitlines()[-1][:100]])
+            continue
+        times = step_times(res["rows"])
+        logged = sorted(s for s in times if s > min(times, default=0))
+        gaps = [(times[b] - times[a]) / (b - a) for a, b in zip([min(times, default=0), *logged], logged)
+                if a >= max(2, every)]
+        step = median(gaps)
+        tps = seq / step  # batch 1 per GPU, every sample exactly seq tokens
+        peak_mem = max((r.get("peak_memory_alloc_gib", r.get("peak_memory_alloc", 0.0)) for r in res["rows"]),
+                       default=0.0)
+        losses = [r["loss"] for r in res["rows"] if "loss" in r]
+        first = next((r["first_step_seconds"] for r in res["rows"] if "first_step_seconds" in r), "")
+        rows.append([variant, step, tps, mfu(tps, flops_per_token, peak) if peak else "n/a", peak_mem or "",
+                     first, f"{sum(losses[-10:]) / len(losses[-10:]):.4f}"])
+    return header, rows
+
+
+HEADERS = ["recipe:variant", "s/step (median)", "tokens/s/GPU", "MFU", "peak alloc GiB", "first step s",
+           "loss (mean of last 10 steps)"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=["3b", "8b", "tiny"], default=None, help="default: 3b on GPU, tiny on CPU")
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers of the same shape (default: all)")
     ap.add_argument("--work", default="/tmp/gdt_bench_gpu")
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the tiny config's)")
     ap.add_argument("--nproc", type=int, default=None, help="processes (default: GPUs, or 2 on CPU)")
     ap.add_argument("--variants", default=None,
-                    help="comma list of ours:compile+ac, ours:ac, ours:compile, ours:plain, stock:compile+ac, ... "
-                         "(default: all four of ours and stock:compile+ac on GPU; ours:plain, ours:ac, stock:plain on CPU)")
+                    help="comma list, e.g. ours:compile+ac,ours:compile+op,ours:compile,stock:compile+ac "
+                         "(default: those four on GPU; ours:plain, ours:ac, stock:plain on CPU)")
     args = ap.parse_args()
     import torch
 
@@ -117,59 +208,13 @@ def main() -> None:
     model = args.model or ("3b" if cuda else "tiny")
     nproc = args.nproc or (torch.cuda.device_count() if cuda else 2)
     seq = args.seq_len if model != "tiny" else min(args.seq_len, 2048)
-    variants = (args.variants or ("ours:compile+ac,ours:ac,ours:compile,ours:plain,stock:compile+ac" if cuda
+    variants = (args.variants or ("ours:compile+ac,ours:compile+op,ours:compile,stock:compile+ac" if cuda
                                   else "ours:plain,ours:ac,stock:plain")).split(",")
-    work = Path(args.work)
-    tokenizer = demo_tokenizer(work)
-    from gdt_tune.demo_assets import TINY_MODEL
-
-    dims = TINY_MODEL if model == "tiny" else SHAPES[model]
-    ckpt = work / f"model_{model}"
-    random_hf_checkpoint(ckpt, dims, torch.bfloat16 if cuda else torch.float32, work / "demo")
-    data = work / f"data_{seq}.jsonl"
-    if not data.exists():
-        n = max(64, 2 * nproc * (args.steps + 2))
-        data.write_text("".join(json.dumps(s) + "\n" for s in fixed_length_samples(tokenizer, n, seq)))
-    with torch.device("meta"):
-        from torchtune.models.llama3 import llama3
-
-        m = llama3(**dims)
-        n_params = sum(p.numel() for p in m.parameters())
-        flops_per_token = 6 * (n_params - m.tok_embeddings.weight.numel()) + 12 * dims["num_layers"] * dims["embed_dim"] * seq
-    print(f"# GPU throughput benchmark\n\nmachine: {machine()}\ncommand: `{command_line()}`\n"
-          f"model: {model} shape, {n_params / 1e6:,.1f}M parameters, random weights; {nproc} processes; "
-          f"samples of exactly {seq} tokens, batch 1 per GPU; {args.steps} steps, median of steps 3..{args.steps}\n"
-          f"FLOPs per token: {flops_per_token / 1e9:.4g} GFLOP (convention in the script docstring)\n")
-    base = [f"demo_dir={work / 'demo'}", f"checkpointer.checkpoint_dir={ckpt}",
-            f"checkpointer.checkpoint_files={json.dumps(json.loads((ckpt / 'files.json').read_text()))}",
-            f"dataset.data_files={data}", f"dataset.max_seq_len={seq}", "dataset_val=null", "run_val_every_n_steps=null",
-            f"max_steps_per_epoch={args.steps}", "epochs=1", "save_every_n_steps=null", "batch_size=1",
-            f"device={'cuda' if cuda else 'cpu'}", f"dtype={'bf16' if cuda else 'fp32'}",
-            "optimizer.fused=" + ("true" if cuda else "false"), *[f"model.{k}={v}" for k, v in dims.items()]]
-    rows = []
-    for variant in variants:
-        who, _, opts = variant.partition(":")
-        recipe = RECIPE if who == "ours" else STOCK
-        out = work / "runs" / variant.replace(":", "_").replace("+", "_")
-        shutil.rmtree(out, ignore_errors=True)
-        extra = [f"output_dir={out}", f"compile={'compile' in opts}",
-                 f"enable_activation_checkpointing={'ac' in opts}"]
-        if who == "stock":
-            extra += ["optimizer_in_bwd=false", "enable_activation_offloading=false", f"log_peak_memory_stats={cuda}"]
-        try:
-            res = launch(recipe, TINY_CONFIG, [*base, *extra], out / "logs", nproc=nproc)
-        except RuntimeError as e:
-            rows.append([variant, "failed", "", "", "", str(e).splitlines()[-1][:80]])
-            continue
-        times = step_times(res["rows"])
-        gaps = [times[s] - times[s - 1] for s in sorted(times) if s >= 3 and s - 1 in times]
-        step = median(gaps)
-        tps = seq / step  # batch 1 per GPU, every sample exactly seq tokens
-        peak = max((r.get("peak_memory_alloc_gib", r.get("peak_memory_alloc", 0.0)) for r in res["rows"]), default=0.0)
-        rows.append([variant, step, tps, tps * flops_per_token / PEAK_FLOPS if cuda else "n/a (CPU)", peak or "",
-                     f"{res['rows'][-1].get('loss', float('nan')):.3f}"])
-    print(table(["recipe:variant", "s/step (median)", "tokens/s/GPU", "MFU", "peak alloc GiB", "last loss"], rows))
-    print("\ntarget: >= 40% MFU" + ("" if cuda else " (not measurable on CPU; this run checks that the pipeline works)"))
+    header, rows = run_variants(model, variants, Path(args.work), seq, args.steps, nproc, args.layers, args.lr)
+    print(f"# GPU throughput benchmark\n\nmachine: {machine()}\ncommand: `{command_line()}`\n{header}\n")
+    print(table(HEADERS, rows))
+    if not cuda:
+        print("\nMFU is not measurable on CPU; this run checks that the pipeline works")
 
 
 if __name__ == "__main__":

@@ -25,10 +25,13 @@ future) finished, and DCP writes ``.metadata`` only after every rank's shards ar
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import re
 import shutil
 import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +46,7 @@ log = logging.getLogger("gdt_tune")
 COMPLETE_MARKER = "COMPLETE"
 METADATA = ".metadata"
 STEP_DIR = re.compile(r"^step_(\d+)$")
+DELETING_PREFIX = ".deleting-"  # a pruned folder on its way out: not a checkpoint any more
 # Keys of the DCP state dict.
 MODEL_OPTIM_KEY, LR_KEY, PROGRESS_KEY = "train_state", "lr_scheduler", "progress"
 
@@ -233,6 +237,48 @@ def shape_mismatch(theirs: dict, ours: dict) -> tuple[str, tuple | None, tuple |
     return None
 
 
+class FolderRemover:
+    """Deletes pruned checkpoint folders on a background thread, so that removing a 48 GB folder
+    (slow on network file systems) never stalls training, as torchtitan's purge thread. A folder
+    stops being a checkpoint at once: its marker is removed and it is renamed ``.deleting-step_N-*``;
+    leftovers of a crash are removed by the next prune."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Path | None] = queue.Queue()
+        self._queued: set[Path] = set()
+        self._thread: threading.Thread | None = None
+
+    def remove(self, path: Path) -> None:
+        (path / COMPLETE_MARKER).unlink(missing_ok=True)  # a half-deleted folder must not look complete
+        hidden = path.with_name(f"{DELETING_PREFIX}{path.name}-{time.time_ns()}")
+        path.rename(hidden)
+        self._enqueue(hidden)
+
+    def sweep(self, output_dir: Path) -> None:
+        """Queue the ``.deleting-*`` leftovers of an earlier process."""
+        for leftover in output_dir.glob(f"{DELETING_PREFIX}*"):
+            if leftover not in self._queued:
+                self._enqueue(leftover)
+
+    def _enqueue(self, path: Path) -> None:
+        self._queued.add(path)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="gdt-checkpoint-remover", daemon=True)
+            self._thread.start()
+        self._queue.put(path)
+
+    def _run(self) -> None:
+        while (path := self._queue.get()) is not None:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def close(self) -> None:
+        """Wait until every queued folder is gone."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+
 def _save_failed(path: Path, error: Exception) -> RuntimeError:
     return RuntimeError(f"checkpoint: saving {path} failed ({type(error).__name__}: {error}); "
                         "earlier checkpoints are intact; free disk space or fix permissions, then resume")
@@ -254,6 +300,7 @@ class CheckpointManager:
         # Async saves get their own gloo group: sharing the training group crashes gloo.
         self._pg = dist.new_group(backend="gloo")
         self._in_flight: tuple[object, Path] | None = None
+        self._remover = FolderRemover()
         self._last_saved = -1
         self.stop_requested = False
         self._sigterm = False
@@ -321,9 +368,9 @@ class CheckpointManager:
     def _complete(self, path: Path) -> None:
         if self.rank == 0:
             (path / COMPLETE_MARKER).write_text("")
+            self._remover.sweep(self.output_dir)
             for old in to_prune(self.output_dir, self.keep):
-                (old / COMPLETE_MARKER).unlink(missing_ok=True)  # a half-deleted folder must not look complete
-                shutil.rmtree(old, ignore_errors=True)
+                self._remover.remove(old)
 
     def _finish_if_done(self) -> None:
         if self._in_flight is not None and self._in_flight[0].done():
@@ -341,8 +388,9 @@ class CheckpointManager:
         self._complete(path)
 
     def close(self) -> None:
-        """Wait for an async save in flight and restore the SIGTERM handler."""
+        """Wait for an async save in flight and for pruning, and restore the SIGTERM handler."""
         self._wait_in_flight()
+        self._remover.close()
         if self._old_handler is not None:
             signal.signal(signal.SIGTERM, self._old_handler)
             self._old_handler = None

@@ -59,7 +59,7 @@ def _evaluate(args) -> int:
     try:
         metrics = evaluate(args.checkpoint, args.data, args.out, cfg=cfg, max_samples=args.max_samples,
                            train_data=args.train_data, samples=args.samples, batch_size=args.batch_size,
-                           device=args.device)
+                           device=args.device, dtype=args.dtype)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -111,6 +111,7 @@ def main(argv=None) -> int:
     e.add_argument("--samples", type=int, default=3, help="sampled completions per forecast (default 3)")
     e.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
     e.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    e.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     e.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. demo_dir=...)")
     e.set_defaults(func=_evaluate)
     r = sub.add_parser("data-report", help="counts, lengths, task mix and split overlap of a dataset (no text)")

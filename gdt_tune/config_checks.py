@@ -16,10 +16,10 @@ KNOWN_KEYS = {
     # training
     "seed", "shuffle", "batch_size", "batch_size_val", "epochs", "max_steps_per_epoch",
     "gradient_accumulation_steps", "clip_grad_norm", "compile", "device", "dtype",
-    "enable_activation_checkpointing", "custom_sharded_layers", "fsdp_cpu_offload",
-    "fsdp_reshard_after_forward", "num_workers",
+    "enable_activation_checkpointing", "ac_mode", "ac_option", "float8", "custom_sharded_layers",
+    "fsdp_cpu_offload", "fsdp_reshard_after_forward", "num_workers",
     # logging and validation
-    "log_every_n_steps", "log_peak_memory_stats", "run_val_every_n_steps", "output_dir",
+    "log_every_n_steps", "log_peak_memory_stats", "mfu_peak_tflops", "run_val_every_n_steps", "output_dir",
     # checkpoints
     "resume_from_checkpoint", "save_every_n_steps", "keep_last_n_checkpoints", "async_checkpointing",
     # free: interpolation helpers
@@ -78,8 +78,13 @@ def check_config(cfg: DictConfig, cuda_available: bool) -> None:
     if not isinstance(resume, (bool, str)):
         raise ValueError(f"config key 'resume_from_checkpoint': got {resume!r}; expected true, false or a step_N path")
     for key in ("shuffle", "compile", "enable_activation_checkpointing", "fsdp_cpu_offload",
-                "log_peak_memory_stats", "fsdp_reshard_after_forward", "async_checkpointing"):
+                "log_peak_memory_stats", "fsdp_reshard_after_forward", "async_checkpointing", "float8"):
         _bool(cfg, key)
+    _check_activation_checkpointing(cfg)
+    peak = cfg.get("mfu_peak_tflops")
+    if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float)) or peak <= 0):
+        raise ValueError(f"config key 'mfu_peak_tflops': got {peak!r}; expected the GPU's dense bf16 TFLOP/s "
+                         "(e.g. 989 for an H100 SXM) or null to look it up from the GPU's name")
     clip = cfg.get("clip_grad_norm")
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0):
         raise ValueError(f"config key 'clip_grad_norm': got {clip!r}; expected a positive number or null")
@@ -100,6 +105,24 @@ def check_config(cfg: DictConfig, cuda_available: bool) -> None:
     loss = str(cfg.loss.get("_component_", ""))
     if not loss.endswith("CEWithChunkedOutputLoss"):
         raise ValueError(f"config key 'loss._component_': got {loss!r}; expected torchtune.modules.loss.CEWithChunkedOutputLoss")
+
+
+def _check_activation_checkpointing(cfg: DictConfig) -> None:
+    mode, option = cfg.get("ac_mode"), cfg.get("ac_option")
+    if not cfg.get("enable_activation_checkpointing", False):
+        if mode is not None or option is not None:
+            raise ValueError(f"config key '{'ac_mode' if mode is not None else 'ac_option'}' is set but "
+                             "enable_activation_checkpointing is false; set enable_activation_checkpointing=true")
+        return
+    if mode not in (None, "full", "selective"):
+        raise ValueError(f"config key 'ac_mode': got {mode!r}; expected full or selective")
+    if mode == "selective":
+        every = isinstance(option, int) and not isinstance(option, bool) and option >= 1
+        if not every and option != "op":
+            raise ValueError(f"config key 'ac_option': got {option!r}; with ac_mode=selective expected a layer "
+                             "interval k >= 1 (every k-th layer) or op (keep matmul outputs, recompute the rest)")
+    elif option is not None:
+        raise ValueError(f"config key 'ac_option': {option!r} needs ac_mode=selective; remove it or set ac_mode=selective")
 
 
 def check_paths(cfg: DictConfig) -> None:

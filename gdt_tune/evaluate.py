@@ -174,9 +174,12 @@ def score_sequences(model, pairs: list[tuple[list[int], list[int]]], pad_id: int
         for i, (c, x) in enumerate(batch):
             tokens[i, : len(c) + len(x)] = torch.tensor(c + x)
         hidden, head = _hidden_states(model, tokens.to(device))
+        # torchtune's decoder returns its output in fp32 (also for a bf16 model): back to the head's dtype
+        head_dtype = next((p.dtype for p in head.parameters()), hidden.dtype)
         for i, (c, x) in enumerate(batch):
             pos = torch.arange(len(c) - 1, len(c) + len(x) - 1, device=hidden.device)
-            logprobs = torch.log_softmax(head(hidden[i, pos]).float(), dim=-1)  # only where needed: 128k vocab
+            logits = head(hidden[i, pos].to(head_dtype))  # only where needed: 128k vocab
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
             scores.append(float(logprobs[torch.arange(len(x)), torch.tensor(x)].mean()))
     return scores
 
@@ -242,11 +245,17 @@ def parsed_forecast(text: str) -> dict | None:
 
 
 # ---------------------------------------------------------------- command
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def evaluate(checkpoint, data, out, cfg=None, max_samples=None, train_data=None, samples=3, batch_size=4,
-             device=None, seed=0) -> dict:
+             device=None, dtype=None, seed=0) -> dict:
+    """``dtype``: bf16 or fp32 (default: bf16 on CUDA, fp32 on CPU)."""
     torch.manual_seed(seed)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in (None, *DTYPES):
+        raise ValueError(f"--dtype {dtype}: expected bf16 or fp32")
+    dtype = DTYPES[dtype or ("bf16" if device.type == "cuda" else "fp32")]
     checkpoint, out = Path(checkpoint), Path(out)
     model, tokenizer, prompt = load_model_and_tokenizer(checkpoint, cfg, device, dtype)
     layout = Layout.build(tokenizer, prompt)
@@ -268,6 +277,7 @@ def evaluate(checkpoint, data, out, cfg=None, max_samples=None, train_data=None,
     probs = [softmax(scores[3 * i: 3 * i + 3]) for i in range(len(tasks))]
     events, truths = [t["event"] for t in tasks], [t["truth"] for t in tasks]
     metrics = {"checkpoint": str(checkpoint), "data": str(data), "samples": len(records),
+               "device": device.type, "dtype": str(dtype).removeprefix("torch."),
                "events": event_metrics(events, truths, probs)}
     if train_data is None and cfg is not None:
         train_data = cfg.dataset.get("data_files")

@@ -113,3 +113,36 @@ def test_prune_keeps_k_newest_complete_and_never_the_newest(tmp_path):
     empty.mkdir()
     make(empty, 7, complete=False)
     assert to_prune(empty, 2) == []  # nothing complete yet: never delete
+
+
+def test_folder_remover_hides_at_once_and_deletes_off_thread(tmp_path, monkeypatch):
+    """Pruning returns before the folder is deleted (the delete runs on a background thread), the
+    folder stops being a checkpoint at once, and close() waits until it is gone."""
+    import threading
+
+    from gdt_tune.checkpointing import FolderRemover, list_checkpoints
+
+    for step in (2, 4):
+        (tmp_path / f"step_{step}").mkdir()
+        (tmp_path / f"step_{step}" / COMPLETE_MARKER).write_text("")
+        (tmp_path / f"step_{step}" / "__0_0.distcp").write_bytes(b"x" * 1000)
+    (tmp_path / ".deleting-step_0-1").mkdir()  # left by a crash
+    release, removing = threading.Event(), []
+    real_rmtree = shutil.rmtree
+
+    def slow_rmtree(path, **kwargs):
+        removing.append((path, threading.current_thread().name))
+        release.wait(10)
+        real_rmtree(path, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", slow_rmtree)
+    remover = FolderRemover()
+    remover.sweep(tmp_path)
+    remover.remove(tmp_path / "step_2")  # returns while the delete is blocked
+    assert [p.name for _, p, _ in list_checkpoints(tmp_path)] == ["step_4"]
+    hidden = [p for p in tmp_path.iterdir() if p.name.startswith(".deleting-step_2-")]
+    assert len(hidden) == 1 and not (hidden[0] / COMPLETE_MARKER).exists()
+    release.set()
+    remover.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4"]
+    assert {name for _, name in removing} == {"gdt-checkpoint-remover"}

@@ -111,14 +111,33 @@ def test_data_report_on_the_demo_data(demo_dir, tokenizer, tmp_path):
     assert "SYN0" not in report and "Here is the prediction" not in report
 
 
-def test_scores_equal_a_full_forward(demo_dir, tokenizer):
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_scores_equal_a_full_forward(demo_dir, tokenizer, dtype, tol):
+    """Scores from the hidden states at the scored positions equal a full forward pass of the same
+    model, in fp32 and in bf16 (the head runs in the model's dtype: bf16 used to crash)."""
     from gdt_tune.evaluate import load_model_and_tokenizer
 
-    model, _, _ = load_model_and_tokenizer(demo_dir / "model", None, torch.device("cpu"), torch.float32)
+    model, _, _ = load_model_and_tokenizer(demo_dir / "model", None, torch.device("cpu"), dtype)
+    assert model.output.weight.dtype == dtype
     pairs = [([1014, 5, 6, 7], [8, 9]), ([1014, 300], [301, 302, 303])]
     got = score_sequences(model, pairs, tokenizer.pad_id, torch.device("cpu"), batch_size=2)
     for (c, x), score in zip(pairs, got):
         with torch.no_grad():
-            logprobs = torch.log_softmax(model(torch.tensor([c + x])), dim=-1)[0]
+            logprobs = torch.log_softmax(model(torch.tensor([c + x])).float(), dim=-1)[0]
         expected = sum(float(logprobs[len(c) - 1 + j, t]) for j, t in enumerate(x)) / len(x)
-        assert score == pytest.approx(expected, abs=1e-5)
+        assert score == pytest.approx(expected, abs=tol)
+
+
+def test_evaluate_in_bf16_matches_fp32(demo_dir, tmp_path):
+    """The whole command in bf16 on CPU (what CUDA uses by default): event probabilities within
+    bf16 tolerance of fp32, and the dtype is recorded."""
+    from gdt_tune.evaluate import evaluate
+
+    common = dict(data=demo_dir / "data" / "test", max_samples=3, samples=1, device="cpu")
+    a = evaluate(demo_dir / "model", out=tmp_path / "fp32", dtype="fp32", **common)
+    b = evaluate(demo_dir / "model", out=tmp_path / "bf16", dtype="bf16", **common)
+    assert (a["dtype"], b["dtype"]) == ("float32", "bfloat16")
+    assert a["events"]["tasks"] == b["events"]["tasks"] > 0
+    assert b["events"]["brier"] == pytest.approx(a["events"]["brier"], abs=0.02)
+    with pytest.raises(ValueError, match="--dtype fp16"):
+        evaluate(demo_dir / "model", out=tmp_path / "x", dtype="fp16", **common)

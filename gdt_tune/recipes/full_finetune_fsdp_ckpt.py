@@ -21,18 +21,18 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
-from torchtune import config, modules, training
+from torchtune import config, training
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 from tqdm import tqdm
 
+from gdt_tune import float8
+from gdt_tune.activation_checkpointing import apply_activation_checkpointing
 from gdt_tune.checkpointing import CheckpointManager, Progress, find_resume, shape_mismatch
 from gdt_tune.config_checks import check_config, check_paths, has_component
+from gdt_tune.mfu import decoder_flops_per_token, mfu, peak_tflops
 from gdt_tune.sampling import EvalBatchSampler, GlobalOrderBatchSampler
 
 log = logging.getLogger("gdt_tune")
-
-#: H100 SXM dense bf16 peak, for the MFU estimate.
-PEAK_FLOPS = 989e12
 
 
 def hf_weight_map(checkpointer) -> None:
@@ -81,6 +81,15 @@ class FullFinetuneRecipe:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self._world))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         self._is_rank_zero = self._rank == 0
+        self._float8 = cfg.get("float8", False)
+        if self._float8 and (problem := float8.float8_problem(self._device)):
+            raise ValueError(f"config key 'float8': {problem}; set float8=false")
+        self._peak_tflops = cfg.get("mfu_peak_tflops")
+        if self._peak_tflops is None and self._device.type == "cuda":
+            self._peak_tflops = peak_tflops(torch.cuda.get_device_name(self._device))
+            if self._peak_tflops is None and self._is_rank_zero:
+                log.warning("mfu: unknown GPU %r; set mfu_peak_tflops=<its dense bf16 TFLOP/s> to log MFU",
+                            torch.cuda.get_device_name(self._device))
         self._batch_size = cfg.batch_size
         self._accum = cfg.get("gradient_accumulation_steps", 1)
         self._clip = cfg.get("clip_grad_norm")
@@ -146,7 +155,8 @@ class FullFinetuneRecipe:
                                           seed=self._seed, shuffle=self._cfg.get("shuffle", True))
         workers = self._cfg.get("num_workers", 0)
         loader = DataLoader(ds, batch_sampler=sampler, collate_fn=self._collate(), num_workers=workers,
-                            persistent_workers=False, prefetch_factor=2 if workers else None)
+                            persistent_workers=False, prefetch_factor=2 if workers else None,
+                            pin_memory=self._device.type == "cuda")
         return sampler, loader
 
     def _setup_model(self, cfg_model: DictConfig, from_hf: bool) -> torch.nn.Module:
@@ -156,10 +166,14 @@ class FullFinetuneRecipe:
         cfg = self._cfg
         with training.set_default_dtype(self._dtype), torch.device("meta"):
             model = config.instantiate(cfg_model)
-        if cfg.get("compile", False):
-            training.compile_model(model, verbose=self._is_rank_zero)
+        self._flops_per_token = decoder_flops_per_token(model)
+        if self._float8:
+            float8.convert_to_float8(model)
         if cfg.get("enable_activation_checkpointing", False):
-            training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+            apply_activation_checkpointing(model, cfg.get("ac_mode", "full"), cfg.get("ac_option"))
+        if cfg.get("compile", False):  # each layer, its checkpointing included (as torchtitan)
+            for layer in model.layers:
+                layer.compile(backend=os.environ.get("TORCH_COMPILE_BACKEND", "inductor"))
         custom = list(cfg.get("custom_sharded_layers") or [])
         training.shard_model(
             model, [partial(training.get_shard_conditions, names_to_match=custom)],
@@ -181,8 +195,6 @@ class FullFinetuneRecipe:
             del state
         training.validate_no_params_on_meta_device(model)
         n_params = sum(p.numel() for p in model.parameters())
-        self._flops_per_token_base = 6 * (n_params - model.tok_embeddings.weight.numel())
-        self._attn_flops_per_token_per_pos = 12 * len(model.layers) * model.tok_embeddings.embedding_dim
         if self._is_rank_zero:
             log.info("model: %.1fM parameters, dtype %s, %d ranks on %s", n_params / 1e6, self._dtype,
                      self._world, self._device.type)
@@ -199,8 +211,8 @@ class FullFinetuneRecipe:
 
     # ---------------------------------------------------------------- steps
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = batch["tokens"].to(self._device)
-        labels = batch["labels"].to(self._device)
+        tokens = batch["tokens"].to(self._device, non_blocking=True)
+        labels = batch["labels"].to(self._device, non_blocking=True)
         # position t predicts token t+1
         shifted = torch.full_like(labels, CROSS_ENTROPY_IGNORE_IDX)
         shifted[:, :-1] = labels[:, 1:]
@@ -213,23 +225,28 @@ class FullFinetuneRecipe:
         return sum(self._loss_fn.compute_cross_entropy(lc.reshape(-1, lc.size(-1)), lab.reshape(-1))
                    for lc, lab in zip(logits, chunks))
 
-    def _all_reduce(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self._device)
-        dist.all_reduce(t)
-        return t.tolist()
+    def _global_counts(self, batches: list[dict]) -> tuple[float, float]:
+        """Label tokens (after the shift) and non-pad tokens of this step on all ranks, counted on
+        the CPU batches: a CPU all-reduce (gloo), so the GPU never waits for the host."""
+        counts = torch.tensor([sum(float((b["labels"][:, 1:] != CROSS_ENTROPY_IGNORE_IDX).sum()) for b in batches),
+                               sum(float((b["tokens"] != self._tokenizer.pad_id).sum()) for b in batches)],
+                              dtype=torch.float64)
+        dist.all_reduce(counts)
+        return counts[0].item(), counts[1].item()
 
-    def _train_step(self, batches: list[dict]) -> dict[str, float]:
+    def _train_step(self, batches: list[dict]) -> dict:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches. The loss is
         normalised by the label tokens of all micro-batches on all ranks, so the gradient equals
-        that of the mean over the global batch (FSDP averages gradients over ranks, hence x world)."""
+        that of the mean over the global batch (FSDP averages gradients over ranks, hence x world).
+        Loss and grad norm stay on the device (``loss_sum``, ``grad_norm``): read them only when
+        logging (:meth:`_read_step`), so steps queue up without host syncs."""
+        n_labels, n_tokens = self._global_counts(batches)
+        scale = self._world / max(n_labels, 1.0)
         moved = [self._to_device(b) for b in batches]
-        local_labels = sum(int((lab != CROSS_ENTROPY_IGNORE_IDX).sum()) for _, lab in moved)
-        local_tokens = sum(int((b["tokens"] != self._tokenizer.pad_id).sum()) for b in batches)
-        n_labels, n_tokens = self._all_reduce([local_labels, local_tokens])
         loss_sum = torch.zeros((), dtype=torch.float64, device=self._device)
         for tokens, labels in moved:
             ce = self._ce_sum(tokens, labels)
-            (ce * (self._world / max(n_labels, 1.0))).backward()
+            (ce * scale).backward()
             loss_sum += ce.detach().double()
         grad_norm = None
         if self._clip is not None:
@@ -238,13 +255,21 @@ class FullFinetuneRecipe:
                 grad_norm = grad_norm.full_tensor()
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
+        if self._float8:
+            float8.after_optimizer_step(self._model)
         if self._lr_scheduler is not None:
             self._lr_scheduler.step()
-        (total,) = self._all_reduce([loss_sum.item()])
-        out = {"loss": total / max(n_labels, 1.0), "tokens": n_tokens, "label_tokens": n_labels,
-               "seq_len": n_tokens / (len(batches) * self._batch_size * self._world)}
-        if grad_norm is not None:
-            out["grad_norm"] = float(grad_norm)
+        return {"loss_sum": loss_sum, "grad_norm": grad_norm, "tokens": n_tokens, "label_tokens": n_labels,
+                "seq_len": n_tokens / (len(batches) * self._batch_size * self._world)}
+
+    def _read_step(self, stats: dict) -> dict[str, float]:
+        """Loss per label token over all ranks, and the grad norm, as numbers (a host sync; every
+        rank must call it at the same step)."""
+        total = stats["loss_sum"].clone()
+        dist.all_reduce(total)
+        out = {"loss": total.item() / max(stats["label_tokens"], 1.0)}
+        if stats["grad_norm"] is not None:
+            out["grad_norm"] = float(stats["grad_norm"])
         return out
 
     @torch.no_grad()
@@ -254,20 +279,22 @@ class FullFinetuneRecipe:
                                    self._rank, self._world)
         loader = DataLoader(self._val_ds, batch_sampler=sampler, collate_fn=self._collate())
         self._model.eval()
-        ce_total, n_total, last = 0.0, 0, None
+        ce_total = torch.zeros((), dtype=torch.float64, device=self._device)
+        n_total, last = 0, None
         batches = iter(loader)
         for _ in tqdm(range(sampler.num_batches_all_ranks), desc="validation", leave=False,
                       disable=not self._is_rank_zero):
             batch = next(batches, None)
             if batch is None:  # this rank ran out: a masked repeat keeps FSDP collectives matched
                 batch = dict(last, labels=torch.full_like(last["labels"], CROSS_ENTROPY_IGNORE_IDX))
+            n_total += int((batch["labels"][:, 1:] != CROSS_ENTROPY_IGNORE_IDX).sum())
             tokens, labels = self._to_device(batch)
-            ce_total += float(self._ce_sum(tokens, labels))
-            n_total += int((labels != CROSS_ENTROPY_IGNORE_IDX).sum())
+            ce_total += self._ce_sum(tokens, labels).double()
             last = batch
         self._model.train()
-        ce_total, n_total = self._all_reduce([ce_total, n_total])
-        return ce_total / max(n_total, 1.0)
+        totals = torch.stack([ce_total, torch.tensor(float(n_total), dtype=torch.float64, device=self._device)])
+        dist.all_reduce(totals)
+        return totals[0].item() / max(totals[1].item(), 1.0)
 
     # ---------------------------------------------------------------- loop
     def train(self) -> None:
@@ -278,19 +305,25 @@ class FullFinetuneRecipe:
         window = {"tokens": 0.0, "label_tokens": 0.0, "seq_len": 0.0, "steps": 0, "t0": time.perf_counter()}
         if self._device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self._device)
+        first_step_logged = False
         while p.epoch < cfg.epochs:
             self._sampler.set_epoch(p.epoch, start_micro_batch=p.step_in_epoch * self._accum)
             batches = iter(self._train_loader)
             while p.step_in_epoch < self._steps_per_epoch:
+                started = time.perf_counter()
                 stats = self._train_step([next(batches) for _ in range(self._accum)])
                 p.advance(stats["tokens"])
+                if not first_step_logged:
+                    self._log_first_step(started)
+                    first_step_logged = True
                 bar.update(1)
-                bar.set_postfix(loss=f"{stats['loss']:.4f}")
                 for k in ("tokens", "label_tokens", "seq_len"):
                     window[k] += stats[k]
                 window["steps"] += 1
                 if p.global_step % self._log_every == 0:
-                    self._log_metrics(stats, window)
+                    values = self._read_step(stats)
+                    bar.set_postfix(loss=f"{values['loss']:.4f}")
+                    self._log_metrics(values, window)
                 if self._validation_due(p.global_step):
                     self._log({"val_loss": self.validate()})
                 started = time.perf_counter()
@@ -312,6 +345,16 @@ class FullFinetuneRecipe:
         if self._metric_logger is not None:
             self._metric_logger.log_dict(payload, step=self._progress.global_step)
 
+    def _log_first_step(self, started: float) -> None:
+        """Once per process: how long the first step took (torch.compile compiles in it)."""
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        seconds = time.perf_counter() - started
+        if self._is_rank_zero:
+            what = "includes torch.compile" if self._cfg.get("compile", False) else "no compile"
+            log.info("first step: %.1f s (%s)", seconds, what)
+        self._log({"first_step_seconds": seconds})
+
     def _log_metrics(self, stats: dict, window: dict) -> None:
         elapsed = time.perf_counter() - window["t0"]
         per_device = window["tokens"] / self._world / elapsed
@@ -323,10 +366,10 @@ class FullFinetuneRecipe:
         }
         if "grad_norm" in stats:
             payload["grad_norm"] = stats["grad_norm"]
+        if self._peak_tflops is not None:
+            payload["mfu"] = mfu(per_device, self._flops_per_token(window["seq_len"] / window["steps"]),
+                                 self._peak_tflops)
         if self._device.type == "cuda":
-            seq_len = window["seq_len"] / window["steps"]
-            flops = self._flops_per_token_base + self._attn_flops_per_token_per_pos * seq_len
-            payload["mfu"] = per_device * flops / PEAK_FLOPS
             if self._cfg.get("log_peak_memory_stats", True):
                 payload["peak_memory_alloc_gib"] = torch.cuda.max_memory_allocated(self._device) / 2**30
                 payload["peak_memory_reserved_gib"] = torch.cuda.max_memory_reserved(self._device) / 2**30

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Check a new GPU node in one command (about 6 minutes on one H100); see bench/gpu_check.py.
+#   bash bench/gpu_check.sh [--layers N] [--variants ...] [--skip tiny,evaluate,throughput]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export TIKTOKEN_CACHE_DIR=""
+exec python bench/gpu_check.py "$@"
