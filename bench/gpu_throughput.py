@@ -186,7 +186,7 @@ def run_variants(model: str, variants: list[str], work: Path, seq: int, steps: i
 
 
 HEADERS = ["recipe:variant", "s/step (median)", "tokens/s/GPU", "MFU", "peak alloc GiB", "first step s",
-           "loss (mean of last 10 steps)"]
+           "mean loss of the last 10 logged steps"]
 
 
 def main() -> None:

@@ -12,7 +12,12 @@ SCRIPTS = {
     "recipe_step.py": (["--steps", "14", "--repeat", "1"], ["ours / stock time per step:"]),
     "checkpoint.py": (["--tiny", "--steps", "4"], ["async blocked / sync blocked:", "resumed / fresh:",
                                                    "interim checkpoint step_4"]),
-    "gpu_throughput.py": (["--steps", "4", "--variants", "ours:plain,stock:plain"], ["| ours:plain |", "| stock:plain |"]),
+    "gpu_throughput.py": (["--steps", "4", "--variants", "ours:plain,stock:plain,ours:op"],
+                          ["| ours:plain |", "| stock:plain |", "| ours:op |"]),
+    # on CPU: the tiny run with async saves, the step-by-step resume comparison, evaluate in bf16 and fp32
+    "gpu_check.py": (["--tiny-steps", "6", "--skip", "throughput"],
+                     ["| resume from step_3 | pass |", "| evaluate bf16 | pass |", "5 passed, 0 failed"]),
+    "prune.py": (["--gib", "0.01", "--repeat", "1"], ["| inline |", "| background |"]),
 }
 
 
@@ -22,6 +27,6 @@ def test_benchmark_runs(script, tmp_path):
     proc = subprocess.run([sys.executable, f"bench/{script}", "--work", str(tmp_path), *args], cwd=REPO,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "failed" not in proc.stdout
+    assert "| failed |" not in proc.stdout and "| FAIL |" not in proc.stdout
     for part in expected:
         assert part in proc.stdout, proc.stdout[-2000:]

@@ -3,7 +3,8 @@
 GDT_FAULT says where rank 0 SIGKILLs its whole process group (torchrun and every rank):
   optim:N            at the N-th optimizer step, before it updates anything
   write:step_N:MS    MS milliseconds after the DCP write of step_N starts (sync or async)
-  prune:step_N       while pruning step_N, after deleting one of its shard files
+  prune:step_N       while pruning step_N (on the remover thread, after the folder was renamed
+                     .deleting-step_N-*), after deleting one of its shard files
 """
 
 import os
@@ -52,7 +53,7 @@ if SPEC and os.environ.get("RANK") == "0":
         original_rmtree = shutil.rmtree
 
         def rmtree(path, *args, **kwargs):
-            if Path(path).name == arg:
+            if Path(path).name.startswith(f".deleting-{arg}-"):
                 shard = next(Path(path).glob("*.distcp"), None)
                 if shard is not None:
                     shard.unlink()
