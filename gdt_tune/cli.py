@@ -1,16 +1,92 @@
-"""``gdt-tune`` command line: prepare-demo, demo, evaluate, data-report."""
+"""``gdt-tune`` command line: train, cp, prepare-demo, demo, evaluate, data-report."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RECIPE = Path(__file__).resolve().parent / "recipes" / "full_finetune_fsdp_ckpt.py"
-DEMO_CONFIG = REPO_ROOT / "configs" / "tiny_gdt_cpu.yaml"
+PACKAGE = Path(__file__).resolve().parent
+CONFIGS = PACKAGE / "configs"  # shipped inside the package; configs/ in a checkout links here
+RECIPE = PACKAGE / "recipes" / "full_finetune_fsdp_ckpt.py"
+RECIPE_MODULE = "gdt_tune.recipes.full_finetune_fsdp_ckpt"
+DEMO_CONFIG = CONFIGS / "tiny_gdt_cpu.yaml"
+#: torchrun options that choose the rendezvous themselves (else a single node runs --standalone)
+_RENDEZVOUS = ("--nnodes", "--rdzv", "--master", "--node_rank", "--node-rank", "--standalone")
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+
+
+def resolve_config(name: str) -> Path:
+    """A config file path, or the name of a shipped config (with or without .yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path.resolve()
+    shipped = CONFIGS / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if shipped.is_file():
+        return shipped
+    raise ValueError(f"--config {name}: no such file and no shipped config of that name; shipped: "
+                     f"{', '.join(shipped_configs())} (or gdt-tune cp NAME DEST to edit a copy)")
+
+
+def train_command(args: list[str]) -> list[str]:
+    """``torchrun [launcher options] -m gdt_tune.recipes... --config FILE [key=value ...]`` for
+    ``gdt-tune train [launcher options] --config NAME|FILE [key=value ...]``; runs from any folder."""
+    if "--config" not in args or args.index("--config") == len(args) - 1:
+        raise ValueError("train needs --config NAME|FILE (shipped: " + ", ".join(shipped_configs()) + ")")
+    i = args.index("--config")
+    launcher, config, overrides = args[:i], resolve_config(args[i + 1]), args[i + 2:]
+    bad = [a for a in overrides if "=" not in a]
+    if bad:
+        raise ValueError(f"train: {bad[0]!r} after --config is not a key=value override; put launcher options "
+                         "(--nproc_per_node, --nnodes, ...) before --config")
+    if not any(a.startswith(_RENDEZVOUS) for a in launcher):
+        launcher = ["--standalone", *launcher]
+    return [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", RECIPE_MODULE, "--config", str(config),
+            *overrides]
+
+
+def _run_training(cmd: list[str]) -> int:
+    print("+ " + " ".join(cmd), flush=True)
+    # tiktoken caches tokenizer files by path; the demo tokenizer may be rebuilt at the same path.
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR=os.environ.get("TIKTOKEN_CACHE_DIR", ""))
+    return subprocess.call(cmd, env=env)
+
+
+def _train(args) -> int:
+    if not args.args or args.args[0] in ("-h", "--help"):
+        print(args.usage)
+        return 0
+    try:
+        cmd = train_command(args.args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return _run_training(cmd)
+
+
+def _cp(args) -> int:
+    """Copy a shipped config (by name) or the recipe to DEST, like ``tune cp``."""
+    source = RECIPE if args.what in ("recipe", RECIPE.stem) else None
+    try:
+        source = source or resolve_config(args.what)
+    except ValueError as e:
+        print(f"error: {e.args[0].replace('--config ', 'cp ')}", file=sys.stderr)
+        return 2
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / source.name
+    if dest.exists() and not args.force:
+        print(f"error: {dest} exists; pass --force to overwrite", file=sys.stderr)
+        return 2
+    shutil.copyfile(source, dest)
+    print(f"copied {source.name} to {dest}")
+    return 0
 
 
 def _prepare_demo(args) -> int:
@@ -22,26 +98,22 @@ def _prepare_demo(args) -> int:
 
 
 def demo_command(demo_dir: Path, steps: int, nproc: int, extra: list[str]) -> list[str]:
-    """The ``tune run`` command line that `gdt-tune demo` launches, from the repository root
-    (`tune run` imports a recipe file as a module relative to the working directory)."""
-    return ["tune", "run", "--nproc_per_node", str(nproc), str(RECIPE.relative_to(REPO_ROOT)), "--config", str(DEMO_CONFIG),
-            f"demo_dir={demo_dir}", f"max_steps_per_epoch={steps}", *extra]
+    """The training command that `gdt-tune demo` launches (from any folder)."""
+    return train_command(["--nproc_per_node", str(nproc), "--config", str(DEMO_CONFIG), f"demo_dir={demo_dir}",
+                          f"max_steps_per_epoch={steps}", *extra])
 
 
 def _demo(args) -> int:
     from gdt_tune.demo_assets import prepare_demo
 
-    if not DEMO_CONFIG.is_file():
-        print(f"error: {DEMO_CONFIG} not found; run gdt-tune demo from a source checkout (pip install -e .)",
-              file=sys.stderr)
-        return 2
     demo_dir = Path(args.dir).resolve()
     prepare_demo(demo_dir)
-    cmd = demo_command(demo_dir, args.steps, args.nproc, args.overrides)
-    print(f"+ (cd {REPO_ROOT} && {' '.join(cmd)})", flush=True)
-    # tiktoken caches tokenizer files by path; the demo tokenizer may be rebuilt at the same path.
-    env = dict(os.environ, TIKTOKEN_CACHE_DIR="")
-    rc = subprocess.call(cmd, env=env, cwd=REPO_ROOT)
+    try:
+        cmd = demo_command(demo_dir, args.steps, args.nproc, args.overrides)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rc = _run_training(cmd)
     if rc == 0:
         run = demo_dir / "run"
         print(f"\ndone. logs: {run / 'logs'}  interim checkpoints: {run}/step_*  final HF checkpoint: {run / 'epoch_0'}")
@@ -91,6 +163,17 @@ def _data_report(args) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="gdt-tune", description="Train GDT-style clinical digital-twin models with torchtune.")
     sub = ap.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="run the recipe with torchrun from any folder: gdt-tune train [--nproc_per_node N "
+                       "--nnodes ...] --config NAME|FILE [key=value ...]", prefix_chars="\0",
+                       usage="gdt-tune train [torchrun options] --config NAME|FILE [key=value ...]")
+    t.add_argument("args", nargs=argparse.REMAINDER, help="torchrun options, then --config NAME|FILE, then key=value "
+                   f"overrides; shipped configs: {', '.join(shipped_configs())}")
+    t.set_defaults(func=_train, usage=t.format_help())
+    c = sub.add_parser("cp", help="copy a shipped config (or 'recipe') to edit it, like tune cp")
+    c.add_argument("what", help=f"{', '.join(shipped_configs())} or recipe")
+    c.add_argument("dest", help="file or folder")
+    c.add_argument("--force", action="store_true", help="overwrite DEST")
+    c.set_defaults(func=_cp)
     p = sub.add_parser("prepare-demo", help="write a synthetic cohort, a tiny tokenizer and a tiny HF Llama 3 model")
     p.add_argument("--dir", default=".gdt_demo", help="output directory (default .gdt_demo)")
     p.add_argument("--seed", type=int, default=0)
