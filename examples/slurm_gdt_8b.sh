@@ -13,15 +13,15 @@
 #SBATCH --output=logs/%x-%j.out
 set -euo pipefail
 
-cd "${GDT_TUNE_DIR:?set GDT_TUNE_DIR to the gdt_tune checkout}"
+# needs gdt_tune installed in the job's Python (pip install .): gdt-tune train runs from any folder
 OUT=${OUT:-/shared/runs/gdt}
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 RESUME=false
 ls "$OUT"/step_*/COMPLETE >/dev/null 2>&1 && RESUME=true
 
-srun --kill-on-bad-exit=1 tune run \
+srun --kill-on-bad-exit=1 gdt-tune train \
   --nnodes "$SLURM_NNODES" --nproc_per_node 8 \
   --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:29500" --rdzv_id "$SLURM_JOB_ID" \
-  gdt_tune/recipes/full_finetune_fsdp_ckpt.py --config configs/llama3_1_8b_gdt_full.yaml \
+  --config llama3_1_8b_gdt_full \
   model_dir=/models/Llama-3.1-8B-Instruct data_dir=/data/gdt output_dir="$OUT" \
   resume_from_checkpoint="$RESUME"

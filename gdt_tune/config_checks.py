@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 KNOWN_KEYS = {
     # components
     "model", "tokenizer", "checkpointer", "dataset", "dataset_val", "optimizer", "lr_scheduler",
-    "loss", "metric_logger",
+    "loss", "metric_logger", "profiler",
     # training
     "seed", "shuffle", "batch_size", "batch_size_val", "epochs", "max_steps_per_epoch",
     "gradient_accumulation_steps", "clip_grad_norm", "compile", "device", "dtype",
@@ -81,6 +81,10 @@ def check_config(cfg: DictConfig, cuda_available: bool) -> None:
                 "log_peak_memory_stats", "fsdp_reshard_after_forward", "async_checkpointing", "float8"):
         _bool(cfg, key)
     _check_activation_checkpointing(cfg)
+    profiler = cfg.get("profiler")
+    if profiler is not None and not OmegaConf.is_dict(profiler):
+        raise ValueError(f"config key 'profiler': got {profiler!r}; expected a block with enabled: true and the "
+                         "torchtune.training.setup_torch_profiler options, or null")
     peak = cfg.get("mfu_peak_tflops")
     if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float)) or peak <= 0):
         raise ValueError(f"config key 'mfu_peak_tflops': got {peak!r}; expected the GPU's dense bf16 TFLOP/s "

@@ -150,6 +150,8 @@ CONFIG_CASES = [
     ("max-seq-len-tiny", overrides("dataset.max_seq_len=4"), ["dataset.max_seq_len: 4; expected an integer >= 16"]),
     ("missing-optimizer", _tiny_yaml_without("optimizer"), ["config key 'optimizer' is missing"]),
     ("model-other-shape", overrides("model.num_layers=3"), ["checkpointer: weights do not match config key 'model'"]),
+    ("val-other-cache", overrides("dataset_val.cache_dir={tmp}/other-cache"),
+     ["dataset.cache_dir and dataset_val.cache_dir hold different id-hashing keys"]),
     ("float8-on-cpu", overrides("float8=true"), ["config key 'float8': float8 needs a CUDA GPU", "set float8=false"]),
     ("ac-option-typo", overrides("enable_activation_checkpointing=true", "ac_mode=selective", "ac_option=ops"),
      ["config key 'ac_option': got 'ops'"]),

@@ -2,6 +2,8 @@
 
 import json
 import logging
+import os
+from pathlib import Path
 
 import pytest
 
@@ -128,14 +130,41 @@ def test_splits_per_patient_therapy(tmp_path, tokenizer):
     assert len(seeds) > 1
 
 
+def _hashed(*ids):
+    from gdt_tune.datasets._index import id_key, keyed_hash
+
+    key = id_key(Path(os.environ["GDT_TUNE_CACHE_DIR"]))
+    return {keyed_hash(key, i) for i in ids}
+
+
 def test_patient_ids_list_or_file(tmp_path, tokenizer):
     path = write(tmp_path / "d.jsonl", [row(1, "p1", lot="2020-01-01"), row(2, "p2", lot="2020-01-01"),
                                         row(3, "p3", lot="2020-01-01")])
     ds = cgdb_instruct_dataset(tokenizer, data_files=path, patient_ids=["p1", "p3"])
-    assert len(ds) == 2 and ds.patient_ids() == {"p1", "p3"}
+    assert len(ds) == 2 and ds.patient_ids() == _hashed("p1", "p3")
     ids = tmp_path / "ids.txt"
     ids.write_text("p2\n\n")
-    assert cgdb_instruct_dataset(tokenizer, data_files=path, patient_ids=str(ids)).patient_ids() == {"p2"}
+    assert cgdb_instruct_dataset(tokenizer, data_files=path, patient_ids=str(ids)).patient_ids() == _hashed("p2")
+
+
+def test_index_cache_holds_keyed_hashes_not_ids(tmp_path, tokenizer):
+    """The cache stores HMACs of patient ids and LoT dates under a per-folder random key (mode
+    600); the same folder gives the same hashes (so train and validation compare), another folder
+    other ones."""
+    path = write(tmp_path / "d.jsonl", [row(1, "patient-A17", lot="2020-01-05"), row(2, "patient-B23", lot="2020-01-20")])
+    ds = cgdb_instruct_dataset(tokenizer, data_files=path, splits_per_patient_therapy=1)
+    cache = Path(os.environ["GDT_TUNE_CACHE_DIR"])
+    files = [p for p in cache.iterdir() if p.is_file()]
+    assert any(p.suffix == ".npz" for p in files) and (cache / "hash.key").stat().st_mode & 0o777 == 0o600
+    for p in files:
+        data = p.read_bytes()
+        for secret in ("patient-A17", "patient-B23", "2020-01-05", "2020-01-20"):
+            assert secret.encode() not in data and secret.encode("utf-32-le") not in data, (p.name, secret)
+    assert ds.patient_ids() == _hashed("patient-A17", "patient-B23")
+    same = cgdb_instruct_dataset(tokenizer, data_files=path)
+    other = cgdb_instruct_dataset(tokenizer, data_files=path, cache_dir=str(tmp_path / "other-cache"))
+    assert same.id_key_fingerprint == ds.id_key_fingerprint != other.id_key_fingerprint
+    assert same.patient_ids() == ds.patient_ids() and not (other.patient_ids() & ds.patient_ids())
 
 
 def test_index_is_cached_and_refreshed_when_a_file_changes(tmp_path, tokenizer, monkeypatch):

@@ -1,4 +1,4 @@
-"""Exact token layout (spec §5), truncation policies and validation, on the tiny tokenizer."""
+"""Exact token layout (docs/data-format.md §4), truncation policies and validation, on the tiny tokenizer."""
 
 import pytest
 

@@ -74,3 +74,10 @@ def test_no_patient_text_in_anything_a_run_writes(demo_dir, tmp_path, monkeypatc
     assert sum(map(len, found.values())) > 1000
     leaked = {name: hits[:2] for name, blob in outputs if (hits := leaks(blob, found))}
     assert leaked == {}
+    # no patient id anywhere either, the dataset index cache included (numpy keeps strings as UTF-32)
+    ids = {json.loads(line)["meta"]["patientid"] for split in ("train", "validation")
+           for part in (demo_dir / "data" / split).glob("*.jsonl") for line in part.read_text().splitlines()}
+    assert len(ids) > 20 and any(p.suffix == ".npz" for p in (tmp_path / "index-cache").rglob("*"))
+    with_ids = [name for name, blob in outputs
+                if any(i.encode() in blob or i.encode("utf-32-le") in blob for i in ids)]
+    assert with_ids == []

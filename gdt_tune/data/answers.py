@@ -1,4 +1,4 @@
-"""Parse GDT answer text back into tasks (spec §4, "Parsing back").
+"""Parse GDT answer text back into tasks (docs/data-format.md §3).
 
     >>> [t.type for t in parse_answer(sample["answer"])]
     ['time to event prediction', 'forecasting']

@@ -1,4 +1,4 @@
-"""Synthetic cancer-patient cohort serialized into TwinWeaver-format JSONL (spec §1–4).
+"""Synthetic cancer-patient cohort serialized into TwinWeaver-format JSONL (docs/data-format.md §1–3).
 
 Nothing here is real patient data: every patient, lab value and event is drawn from a seeded
 random generator. Usage::

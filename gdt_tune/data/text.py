@@ -1,5 +1,5 @@
 """The TwinWeaver text format shared by the synthetic generator, the answer parser and the
-dataset's history truncation (spec §4). Pure functions, no I/O."""
+dataset's history truncation (docs/data-format.md §3). Pure functions, no I/O."""
 
 from __future__ import annotations
 

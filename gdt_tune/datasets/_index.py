@@ -1,13 +1,16 @@
 """Index of JSONL sample files: one pass reads, validates and tokenizes every line and keeps
 only byte offsets, line numbers, length-cap status and patient / line-of-therapy codes. The
 index is cached per file, so a restart (or another rank) does not redo the pass, and no sample
-text is kept in memory."""
+text is kept in memory. Patient ids and line-of-therapy dates are stored only as keyed hashes
+(HMAC-SHA256 with a random key made once per cache folder, ``hash.key``): equal ids give equal
+hashes, and the cache holds no identifier."""
 
 from __future__ import annotations
 
 import datetime as dt
 import glob
 import hashlib
+import hmac
 import json
 import multiprocessing as mp
 import os
@@ -20,7 +23,7 @@ from tqdm import tqdm
 
 from gdt_tune.datasets._layout import Layout, apply_cap
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3  # 3: patient ids and LoT dates stored as keyed hashes
 #: Longest accepted JSONL line; a GDT sample (8k tokens + meta) is well under 1 MiB.
 MAX_LINE_BYTES = 16 * 2**20
 _PROBE = "Probe: hemoglobin - 718-7 is 12.5,\n\tdrug X is administered. ÄÖü 123456 <|eot_id|>\n\n"
@@ -222,8 +225,41 @@ def _run_job(job):
     return job[0](*job[1:])
 
 
+def id_key(cache_dir: Path) -> bytes:
+    """The cache folder's secret hashing key, made on first use (any process may make it; the
+    first one written wins)."""
+    path = cache_dir / "hash.key"
+    if not path.is_file():
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = cache_dir / f"hash.key.{os.getpid()}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(32))
+            try:
+                os.link(tmp, path)  # atomic: fails if another process made it first
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        except OSError as e:
+            raise ValueError(f"dataset.cache_dir: cannot write the index cache in {cache_dir} ({e.strerror}); "
+                             "set cache_dir or $GDT_TUNE_CACHE_DIR to a writable folder") from None
+    return path.read_bytes()
+
+
+def key_fingerprint(key: bytes) -> str:
+    """Names a key without revealing it (datasets hashed with different keys cannot be compared)."""
+    return hashlib.sha256(b"gdt_tune id key|" + key).hexdigest()[:12]
+
+
+def keyed_hash(key: bytes, text: str) -> str:
+    """HMAC-SHA256 of an identifier, 128 bits in hex."""
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()[:32]
+
+
 def scan_chunk(path: Path, start: int, end: int, first_line: int, layout: Layout, max_seq_len: int,
-               truncation: str, with_lot: bool) -> FileIndex:
+               truncation: str, with_lot: bool, key: bytes) -> FileIndex:
     """Read, validate and tokenize the lines of ``path`` in bytes ``[start, end)``."""
     cols = {k: [] for k in ("offsets", "lengths", "lines", "status", "num_tokens", "digest", "patient", "lot")}
     patients: dict[str, int] = {}
@@ -237,8 +273,10 @@ def scan_chunk(path: Path, start: int, end: int, first_line: int, layout: Layout
         cols["status"].append(int(status))
         cols["num_tokens"].append(len(tokens))
         cols["digest"].append(sample_digest(record))
+        if pid is not None:
+            pid = keyed_hash(key, pid)
         cols["patient"].append(-1 if pid is None else patients.setdefault(pid, len(patients)))
-        cols["lot"].append(lots.setdefault(lot_of(record, where), len(lots)) if with_lot else -1)
+        cols["lot"].append(lots.setdefault(keyed_hash(key, lot_of(record, where)), len(lots)) if with_lot else -1)
     dtypes = {"offsets": np.int64, "status": np.int8, "digest": np.int64}
     return FileIndex(**{k: np.asarray(v, dtype=dtypes.get(k, np.int32)) for k, v in cols.items()},
                      patients=np.asarray(list(patients), dtype=str),
@@ -289,15 +327,17 @@ def index_files(files: list[Path], layout: Layout, max_seq_len: int, truncation:
     """Index of each file, from ``cache_dir`` when fresh; missing ones are scanned by ``workers``
     processes (default: all CPUs). With ``build=False`` (ranks other than the node's first), wait
     for the builder to write the cache instead of scanning."""
-    settings = f"v{INDEX_VERSION}|{tokenizer_fingerprint(layout)}|{max_seq_len}|{truncation}|{with_lot}"
+    key = id_key(cache_dir)
+    settings = (f"v{INDEX_VERSION}|{tokenizer_fingerprint(layout)}|{max_seq_len}|{truncation}|{with_lot}|"
+                f"{key_fingerprint(key)}")
     cached = []
     for path in files:
         st = path.stat()
-        key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{settings}".encode()).hexdigest()
-        cached.append(cache_dir / f"{path.stem[:40]}-{key[:24]}.npz")
+        name = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{settings}".encode()).hexdigest()
+        cached.append(cache_dir / f"{path.stem[:40]}-{name[:24]}.npz")
     todo = [(path, c) for path, c in zip(files, cached) if not c.exists()]
     if todo and build:
-        built = _build([p for p, _ in todo], (layout, max_seq_len, truncation, with_lot),
+        built = _build([p for p, _ in todo], (layout, max_seq_len, truncation, with_lot, key),
                        workers or default_index_workers(), show_progress)
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)

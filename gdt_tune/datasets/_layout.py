@@ -1,4 +1,4 @@
-"""Pure functions for the spec §5 token layout: messages, tokens and labels, truncation and
+"""Pure functions for the token layout of docs/data-format.md §4: messages, tokens and labels, truncation and
 validation. No I/O; tested with exact token lists."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, Message
 
 from gdt_tune.data.text import drop_oldest_visits, visit_spans
 
-#: gdt_tune's own system prompt (spec §6). Pass the original text via ``system_prompt`` to
+#: gdt_tune's own system prompt (docs/data-format.md §4). Pass the original text via ``system_prompt`` to
 #: reproduce GDT exactly.
 DEFAULT_SYSTEM_PROMPT = (
     "You are a clinical forecasting model for oncology. Given a cancer patient's history of "
@@ -19,7 +19,7 @@ DEFAULT_SYSTEM_PROMPT = (
     "the patient's future course. Answer every requested task, in order and in the requested "
     "format."
 )
-#: SHA-256 of the original GDT system prompt (spec §6).
+#: SHA-256 of the original GDT system prompt (docs/data-format.md §4).
 GDT_SYSTEM_PROMPT_SHA256 = "ba8b11af665571cc5f925b66f74d6f8b02dc0c321cbeee7d5418787c4d5dd98e"
 
 TRUNCATION_POLICIES = ("gdt", "drop", "history")
@@ -138,7 +138,7 @@ def _trim_history(layout: Layout, instruction: str, budget: int) -> list[int] | 
 
 
 def validate(tokens: list[int], labels: list[int], layout: Layout, max_seq_len: int, status: Status) -> None:
-    """Check one sample against spec §5; raise ValueError saying what is wrong."""
+    """Check one sample against the layout of docs/data-format.md §4; raise ValueError saying what is wrong."""
     if len(tokens) != len(labels):
         raise ValueError(f"{len(tokens)} tokens but {len(labels)} labels")
     if not tokens or len(tokens) > max_seq_len:

@@ -13,7 +13,10 @@ from torch.utils.data import Dataset
 
 from gdt_tune.datasets._index import (
     FileIndex,
+    id_key,
     index_files,
+    key_fingerprint,
+    keyed_hash,
     read_record,
     resolve_data_files,
 )
@@ -49,7 +52,7 @@ class CGDBInstructDataset(Dataset):
 
     def __init__(self, files: list[Path], layout: Layout, max_seq_len: int, truncation: str,
                  file_idx: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, lines: np.ndarray,
-                 status: np.ndarray, patient_ids: list[str | None], counts: dict[str, int]):
+                 status: np.ndarray, patient_ids: list[str | None], counts: dict[str, int], id_key_fingerprint: str):
         self._files = [str(f) for f in files]
         self._stamps = [_stamp(f) for f in self._files]
         self._layout = layout
@@ -59,6 +62,8 @@ class CGDBInstructDataset(Dataset):
         self._lines, self._status = lines, status
         self._patient_ids = patient_ids
         self.counts = counts
+        #: which cache key hashed the patient ids: only datasets with the same one can be compared
+        self.id_key_fingerprint = id_key_fingerprint
 
     def __len__(self) -> int:
         return len(self._offsets)
@@ -68,11 +73,12 @@ class CGDBInstructDataset(Dataset):
         return f"{self._files[self._file_idx[index]]}:{self._lines[index]}"
 
     def where_patient(self, patient_id: str) -> str:
-        """``file:line`` of the first sample of a patient."""
+        """``file:line`` of the first sample of a patient (by the hash from :meth:`patient_ids`)."""
         return self.where(self._patient_ids.index(patient_id))
 
     def patient_ids(self) -> set[str]:
-        """The distinct ``meta.patientid`` values of the samples (rows without one are skipped)."""
+        """The distinct ``meta.patientid`` values of the samples as keyed hashes (see
+        ``_index.keyed_hash``; rows without one are skipped)."""
         return {p for p in self._patient_ids if p is not None}
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
@@ -150,7 +156,7 @@ def cgdb_instruct_dataset(
     cache_dir: str | None = None,
     index_workers: int | None = None,
 ) -> CGDBInstructDataset:
-    """GDT patient samples (TwinWeaver JSONL, spec ``gdt-data-format.md``) as Llama 3 training
+    """GDT patient samples (TwinWeaver JSONL, ``docs/data-format.md``) as Llama 3 training
     sequences with the prompt masked.
 
     Each line of the JSONL files is one sample:
@@ -232,15 +238,16 @@ def cgdb_instruct_dataset(
     files = resolve_data_files(data_files)
     layout = Layout.build(tokenizer, prompt)
     builder = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
     indexes: list[FileIndex] = index_files(
         files, layout, max_seq_len, truncation, splits_per_patient_therapy is not None,
-        Path(cache_dir) if cache_dir else default_cache_dir(), build=builder, workers=index_workers,
-        show_progress=not quiet)
+        cache, build=builder, workers=index_workers, show_progress=not quiet)
+    key = id_key(cache)  # patient ids in the index are keyed hashes
 
     file_idx = np.concatenate([np.full(len(ix.offsets), i, dtype=np.int32) for i, ix in enumerate(indexes)])
     cat = {name: np.concatenate([getattr(ix, name) for ix in indexes])
            for name in ("offsets", "lengths", "lines", "status", "digest", "patient", "lot")}
-    # Patient / LoT strings as global codes (vocabularies are per file).
+    # Patient (hashed id) / LoT strings as global codes (vocabularies are per file).
     patient_names = _decode(indexes, "patient", "patients")
 
     def where(i: int) -> str:
@@ -254,7 +261,7 @@ def cgdb_instruct_dataset(
             feature = "patient_ids" if patient_ids is not None else "splits_per_patient_therapy"
             raise ValueError(f"{where(missing[0])}: field 'meta.patientid' is missing; it is needed by {feature}")
     if patient_ids is not None:
-        wanted = _read_patient_ids(patient_ids)
+        wanted = {keyed_hash(key, p) for p in _read_patient_ids(patient_ids)}
         keep &= np.fromiter((p in wanted for p in patient_names), dtype=bool, count=len(keep))
     status = cat["status"]
     counts = Counter({s.name.lower(): int(n) for s, n in zip(Status, np.bincount(status[keep], minlength=len(Status)))})
@@ -275,4 +282,4 @@ def cgdb_instruct_dataset(
                  ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "samples"))
     return CGDBInstructDataset(
         files, layout, max_seq_len, truncation, file_idx[rows], cat["offsets"][rows], cat["lengths"][rows],
-        cat["lines"][rows], status[rows], [patient_names[i] for i in rows], dict(counts))
+        cat["lines"][rows], status[rows], [patient_names[i] for i in rows], dict(counts), key_fingerprint(key))

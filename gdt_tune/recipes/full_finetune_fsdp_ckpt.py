@@ -50,6 +50,20 @@ def hf_weight_map(checkpointer) -> None:
             checkpointer._weight_map.update(dict.fromkeys(f.keys(), f"{i + 1:04}"))
 
 
+def loggable_config(cfg: DictConfig) -> DictConfig:
+    """The resolved config for logs and wandb, with any ``patient_ids`` list replaced by its
+    length (a config may list patient ids inline; ids never leave the machine)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+
+    def redact(node):
+        if isinstance(node, dict):
+            return {k: (f"<{len(v)} patient ids, not logged>" if k == "patient_ids" and isinstance(v, list)
+                        else redact(v)) for k, v in node.items()}
+        return [redact(v) for v in node] if isinstance(node, list) else node
+
+    return OmegaConf.create(redact(resolved))
+
+
 def _init_distributed(device_type: str) -> tuple[int, int, int]:
     """Start the process group (also for a plain single-process launch); returns world, rank, local rank."""
     if "RANK" not in os.environ:  # `tune run` without --nproc_per_node: a world of one
@@ -105,6 +119,9 @@ class FullFinetuneRecipe:
         self._ckpt = None
         if self._is_rank_zero and has_component(cfg, "metric_logger"):
             self._metric_logger = config.instantiate(cfg.metric_logger)
+            # wandb: the resolved config as its config and as a file (patient id lists redacted)
+            self._metric_logger.log_config(loggable_config(cfg))
+        self._profiler = self._setup_profiler(cfg.get("profiler"))
         self._tokenizer = config.instantiate(cfg.tokenizer)
         # Datasets before the model: bad data fails in seconds, not after loading 16 GB of weights.
         self._train_ds = config.instantiate(cfg.dataset, self._tokenizer)
@@ -137,9 +154,34 @@ class FullFinetuneRecipe:
             progress=self._progress, rank=self._rank)
         self._ckpt.load(resume)
 
+    def _setup_profiler(self, cfg_profiler: DictConfig | None):
+        """torchtune's profiler (``torchtune.training.setup_torch_profiler``), traces in
+        ``${output_dir}/profiling`` unless ``profiler.output_dir`` says otherwise::
+
+            profiler:
+              _component_: torchtune.training.setup_torch_profiler
+              enabled: true
+              wait_steps: 5
+              warmup_steps: 3
+              active_steps: 2
+              num_cycles: 1
+        """
+        if cfg_profiler is None or not cfg_profiler.get("enabled", False):
+            return None
+        cfg_profiler = OmegaConf.merge({"_component_": "torchtune.training.setup_torch_profiler",
+                                        "output_dir": os.path.join(self._cfg.output_dir, "profiling"),
+                                        "cuda": self._device.type == "cuda"}, cfg_profiler)
+        profiler, _ = config.instantiate(cfg_profiler)
+        if self._is_rank_zero:
+            log.info("profiler: traces in %s", cfg_profiler.output_dir)
+        return profiler
+
     def _check_no_shared_patients(self) -> None:
         if self._val_ds is None or not hasattr(self._val_ds, "patient_ids"):
             return
+        if self._train_ds.id_key_fingerprint != self._val_ds.id_key_fingerprint:
+            raise ValueError("dataset.cache_dir and dataset_val.cache_dir hold different id-hashing keys, so the "
+                             "train/validation patient overlap cannot be checked; give both the same cache_dir")
         shared = self._train_ds.patient_ids() & self._val_ds.patient_ids()
         if shared:
             first = min(shared)  # named by where it is, not by its id
@@ -306,6 +348,8 @@ class FullFinetuneRecipe:
         if self._device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self._device)
         first_step_logged = False
+        if self._profiler is not None:
+            self._profiler.start()
         while p.epoch < cfg.epochs:
             self._sampler.set_epoch(p.epoch, start_micro_batch=p.step_in_epoch * self._accum)
             batches = iter(self._train_loader)
@@ -313,6 +357,8 @@ class FullFinetuneRecipe:
                 started = time.perf_counter()
                 stats = self._train_step([next(batches) for _ in range(self._accum)])
                 p.advance(stats["tokens"])
+                if self._profiler is not None:
+                    self._profiler.step()
                 if not first_step_logged:
                     self._log_first_step(started)
                     first_step_logged = True
@@ -331,12 +377,19 @@ class FullFinetuneRecipe:
                     self._log({"checkpoint_blocked_seconds": time.perf_counter() - started})
                 if self._ckpt.stop_requested:
                     bar.close()
+                    self._stop_profiler()
                     return
             p.next_epoch()
         bar.close()
+        self._stop_profiler()
         if self._val_ds is not None and not self._validation_due(p.global_step):  # not just done
             self._log({"val_loss": self.validate()})
         self.save_final(cfg.epochs - 1)
+
+    def _stop_profiler(self) -> None:
+        if self._profiler is not None:
+            self._profiler.stop()
+            self._profiler = None
 
     def _validation_due(self, step: int) -> bool:
         return self._val_ds is not None and bool(self._val_every) and step % self._val_every == 0
@@ -400,10 +453,13 @@ def recipe_main(cfg: DictConfig) -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
     recipe = None
+    # wandb records the command line: an inline patient id list given as an override must not reach it
+    sys.argv = [a.split("=", 1)[0] + "=<redacted>" if a.split("=", 1)[0].endswith("patient_ids") and "=" in a else a
+                for a in sys.argv]
     try:
         recipe = FullFinetuneRecipe(cfg)
         if recipe._is_rank_zero:
-            log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+            log.info("config:\n%s", OmegaConf.to_yaml(loggable_config(cfg)))
         recipe.setup()
         recipe.train()
     except ValueError as e:  # bad config or data: our messages name the key or file:line and the fix
