@@ -1,8 +1,10 @@
 """Interim sharded checkpoints: ``${output_dir}/step_{N}/`` every N optimizer steps, the K newest
 kept, exact resume, SIGTERM-safe. The recipe uses it like this::
 
-    path = find_resume(cfg.output_dir, cfg.resume_from_checkpoint, rank, world)  # before building the model
-    ckpt = CheckpointManager.from_config(cfg, model=..., optimizer=..., lr_scheduler=..., progress=..., rank=...)
+    path = find_resume(cfg.output_dir, cfg.resume_from_checkpoint, rank)  # before building the model
+    world, run = read_run(path)   # the run record (gdt_tune.resume): refuse or warn before loading
+    ckpt = CheckpointManager.from_config(cfg, model=..., optimizer=..., lr_scheduler=..., progress=..., rank=...,
+                                         run_info=lambda: {...})
     ckpt.load(path)         # restore it (None: fresh start)
     ckpt.save(step)         # after every optimizer step: the manager owns the policy
     ckpt.close()            # at the end: wait for an async save in flight
@@ -15,8 +17,9 @@ YAML::
     resume_from_checkpoint: false   # true: newest usable step_N in output_dir; or a step_N path
 
 A ``step_N`` folder is a torch.distributed.checkpoint (each rank writes its own shards) of the
-model and optimizer (FSDP2 sharded state dicts), the LR scheduler and the progress counters, plus
-one ``rank_R.pt`` per rank with its RNG states. It is complete only once DCP's ``.metadata`` and
+model and optimizer (FSDP2 sharded state dicts, resharded by DCP when loaded on another number of
+ranks), the LR scheduler and the progress counters, plus one ``rank_R.pt`` per rank with its RNG
+states; rank 0's also holds the run record (data position in samples, resume contract). It is complete only once DCP's ``.metadata`` and
 our ``COMPLETE`` marker exist; the marker is written by rank 0 after the save (for async: its
 future) finished, and DCP writes ``.metadata`` only after every rank's shards are written.
 ``find_resume`` also checks every shard file against the metadata and skips damaged folders.
@@ -52,21 +55,24 @@ MODEL_OPTIM_KEY, LR_KEY, PROGRESS_KEY = "train_state", "lr_scheduler", "progress
 
 
 class Progress(Stateful):
-    """Where training is: the step is the source of truth for everything else (data position)."""
+    """Where training is: steps, epoch, tokens, and the data position as samples of the epoch's
+    global order consumed (``samples_in_epoch``; saved with the run record in ``rank_0.pt``, see
+    :func:`read_run`, so that any world size can continue from it)."""
 
     def __init__(self, seed: int, world_size: int):
         self.global_step = self.epoch = self.step_in_epoch = 0
-        self.tokens_seen = 0
+        self.tokens_seen = self.samples_in_epoch = 0
         self.seed, self.world_size = seed, world_size
 
-    def advance(self, tokens: float) -> None:
+    def advance(self, tokens: float, samples: int) -> None:
         self.global_step += 1
         self.step_in_epoch += 1
         self.tokens_seen += int(tokens)
+        self.samples_in_epoch += samples
 
     def next_epoch(self) -> None:
         self.epoch += 1
-        self.step_in_epoch = 0
+        self.step_in_epoch = self.samples_in_epoch = 0
 
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("global_step", "epoch", "step_in_epoch", "tokens_seen", "seed", "world_size")}
@@ -184,10 +190,10 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def find_resume(output_dir, resume, rank: int, world_size: int) -> Path | None:
+def find_resume(output_dir, resume, rank: int) -> Path | None:
     """The checkpoint to resume from (``resume_from_checkpoint``: false, true or a step_N path), or
     None for a fresh start. With true, damaged or unfinished checkpoints are skipped with a
-    warning. Raises ValueError when none is usable or it was written by another world size."""
+    warning. Raises ValueError when none is usable."""
     if resume is False or resume is None:
         return None
     if resume is not True:
@@ -209,11 +215,14 @@ def find_resume(output_dir, resume, rank: int, world_size: int) -> Path | None:
         if path is None:
             raise ValueError(f"config key 'resume_from_checkpoint': no usable step_N checkpoint in {output_dir}; "
                              "set resume_from_checkpoint=false to start fresh")
-    saved_world = torch.load(path / "rank_0.pt", weights_only=False)["world_size"]
-    if saved_world != world_size:
-        raise ValueError(f"checkpoint {path} was written by {saved_world} ranks but this run has {world_size}; "
-                         f"resume with --nproc_per_node/--nnodes giving {saved_world} ranks (the data order depends on it)")
     return path
+
+
+def read_run(path: Path) -> tuple[int, dict | None]:
+    """(world size, run record) of a checkpoint: the record is what the recipe gave
+    ``CheckpointManager(run_info=...)`` at the save (None for checkpoints of gdt_tune before 0.2)."""
+    saved = torch.load(path / "rank_0.pt", weights_only=False)
+    return saved["world_size"], saved.get("run")
 
 
 def check_model_shapes(path: Path, model_state: dict) -> None:
@@ -290,11 +299,12 @@ class CheckpointManager:
 
     def __init__(self, output_dir, *, model, optimizer, lr_scheduler, progress: Progress, rank: int,
                  save_every_n_steps: int | None = None, keep_last_n_checkpoints: int = 2,
-                 async_checkpointing: bool = False):
+                 async_checkpointing: bool = False, run_info=None):
         self.output_dir = Path(output_dir)
         self.every, self.keep = save_every_n_steps, keep_last_n_checkpoints
         self.async_save = async_checkpointing
         self.rank, self.progress = rank, progress
+        self._run_info = run_info  # () -> dict written to rank_0.pt at each save (see read_run)
         self._state = {MODEL_OPTIM_KEY: _ModelOptimState(model, optimizer), LR_KEY: _Scheduler(lr_scheduler),
                        PROGRESS_KEY: progress}
         # Async saves get their own gloo group: sharing the training group crashes gloo.
@@ -318,15 +328,32 @@ class CheckpointManager:
 
     # ---------------------------------------------------------- resume
     def load(self, path: Path | None) -> None:
-        """Restore the state saved in ``path`` (from :func:`find_resume`); None: fresh start."""
+        """Restore the state saved in ``path`` (from :func:`find_resume`); None: fresh start.
+        DCP reshards the model and optimizer state to this run's world size. The RNG states are per
+        rank: with the same world size each rank gets its own back; with another, every rank is
+        reseeded from (seed, step, rank), which changes nothing for a model without dropout."""
         if path is None:
             return
         check_model_shapes(path, self._state[MODEL_OPTIM_KEY].state_dict()["model"])
+        world = dist.get_world_size()
+        saved_world, run = read_run(path)
         dcp.load(self._state, checkpoint_id=str(path), process_group=self._pg)
-        set_rng_state(torch.load(path / f"rank_{self.rank}.pt", weights_only=False)["rng"])
-        self._last_saved = self.progress.global_step
+        p = self.progress
+        if saved_world == world:
+            set_rng_state(torch.load(path / f"rank_{self.rank}.pt", weights_only=False)["rng"])
+        else:
+            seed = (p.seed + 1_000_003 * p.global_step + self.rank) % 2**32
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)  # also every CUDA device
+        p.world_size = world
+        if run is not None:
+            p.samples_in_epoch = run["samples_in_epoch"]
+        self._last_saved = p.global_step
         if self.rank == 0:
-            log.info("checkpoint: resumed from %s (step %d, epoch %d)", path, self.progress.global_step, self.progress.epoch)
+            log.info("checkpoint: resumed from %s (step %d, epoch %d, %d samples of the epoch consumed, world size "
+                     "%d -> %d%s)", path, p.global_step, p.epoch, p.samples_in_epoch, saved_world, world,
+                     "" if saved_world == world else "; state resharded, RNG reseeded")
 
     # ---------------------------------------------------------- save
     def save(self, step: int) -> bool:
@@ -352,7 +379,10 @@ class CheckpointManager:
                 shutil.rmtree(path)
             dist.barrier(group=self._pg)
             path.mkdir(parents=True, exist_ok=True)
-            torch.save({"rng": rng_state(), "world_size": dist.get_world_size()}, path / f"rank_{self.rank}.pt")
+            record = {"rng": rng_state(), "world_size": dist.get_world_size()}
+            if self.rank == 0 and self._run_info is not None:
+                record["run"] = self._run_info()
+            torch.save(record, path / f"rank_{self.rank}.pt")
             if self.async_save:
                 future = dcp.async_save(self._state, checkpoint_id=str(path), process_group=self._pg)
                 self._in_flight = (future, path)

@@ -10,12 +10,15 @@ from torch.utils.data import Sampler
 
 
 class GlobalOrderBatchSampler(Sampler[list[int]]):
-    """This rank's micro-batches of one global order per epoch.
+    """This rank's micro-batches of one global order per epoch, from any sample on.
 
-    Micro-batch ``m`` of the epoch is ``order[m*B*W + r*B : m*B*W + (r+1)*B]`` for rank ``r`` of
-    ``W`` with ``B`` samples per rank; the incomplete last global micro-batch is dropped, so every
-    rank yields the same number of batches. ``order`` is ``randperm(n)`` seeded with
-    ``seed + epoch`` (or ``range(n)`` without shuffling).
+    ``order`` is ``randperm(n)`` seeded with ``seed + epoch`` (or ``range(n)`` without shuffling):
+    it depends on neither the world size nor the batch size. Started at sample ``S`` (the samples
+    of the epoch consumed so far), micro-batch ``m`` is ``order[S + m*B*W + r*B : S + m*B*W + (r+1)*B]``
+    for rank ``r`` of ``W`` with ``B`` samples per rank; an incomplete last global micro-batch is
+    dropped, so every rank yields the same number of batches. A step of ``a`` accumulated
+    micro-batches thus takes samples ``S .. S + B*W*a`` of the order, whatever ``B``, ``W`` and
+    ``a`` are, which is what lets a run resume on another number of ranks.
     """
 
     def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool):
@@ -24,13 +27,9 @@ class GlobalOrderBatchSampler(Sampler[list[int]]):
         self.seed, self.shuffle = seed, shuffle
         self.epoch, self.start = 0, 0
 
-    @property
-    def micro_batches_per_epoch(self) -> int:
-        return self.num_samples // (self.batch_size * self.world_size)
-
-    def set_epoch(self, epoch: int, start_micro_batch: int = 0) -> None:
-        """Iterate epoch ``epoch`` from global micro-batch ``start_micro_batch`` on."""
-        self.epoch, self.start = epoch, start_micro_batch
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        """Iterate epoch ``epoch`` from sample ``start_sample`` of its global order on."""
+        self.epoch, self.start = epoch, start_sample
 
     def order(self) -> list[int]:
         if not self.shuffle:
@@ -39,12 +38,12 @@ class GlobalOrderBatchSampler(Sampler[list[int]]):
         return torch.randperm(self.num_samples, generator=g).tolist()
 
     def __len__(self) -> int:
-        return max(0, self.micro_batches_per_epoch - self.start)
+        return max(0, self.num_samples - self.start) // (self.batch_size * self.world_size)
 
     def __iter__(self):
-        order, per_step = self.order(), self.batch_size * self.world_size
-        for m in range(self.start, self.micro_batches_per_epoch):
-            first = m * per_step + self.rank * self.batch_size
+        order, per_micro_batch = self.order(), self.batch_size * self.world_size
+        for m in range(len(self)):
+            first = self.start + m * per_micro_batch + self.rank * self.batch_size
             yield order[first : first + self.batch_size]
 
 

@@ -150,13 +150,44 @@ def test_sigkill_during_a_save_resumes_from_the_previous_one(demo_dir, tmp_path)
     assert_same_weights(base, out)
 
 
-def test_another_world_size_is_refused(demo_dir, tmp_path):
-    run_recipe(demo_dir, tmp_path, "max_steps_per_epoch=2", "save_every_n_steps=2", *NO_VAL)
-    proc = run_recipe(demo_dir, tmp_path, "max_steps_per_epoch=4", "save_every_n_steps=2", "resume_from_checkpoint=true",
-                      *NO_VAL, nproc=1, check=False)
-    assert proc.returncode != 0
-    assert "was written by 2 ranks but this run has 1" in proc.stdout + proc.stderr
-    assert (tmp_path / "step_2" / "COMPLETE").is_file()
+RESHARD = ("max_steps_per_epoch=6", "save_every_n_steps=3", "keep_last_n_checkpoints=2", *NO_VAL)
+
+
+@pytest.mark.parametrize("before, after", [((2, 1), (1, 2)), ((1, 2), (2, 1))])
+def test_resume_on_another_world_size_with_the_same_global_batch(demo_dir, tmp_path, before, after):
+    """(ranks, gradient_accumulation_steps) 2 x 1 -> 1 x 2 and back: the state is resharded and the
+    resumed losses and final weights are those of the uninterrupted run."""
+    base, out = tmp_path / "base", tmp_path / "resumed"
+    run_recipe(demo_dir, base, *RESHARD, f"gradient_accumulation_steps={before[1]}", nproc=before[0])
+    out.mkdir()
+    shutil.copytree(base / "step_3", out / "step_3")
+    proc = run_recipe(demo_dir, out, *RESHARD, f"gradient_accumulation_steps={after[1]}", "resume_from_checkpoint=true",
+                      nproc=after[0])
+    text = proc.stdout + proc.stderr
+    assert f"(step 3, epoch 0, 6 samples of the epoch consumed, world size {before[0]} -> {after[0]}; state " \
+           "resharded, RNG reseeded)" in text
+    assert f"resume: ranks {before[0]} -> {after[0]}" in text and "global batch" not in text
+    expected, resumed = logged(base), logged(out)
+    assert sorted(resumed) == [4, 5, 6]
+    for step in resumed:
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-5)
+    wa, wb = final_weights(base, 0), final_weights(out, 0)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_with_another_global_batch_warns_and_refuses_a_changed_seed(demo_dir, tmp_path):
+    base, out = tmp_path / "base", tmp_path / "resumed"
+    run_recipe(demo_dir, base, *RESHARD)
+    out.mkdir()
+    shutil.copytree(base / "step_3", out / "step_3")
+    proc = run_recipe(demo_dir, out, *RESHARD, "resume_from_checkpoint=true", nproc=1)
+    assert "resume: global batch 2 -> 1 samples per step" in proc.stdout + proc.stderr
+    assert sorted(logged(out)) == [4, 5, 6]
+    refused = run_recipe(demo_dir, out, *RESHARD, "resume_from_checkpoint=true", "seed=1", check=False)
+    assert refused.returncode == 1
+    assert "error: resume: config key 'seed' was 42 when" in refused.stderr and "set seed=42 to resume it" in refused.stderr
+    assert (out / "step_6" / "COMPLETE").is_file()
 
 
 def test_failed_save_stops_with_the_directory_and_keeps_earlier_checkpoints(demo_dir, tmp_path):

@@ -77,23 +77,24 @@ def test_damaged_newest_is_skipped_with_a_warning(tmp_path, caplog, damage, prob
     assert checkpoint_problem(tmp_path / "step_2") is None
     assert problem in checkpoint_problem(tmp_path / "step_4")
     with caplog.at_level(logging.WARNING, logger="gdt_tune"):
-        assert find_resume(tmp_path, True, rank=0, world_size=1) == tmp_path / "step_2"
+        assert find_resume(tmp_path, True, rank=0) == tmp_path / "step_2"
     warning = next(r.message for r in caplog.records if r.name == "gdt_tune")
     assert warning.startswith("checkpoint: skipping step_4 (") and problem in warning
     # named explicitly, or with nothing older to fall back on: a clear error
     with pytest.raises(ValueError, match=rf"step_4 is not usable \(.*{problem}"):
-        find_resume(tmp_path, str(tmp_path / "step_4"), rank=0, world_size=1)
+        find_resume(tmp_path, str(tmp_path / "step_4"), rank=0)
     shutil.rmtree(tmp_path / "step_2")
     with pytest.raises(ValueError, match="no usable step_N checkpoint in .*resume_from_checkpoint=false"):
-        find_resume(tmp_path, True, rank=0, world_size=1)
+        find_resume(tmp_path, True, rank=0)
 
 
-def test_resume_off_world_size_and_model_shape(tmp_path):
-    assert find_resume(tmp_path, False, rank=0, world_size=2) is None
+def test_resume_off_run_record_and_model_shape(tmp_path):
+    from gdt_tune.checkpointing import read_run
+
+    assert find_resume(tmp_path, False, rank=0) is None
     path = real(tmp_path, 2, world=2)
-    assert find_resume(tmp_path, True, rank=0, world_size=2) == path
-    with pytest.raises(ValueError, match="written by 2 ranks but this run has 4; resume with"):
-        find_resume(tmp_path, True, rank=0, world_size=4)
+    assert find_resume(tmp_path, True, rank=0) == path
+    assert read_run(path) == (2, None)  # written without a run record
     check_model_shapes(path, {"w": torch.zeros(4, 3), "b": torch.zeros(3)})
     with pytest.raises(ValueError, match=r"holds another model \(w: saved \(4, 3\), this config \(8, 3\)\)"):
         check_model_shapes(path, {"w": torch.zeros(8, 3), "b": torch.zeros(3)})

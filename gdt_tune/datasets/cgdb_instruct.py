@@ -68,6 +68,11 @@ class CGDBInstructDataset(Dataset):
     def __len__(self) -> int:
         return len(self._offsets)
 
+    @property
+    def files(self) -> list[str]:
+        """The JSONL files read (the resume contract fingerprints them)."""
+        return list(self._files)
+
     def where(self, index: int) -> str:
         """``file:line`` of sample ``index`` (for error messages; never the text)."""
         return f"{self._files[self._file_idx[index]]}:{self._lines[index]}"

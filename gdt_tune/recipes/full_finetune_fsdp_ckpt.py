@@ -27,9 +27,10 @@ from tqdm import tqdm
 
 from gdt_tune import float8
 from gdt_tune.activation_checkpointing import apply_activation_checkpointing
-from gdt_tune.checkpointing import CheckpointManager, Progress, find_resume, shape_mismatch
+from gdt_tune.checkpointing import CheckpointManager, Progress, find_resume, read_run, shape_mismatch
 from gdt_tune.config_checks import check_config, check_paths, has_component
 from gdt_tune.mfu import decoder_flops_per_token, mfu, peak_tflops
+from gdt_tune.resume import compare, dataset_fingerprint
 from gdt_tune.sampling import EvalBatchSampler, GlobalOrderBatchSampler
 
 log = logging.getLogger("gdt_tune")
@@ -122,13 +123,19 @@ class FullFinetuneRecipe:
             # wandb: the resolved config as its config and as a file (patient id lists redacted)
             self._metric_logger.log_config(loggable_config(cfg))
         self._profiler = self._setup_profiler(cfg.get("profiler"))
+        # The checkpoint first (its files only): a resumed run with seed=null takes the saved seed.
+        resume = find_resume(cfg.output_dir, cfg.get("resume_from_checkpoint", False), self._rank)
+        saved_world, saved_run = read_run(resume) if resume is not None else (None, None)
+        if saved_run is not None and cfg.get("seed") is None:
+            self._seed = training.set_seed(seed=saved_run["seed"])
         self._tokenizer = config.instantiate(cfg.tokenizer)
         # Datasets before the model: bad data fails in seconds, not after loading 16 GB of weights.
         self._train_ds = config.instantiate(cfg.dataset, self._tokenizer)
         self._val_ds = config.instantiate(cfg.dataset_val, self._tokenizer) if has_component(cfg, "dataset_val") else None
         self._check_no_shared_patients()
         self._sampler, self._train_loader = self._setup_train_loader(self._train_ds)
-        self._steps_per_epoch = self._sampler.micro_batches_per_epoch // self._accum
+        self._global_batch = self._batch_size * self._world * self._accum
+        self._steps_per_epoch = len(self._train_ds) // self._global_batch
         if cfg.get("max_steps_per_epoch") is not None:
             self._steps_per_epoch = min(self._steps_per_epoch, cfg.max_steps_per_epoch)
         if self._steps_per_epoch == 0:
@@ -137,8 +144,8 @@ class FullFinetuneRecipe:
             raise ValueError(
                 f"dataset: {len(self._train_ds)} samples{why} make no optimizer step with batch_size={self._batch_size} x "
                 f"{self._world} ranks x gradient_accumulation_steps={self._accum}; lower them or add data")
+        resume_warnings = self._check_resume(resume, saved_world, saved_run)
         self._checkpointer = config.instantiate(cfg.checkpointer)
-        resume = find_resume(cfg.output_dir, cfg.get("resume_from_checkpoint", False), self._rank, self._world)
         self._model = self._setup_model(cfg.model, from_hf=resume is None)
         self._optimizer = config.instantiate(cfg.optimizer, self._model.parameters())
         self._lr_scheduler = (config.instantiate(cfg.lr_scheduler, self._optimizer,
@@ -151,9 +158,48 @@ class FullFinetuneRecipe:
         self._progress = Progress(seed=self._seed, world_size=self._world)
         self._ckpt = CheckpointManager.from_config(
             cfg, model=self._model, optimizer=self._optimizer, lr_scheduler=self._lr_scheduler,
-            progress=self._progress, rank=self._rank)
+            progress=self._progress, rank=self._rank,
+            run_info=lambda: {**self._run_contract(), "samples_in_epoch": self._progress.samples_in_epoch})
         self._ckpt.load(resume)
+        if resume is not None:
+            if saved_run is None:  # a checkpoint without a run record: same world size (checked), same batch
+                self._progress.samples_in_epoch = self._progress.step_in_epoch * self._global_batch
+            self._apply_learning_rate()
+            for line in resume_warnings:
+                if self._is_rank_zero:
+                    log.warning(line)
 
+    def _run_contract(self) -> dict:
+        """What this run's data order and optimisation depend on (``gdt_tune.resume``)."""
+        cfg, ds = self._cfg, self._cfg.dataset
+        return {"seed": self._seed, "shuffle": cfg.get("shuffle", True), "dataset": dataset_fingerprint(self._train_ds),
+                "samples": len(self._train_ds), "max_seq_len": ds.get("max_seq_len", 8000),
+                "truncation": ds.get("truncation", "gdt"), "splits_per_patient_therapy": ds.get("splits_per_patient_therapy"),
+                "world_size": self._world, "gradient_accumulation_steps": self._accum, "batch_size": self._batch_size,
+                "global_batch": self._global_batch, "lr": float(cfg.optimizer.get("lr", 0.0)),
+                "save_every_n_steps": cfg.get("save_every_n_steps")}
+
+    def _check_resume(self, path, saved_world: int | None, saved_run: dict | None) -> list[str]:
+        """Refuse a resume that would silently change the run; the warnings for allowed changes."""
+        if path is None:
+            return []
+        if saved_run is None:
+            if saved_world != self._world:
+                raise ValueError(f"checkpoint {path} holds no sample position (written by an older gdt_tune) and "
+                                 f"{saved_world} ranks; resume it with {saved_world} ranks")
+            return []
+        return compare(saved_run, self._run_contract(), path)
+
+    def _apply_learning_rate(self) -> None:
+        """The optimizer state brings back the saved learning rate; use the config's (a changed
+        ``optimizer.lr`` is allowed on resume, with a warning)."""
+        lr = self._cfg.optimizer.get("lr")
+        if lr is None:
+            return
+        for group in self._optimizer.param_groups:
+            group["lr"] = float(lr)
+        if self._lr_scheduler is not None and hasattr(self._lr_scheduler, "base_lrs"):
+            self._lr_scheduler.base_lrs = [float(lr)] * len(self._lr_scheduler.base_lrs)
     def _setup_profiler(self, cfg_profiler: DictConfig | None):
         """torchtune's profiler (``torchtune.training.setup_torch_profiler``), traces in
         ``${output_dir}/profiling`` unless ``profiler.output_dir`` says otherwise::
@@ -341,7 +387,7 @@ class FullFinetuneRecipe:
     # ---------------------------------------------------------------- loop
     def train(self) -> None:
         cfg, p = self._cfg, self._progress
-        total_steps = self._steps_per_epoch * cfg.epochs
+        total_steps = p.global_step + self._steps_left(p)
         bar = tqdm(total=total_steps, initial=p.global_step, desc="training", unit="step",
                    disable=not self._is_rank_zero, dynamic_ncols=True)
         window = {"tokens": 0.0, "label_tokens": 0.0, "seq_len": 0.0, "steps": 0, "t0": time.perf_counter()}
@@ -351,12 +397,12 @@ class FullFinetuneRecipe:
         if self._profiler is not None:
             self._profiler.start()
         while p.epoch < cfg.epochs:
-            self._sampler.set_epoch(p.epoch, start_micro_batch=p.step_in_epoch * self._accum)
+            self._sampler.set_epoch(p.epoch, start_sample=p.samples_in_epoch)
             batches = iter(self._train_loader)
-            while p.step_in_epoch < self._steps_per_epoch:
+            for _ in range(self._steps_left_in_epoch(p)):
                 started = time.perf_counter()
                 stats = self._train_step([next(batches) for _ in range(self._accum)])
-                p.advance(stats["tokens"])
+                p.advance(stats["tokens"], self._global_batch)
                 if self._profiler is not None:
                     self._profiler.step()
                 if not first_step_logged:
@@ -385,6 +431,16 @@ class FullFinetuneRecipe:
         if self._val_ds is not None and not self._validation_due(p.global_step):  # not just done
             self._log({"val_loss": self.validate()})
         self.save_final(cfg.epochs - 1)
+
+    def _steps_left_in_epoch(self, p: Progress) -> int:
+        """Up to ``max_steps_per_epoch`` steps an epoch, while a whole global batch of the epoch's
+        samples is left (after a resume with another global batch the position need not be a
+        multiple of it)."""
+        by_samples = (len(self._train_ds) - p.samples_in_epoch) // self._global_batch
+        return max(0, min(self._steps_per_epoch - p.step_in_epoch, by_samples))
+
+    def _steps_left(self, p: Progress) -> int:
+        return self._steps_left_in_epoch(p) + max(0, self._cfg.epochs - p.epoch - 1) * self._steps_per_epoch
 
     def _stop_profiler(self) -> None:
         if self._profiler is not None:

@@ -1,0 +1,69 @@
+"""What a checkpoint promises about its run, and what may change when it is resumed.
+
+A checkpoint records the *run*: what defines the data order (seed, shuffle, the dataset's files
+and samples, length cap and selection), the optimisation (global batch, learning rate) and the
+position in the data, counted in samples of the epoch's global order. On resume:
+
+- refused, with one line naming the key, both values and the fix: ``seed``, ``shuffle``, the
+  dataset (files, sizes, modification times, samples after selection), ``dataset.max_seq_len``,
+  ``dataset.truncation``, ``dataset.splits_per_patient_therapy`` (and the model shape, checked
+  against the weights by ``checkpointing.check_model_shapes``);
+- allowed with a one-line warning: the world size (the sharded state is resharded),
+  ``gradient_accumulation_steps``, ``batch_size`` and so the global batch, ``optimizer.lr`` (applied
+  from the resumed step on) and ``save_every_n_steps``.
+
+With the same global batch (``batch_size x ranks x gradient_accumulation_steps``) the resumed run
+takes the same samples in each step as the uninterrupted one; with another, it continues from the
+exact sample where the checkpoint stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+#: key -> (what to call it, the fix)
+REFUSED = {
+    "seed": ("config key 'seed'", "set seed={saved}"),
+    "shuffle": ("config key 'shuffle'", "set shuffle={saved}"),
+    "max_seq_len": ("config key 'dataset.max_seq_len'", "set dataset.max_seq_len={saved}"),
+    "truncation": ("config key 'dataset.truncation'", "set dataset.truncation={saved}"),
+    "splits_per_patient_therapy": ("config key 'dataset.splits_per_patient_therapy'",
+                                   "set dataset.splits_per_patient_therapy={saved}"),
+    "dataset": ("the training data (files, sizes, modification times)", "restore the data it was trained on"),
+    "samples": ("the number of training samples after selection", "restore the data and selection it was trained on"),
+}
+WARNED = {
+    "world_size": "ranks",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "batch_size": "batch_size",
+    "lr": "optimizer.lr",
+    "save_every_n_steps": "save_every_n_steps",
+}
+
+
+def dataset_fingerprint(dataset) -> str:
+    """The files (names, sizes, modification times) and sample count behind a dataset."""
+    files = getattr(dataset, "files", None) or []
+    h = hashlib.sha256()
+    for f in sorted(files):
+        st = os.stat(f)
+        h.update(f"{os.path.basename(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(f"{type(dataset).__name__}|{len(dataset)}".encode())
+    return h.hexdigest()[:16]
+
+
+def compare(saved: dict, current: dict, path) -> list[str]:
+    """Raise ValueError for the first refused difference; return the warnings for allowed ones."""
+    for key, (what, fix) in REFUSED.items():
+        if key in saved and saved[key] != current.get(key):
+            raise ValueError(f"resume: {what} was {saved[key]!r} when {path} was written but is "
+                             f"{current.get(key)!r} now; {fix.format(saved=saved[key])} to resume it, or "
+                             "start a new run in a new output_dir")
+    warnings = [f"resume: {name} {saved[key]} -> {current.get(key)}" for key, name in WARNED.items()
+                if key in saved and saved[key] != current.get(key)]
+    if saved.get("global_batch") not in (None, current.get("global_batch")):
+        warnings.append(f"resume: global batch {saved['global_batch']} -> {current['global_batch']} samples per step "
+                        "(batch_size x ranks x gradient_accumulation_steps): the data continues from the same "
+                        "sample, but the steps are not those of the uninterrupted run")
+    return warnings
