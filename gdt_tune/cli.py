@@ -1,4 +1,4 @@
-"""``gdt-tune`` command line: train, cp, prepare-demo, demo, evaluate, data-report."""
+"""``gdt-tune`` command line: train, cp, prepare-demo, demo, evaluate, data-report, export, plot-run."""
 
 from __future__ import annotations
 
@@ -115,9 +115,47 @@ def _demo(args) -> int:
         return 2
     rc = _run_training(cmd)
     if rc == 0:
+        from gdt_tune.run_report import plot_run
+
         run = demo_dir / "run"
-        print(f"\ndone. logs: {run / 'logs'}  interim checkpoints: {run}/step_*  final HF checkpoint: {run / 'epoch_0'}")
+        png, text = plot_run(run)
+        print(f"\n{text}\n\ndone. training curve: {png}  logs: {run / 'logs'}  interim checkpoints: {run}/step_*  "
+              f"final HF checkpoint: {run / 'epoch_0'}")
     return rc
+
+
+def _load_config(path, overrides):
+    from omegaconf import OmegaConf
+
+    if not path:
+        return None
+    return OmegaConf.merge(OmegaConf.load(resolve_config(path)), OmegaConf.from_dotlist(overrides))
+
+
+def _export(args) -> int:
+    from gdt_tune.export import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, _load_config(args.config, args.overrides))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"exported {args.checkpoint} to {out}: load it with transformers.AutoModelForCausalLM / AutoTokenizer, "
+          f"or serve it with vllm serve {out}")
+    return 0
+
+
+def _plot_run(args) -> int:
+    from gdt_tune.run_report import plot_run
+
+    try:
+        png, text = plot_run(args.run_dir, args.out)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(text)
+    print(f"\nwrote {png} and {png.with_name('summary.md')}")
+    return 0
 
 
 def _evaluate(args) -> int:
@@ -197,6 +235,17 @@ def main(argv=None) -> int:
     e.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     e.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. demo_dir=...)")
     e.set_defaults(func=_evaluate)
+    x = sub.add_parser("export", help="an HF folder that serves with the training prompt (tokenizer.json, chat "
+                       "template, generation_config.json) from epoch_N or step_N")
+    x.add_argument("--checkpoint", required=True, help="final epoch_N, or interim step_N (needs --config)")
+    x.add_argument("--out", required=True, help="output folder")
+    x.add_argument("--config", help="the training config (name or file): model, tokenizer, system prompt")
+    x.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    x.set_defaults(func=_export)
+    pr = sub.add_parser("plot-run", help="loss.png and summary.md of a run from its DiskLogger logs")
+    pr.add_argument("run_dir", help="the run's output_dir")
+    pr.add_argument("--out", default=None, help="output folder (default: the run folder)")
+    pr.set_defaults(func=_plot_run)
     r = sub.add_parser("data-report", help="counts, lengths, task mix and split overlap of a dataset (no text)")
     r.add_argument("--data", required=True, action="append", help="JSONL file, glob or folder; repeat for splits, "
                    "or a folder with train/validation/test")

@@ -150,3 +150,66 @@ def forecast_metrics(items: list[dict]) -> dict:
         scaled = [v[f"scaled_mae_{method}"] for v in out["per_variable"].values() if v[f"scaled_mae_{method}"] is not None]
         out[f"scaled_mae_{method}"] = float(np.mean(scaled)) if scaled else None
     return out
+
+
+#: Event horizon buckets, weeks: (name, low exclusive, high inclusive).
+HORIZON_BUCKETS = (("<=13 weeks", 0.0, 13.0), ("14-52 weeks", 13.0, 52.0), (">52 weeks", 52.0, math.inf))
+
+
+def auroc(scores, labels) -> float | None:
+    """Area under the ROC curve (the Mann-Whitney U statistic, ties counted half); None when
+    ``labels`` hold only one class."""
+    s, y = np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s))
+    sorted_s = s[order]
+    i = 0
+    while i < len(s):  # average ranks over ties
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def bootstrap_ci(scores, labels, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[float] | None:
+    """Percentile bootstrap interval of :func:`auroc` (resampling tasks; resamples with one class
+    are skipped); None when fewer than half of them have both classes."""
+    s, y = np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)
+    if len(s) == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    values = [v for _ in range(n_boot) if (v := auroc(s[idx := rng.integers(0, len(s), len(s))], y[idx])) is not None]
+    if len(values) < n_boot / 2:
+        return None
+    return [float(np.quantile(values, (1 - level) / 2)), float(np.quantile(values, (1 + level) / 2))]
+
+
+def horizon_bucket(weeks: float) -> str:
+    return next(name for name, low, high in HORIZON_BUCKETS if low < weeks <= high)
+
+
+def event_auroc(events: list[str], horizons: list[float], truths: list[int], probs: list[list[float]],
+                n_boot: int = 1000) -> dict:
+    """AUROC of P(occurred) among uncensored tasks (occurred vs did not occur), per event and per
+    horizon bucket (and over all), each with its task count, positives and a bootstrap 95% interval."""
+    rows = [(e, horizon_bucket(h), t == OCCURRED, p[OCCURRED]) for e, h, t, p in zip(events, horizons, truths, probs)
+            if t != OUTCOMES.index("was censored and did not occur")]
+
+    def cell(selected) -> dict:
+        scores, labels = [r[3] for r in selected], [r[2] for r in selected]
+        return {"auroc": auroc(scores, labels), "ci95": bootstrap_ci(scores, labels, n_boot),
+                "tasks": len(selected), "occurred": int(sum(labels))}
+
+    out: dict = {"all": {"all": cell(rows)}}
+    for event in sorted({r[0] for r in rows}):
+        out[event] = {"all": cell([r for r in rows if r[0] == event])}
+        for name, _, _ in HORIZON_BUCKETS:
+            out[event][name] = cell([r for r in rows if r[0] == event and r[1] == name])
+    for name, _, _ in HORIZON_BUCKETS:
+        out["all"][name] = cell([r for r in rows if r[1] == name])
+    return out

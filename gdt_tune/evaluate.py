@@ -5,7 +5,9 @@
 - Event tasks: the three completions are scored by mean per-token log-probability after the
   prompt and the true answer text up to that task's outcome; a softmax over the three gives the
   probabilities. Accuracy, Brier score, per-event confusion and calibration, against the training
-  set's majority outcome per event (training data: ``--train-data`` or the config's dataset).
+  set's majority outcome per event (training data: ``--train-data`` or the config's dataset), and
+  the AUROC of P(occurred) among uncensored tasks per event and horizon bucket with bootstrap 95%
+  intervals (horizons read from the instruction's task list).
 - Forecasting tasks: the answer is generated greedily and ``--samples`` times sampled
   (temperature 0.9, top-p 0.85, as GDT), parsed with ``parse_answer``; MAE and scaled MAE per
   variable against the copy-forward baseline, and the share of unparseable outputs.
@@ -32,6 +34,7 @@ from gdt_tune.datasets._index import read_chunk, resolve_data_files
 from gdt_tune.datasets._layout import DEFAULT_SYSTEM_PROMPT, Layout
 from gdt_tune.eval_metrics import (
     OUTCOMES,
+    event_auroc,
     event_metrics,
     forecast_metrics,
     forecast_points,
@@ -42,6 +45,8 @@ from gdt_tune.eval_metrics import (
 )
 
 log = logging.getLogger("gdt_tune")
+_HORIZON_RE = re.compile(r"Task (\d+) is time to event prediction:\n\tPredict whether the event \((.+?)\) was "
+                         r"censored (\d+(?:\.\d+)?) weeks")
 _EVENT_OUTCOME_RE = re.compile(r"Here is the prediction: the event \((.+?)\) (" + "|".join(map(re.escape, OUTCOMES)) + r")\.")
 
 
@@ -154,10 +159,14 @@ def event_candidates(layout: Layout, record: dict) -> list[dict]:
     outcome) and the three candidate completions' tokens."""
     answer = record["answer"].strip()
     context = [*layout.prompt_tokens(record["instruction"]), *layout.assistant_header]
+    horizons = {int(n): float(w) for n, _, w in _HORIZON_RE.findall(record["instruction"])}
     out = []
     for task, m in zip([t for t in parse_answer(answer) if t.type == EVENT], _EVENT_OUTCOME_RE.finditer(answer)):
         prefix = answer[: m.start(2)].rstrip()  # "... the event (death)"; the space goes with the outcome
+        if task.number not in horizons:
+            raise ValueError(f"the instruction has no horizon ('... was censored N weeks ...') for event task {task.number}")
         out.append({"event": task.event, "truth": outcome_index(task.censored, task.occurred),
+                    "horizon_weeks": horizons[task.number],
                     "context": context + _encode(layout.tokenizer, prefix),
                     "candidates": [_encode(layout.tokenizer, f" {o}") for o in OUTCOMES]})  # the "." may merge with "\n"
     return out
@@ -279,6 +288,8 @@ def evaluate(checkpoint, data, out, cfg=None, max_samples=None, train_data=None,
     metrics = {"checkpoint": str(checkpoint), "data": str(data), "samples": len(records),
                "device": device.type, "dtype": str(dtype).removeprefix("torch."),
                "events": event_metrics(events, truths, probs)}
+    if tasks:
+        metrics["events"]["auroc"] = event_auroc(events, [t["horizon_weeks"] for t in tasks], truths, probs)
     if train_data is None and cfg is not None:
         train_data = cfg.dataset.get("data_files")
     if train_data is not None and tasks:
@@ -323,6 +334,11 @@ def summary(metrics: dict) -> str:
         base = ev.get("baseline_majority", {})
         lines.append(f"events: {ev['tasks']} tasks, accuracy {f(ev['accuracy'])} (majority baseline "
                      f"{f(base.get('accuracy'))}), Brier {f(ev['brier'])} (baseline {f(base.get('brier'))})")
+        overall = ev["auroc"]["all"]["all"]
+        ci = overall["ci95"]
+        lines.append(f"events AUROC of P(occurred), uncensored tasks: {f(overall['auroc'])} "
+                     f"(95% CI {f(ci[0]) if ci else 'n/a'}-{f(ci[1]) if ci else 'n/a'}; {overall['tasks']} tasks, "
+                     f"{overall['occurred']} occurred); per event and horizon in metrics.json")
     if fc["tasks"]:
         lines.append(f"forecasting: {fc['targets']} targets, MAE greedy {f(fc['mae_greedy'])}, sampled mean "
                      f"{f(fc['mae_sampled_mean'])}, copy-forward {f(fc['mae_copy_forward'])}; scaled MAE greedy "

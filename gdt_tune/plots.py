@@ -24,8 +24,14 @@ def forecast_mae_plot(forecasting: dict, path: Path) -> None:
     width = 0.27
     for k, (method, label) in enumerate((("greedy", "model, greedy"), ("sampled_mean", "model, sample mean"),
                                          ("copy_forward", "copy-forward"))):
-        values = [rows[n][f"mae_{method}"] or 0.0 for n in names]
-        ax.bar([i + (k - 1) * width for i in range(len(names))], values, width, label=label)
+        xs = [i + (k - 1) * width for i in range(len(names))]
+        values = [rows[n][f"mae_{method}"] for n in names]
+        bars = ax.bar(xs, [0.0 if v is None else v for v in values], width, label=label)
+        for x, v, bar in zip(xs, values, bars):
+            if v is None:  # no parseable prediction: say so instead of a zero-height bar
+                bar.set_visible(False)
+                ax.annotate("n/a", (x, 0), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                            fontsize=8, rotation=90, color=bar.get_facecolor())
     ax.set_xticks(range(len(names)), [n.split(" - ")[0] for n in names], rotation=30, ha="right")
     ax.set_ylabel("MAE")
     ax.set_title("Forecasting MAE per variable" if names else "Forecasting MAE (no forecasting tasks)")
@@ -63,4 +69,17 @@ def bar_chart(labels: list[str], values: list[int], title: str, path: Path) -> N
     ax.bar(range(len(labels)), values)
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     ax.set_title(title)
+    _save(fig, path)
+
+
+def loss_plot(steps: list[int], loss: list[float], smoothed: list[float], val: dict[int, float], path: Path) -> None:
+    """Training loss (raw, faint; smoothed) and validation loss per step."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, loss, color="tab:blue", alpha=0.25, linewidth=1, label="train loss")
+    ax.plot(steps, smoothed, color="tab:blue", linewidth=2, label="train loss, smoothed")
+    if val:
+        ax.plot(sorted(val), [val[s] for s in sorted(val)], "o-", color="tab:orange", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss per label token")
+    ax.legend()
     _save(fig, path)

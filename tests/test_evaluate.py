@@ -79,6 +79,10 @@ def test_evaluate_final_and_interim_checkpoints_of_a_demo_run(demo_dir, tmp_path
     for key in ("accuracy", "brier"):
         assert a["events"][key] == pytest.approx(b["events"][key], abs=1e-4)
     assert a["events"]["baseline_majority"]["accuracy"] is not None
+    auroc = a["events"]["auroc"]
+    assert auroc["all"]["all"]["tasks"] == sum(c["tasks"] for k, c in auroc["all"].items() if k != "all")
+    assert set(auroc["all"]) == {"all", "<=13 weeks", "14-52 weeks", ">52 weeks"}
+    assert "events AUROC of P(occurred), uncensored tasks:" in final.stdout
     assert a["forecasting"]["mae_copy_forward"] > 0 and 0 <= a["forecasting"]["unparseable_share"] <= 1
     for name in ("forecast_mae.png", "event_calibration.png"):
         assert (tmp_path / "final" / name).read_bytes()[:4] == b"\x89PNG"
@@ -141,3 +145,18 @@ def test_evaluate_in_bf16_matches_fp32(demo_dir, tmp_path):
     assert b["events"]["brier"] == pytest.approx(a["events"]["brier"], abs=0.02)
     with pytest.raises(ValueError, match="--dtype fp16"):
         evaluate(demo_dir / "model", out=tmp_path / "x", dtype="fp16", **common)
+
+
+def test_forecast_plot_marks_missing_values(monkeypatch, tmp_path):
+    """A variable without a parseable model prediction gets an 'n/a' mark, not a zero-height bar."""
+    import gdt_tune.plots as plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    rows = {"hemoglobin - 718-7": {"mae_greedy": None, "mae_sampled_mean": 0.5, "mae_copy_forward": 0.7},
+            "calcium - 17861-6": {"mae_greedy": 0.2, "mae_sampled_mean": None, "mae_copy_forward": 0.3}}
+    plots.forecast_mae_plot({"per_variable": rows}, tmp_path / "x.png")
+    ax = figures[0].axes[0]
+    assert sorted(t.get_text() for t in ax.texts) == ["n/a", "n/a"]
+    visible = sorted(round(b.get_height(), 3) for b in ax.patches if b.get_visible())
+    assert visible == [0.2, 0.3, 0.5, 0.7]

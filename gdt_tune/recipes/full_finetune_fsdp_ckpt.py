@@ -10,6 +10,7 @@ and rejects unknown or contradictory ones at start.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -29,6 +30,8 @@ from gdt_tune import float8
 from gdt_tune.activation_checkpointing import apply_activation_checkpointing
 from gdt_tune.checkpointing import CheckpointManager, Progress, find_resume, read_run, shape_mismatch
 from gdt_tune.config_checks import check_config, check_paths, has_component
+from gdt_tune.datasets._layout import DEFAULT_SYSTEM_PROMPT
+from gdt_tune.export import write_serving_files
 from gdt_tune.mfu import decoder_flops_per_token, mfu, peak_tflops
 from gdt_tune.resume import compare, dataset_fingerprint
 from gdt_tune.sampling import EvalBatchSampler, GlobalOrderBatchSampler
@@ -49,6 +52,13 @@ def hf_weight_map(checkpointer) -> None:
     for i, path in enumerate(paths):
         with safe_open(str(path), framework="pt") as f:
             checkpointer._weight_map.update(dict.fromkeys(f.keys(), f"{i + 1:04}"))
+
+
+def _run_record(contract: dict, progress: Progress) -> dict:
+    """What rank 0 writes with each checkpoint (``checkpointing.read_run``). A plain function of
+    its arguments: a closure over the recipe would make a reference cycle that keeps the model
+    and its process groups alive until interpreter shutdown."""
+    return {**contract, "samples_in_epoch": progress.samples_in_epoch}
 
 
 def loggable_config(cfg: DictConfig) -> DictConfig:
@@ -159,7 +169,7 @@ class FullFinetuneRecipe:
         self._ckpt = CheckpointManager.from_config(
             cfg, model=self._model, optimizer=self._optimizer, lr_scheduler=self._lr_scheduler,
             progress=self._progress, rank=self._rank,
-            run_info=lambda: {**self._run_contract(), "samples_in_epoch": self._progress.samples_in_epoch})
+            run_info=partial(_run_record, self._run_contract(), self._progress))
         self._ckpt.load(resume)
         if resume is not None:
             if saved_run is None:  # a checkpoint without a run record: same world size (checked), same batch
@@ -472,6 +482,7 @@ class FullFinetuneRecipe:
             "lr": self._optimizer.param_groups[0]["lr"],
             "tokens_per_second_per_device": per_device,
             "label_tokens_per_second_per_device": window["label_tokens"] / self._world / elapsed,
+            "tokens_seen": self._progress.tokens_seen,
         }
         if "grad_norm" in stats:
             payload["grad_norm"] = stats["grad_norm"]
@@ -491,7 +502,12 @@ class FullFinetuneRecipe:
         state = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
         if self._is_rank_zero:
             self._checkpointer.save_checkpoint({training.MODEL_KEY: state}, epoch=epoch)
-            log.info("final checkpoint: %s", os.path.join(self._cfg.output_dir, f"epoch_{epoch}"))
+            folder = os.path.join(self._cfg.checkpointer.get("output_dir", self._cfg.output_dir), f"epoch_{epoch}")
+            ds = self._cfg.dataset
+            write_serving_files(folder, self._cfg.tokenizer.path, self._tokenizer,
+                                ds.get("system_prompt") or DEFAULT_SYSTEM_PROMPT, ds.get("max_seq_len", 8000))
+            log.info("final checkpoint: %s (serves with the training prompt: tokenizer.json, chat template, "
+                     "generation_config.json)", folder)
         dist.barrier()
 
     def cleanup(self) -> None:
@@ -524,6 +540,11 @@ def recipe_main(cfg: DictConfig) -> None:
     finally:
         if recipe is not None and dist.is_initialized():
             recipe.cleanup()
+        # Free the model, its DTensors and their process groups now, while the interpreter is whole
+        # (at interpreter shutdown their C++ destructors can abort: "terminate called without an
+        # active exception").
+        del recipe
+        gc.collect()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,80 @@
+"""``gdt-tune plot-run RUN_DIR``: training curves and a one-screen summary from a run's DiskLogger
+files (``RUN_DIR/logs/*.txt``), for runs without wandb::
+
+    gdt-tune plot-run /runs/gdt            # writes /runs/gdt/loss.png and /runs/gdt/summary.md
+
+Logs of a resumed run (one file per launch) are merged; a step logged twice keeps its last value.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+_LINE = re.compile(r"^Step (\d+) \| (.*)$")
+
+
+def read_logs(run_dir: Path) -> dict[str, dict[int, float]]:
+    """``{metric: {step: value}}`` from every DiskLogger file of the run, oldest file first."""
+    files = sorted((run_dir / "logs").glob("*.txt"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise ValueError(f"{run_dir}/logs holds no DiskLogger *.txt files; plot-run reads runs logged with "
+                         "metric_logger._component_=torchtune.training.metric_logging.DiskLogger")
+    metrics: dict[str, dict[int, float]] = {}
+    for path in files:
+        for line in path.read_text().splitlines():
+            m = _LINE.match(line)
+            if not m:
+                continue
+            for item in m.group(2).split():
+                key, _, value = item.partition(":")
+                try:
+                    metrics.setdefault(key, {})[int(m.group(1))] = float(value)
+                except ValueError:
+                    continue
+    return metrics
+
+
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average, debiased (as TensorBoard's smoothing)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** i))
+    return out
+
+
+def summary(run_dir: Path, metrics: dict[str, dict[int, float]]) -> list[tuple[str, str]]:
+    loss, val = metrics.get("loss", {}), metrics.get("val_loss", {})
+    last = sorted(loss)[-10:]
+    tps = metrics.get("tokens_per_second_per_device", {})
+    steps = sorted(p for p in run_dir.glob("step_*") if (p / "COMPLETE").is_file())
+    rows = [("steps logged", f"{min(loss)}..{max(loss)} ({len(loss)} values)" if loss else "none"),
+            ("tokens seen", f"{int(max(metrics['tokens_seen'].values())):,}" if metrics.get("tokens_seen") else "n/a"),
+            ("tokens/s per device (mean)", f"{sum(tps.values()) / len(tps):,.0f}" if tps else "n/a"),
+            ("train loss, first -> mean of last 10", f"{loss[min(loss)]:.4f} -> {sum(loss[s] for s in last) / len(last):.4f}"
+             if loss else "n/a"),
+            ("validation loss, last", f"{val[max(val)]:.4f} at step {max(val)}" if val else "n/a"),
+            ("interim checkpoints", ", ".join(p.name for p in steps) or "none"),
+            ("final checkpoints", ", ".join(p.name for p in sorted(run_dir.glob("epoch_*"))) or "none")]
+    return rows
+
+
+def plot_run(run_dir, out=None) -> tuple[Path, str]:
+    """Write ``loss.png`` and ``summary.md`` (into ``out``, default the run folder); return the
+    plot's path and the summary text."""
+    from gdt_tune.plots import loss_plot
+
+    run_dir = Path(run_dir)
+    out = Path(out) if out else run_dir
+    metrics = read_logs(run_dir)
+    if not metrics.get("loss"):
+        raise ValueError(f"{run_dir}/logs has no 'loss' values yet")
+    out.mkdir(parents=True, exist_ok=True)
+    loss = metrics["loss"]
+    steps = sorted(loss)
+    loss_plot(steps, [loss[s] for s in steps], smooth([loss[s] for s in steps]), metrics.get("val_loss", {}),
+              out / "loss.png")
+    text = "\n".join([f"# run {run_dir}", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in summary(run_dir, metrics)]])
+    (out / "summary.md").write_text(text + "\n")
+    return out / "loss.png", text

@@ -1,0 +1,107 @@
+"""Serving exactly as trained: the exported tokenizer and chat template give the training prompt
+ids, the answers round-trip, and `gdt_tune.prompt` gives the same text and ids."""
+
+import json
+import shutil
+
+import pytest
+
+import gdt_tune
+from gdt_tune.datasets import cgdb_instruct_dataset
+from gdt_tune.datasets._layout import DEFAULT_SYSTEM_PROMPT, Layout
+from gdt_tune.evaluate import read_samples
+from gdt_tune.export import write_serving_files
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def served(demo_dir, tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("served")
+    shutil.copy(demo_dir / "model" / "config.json", folder)
+    write_serving_files(folder, demo_dir / "model" / "tokenizer.model", tokenizer, DEFAULT_SYSTEM_PROMPT, 2048)
+    return folder
+
+
+def _ids(out):
+    return out["input_ids"] if not isinstance(out, list) else out
+
+
+def test_chat_template_gives_the_training_prompt(served, demo_dir, tokenizer):
+    hf = transformers.AutoTokenizer.from_pretrained(str(served))
+    layout = Layout.build(tokenizer, DEFAULT_SYSTEM_PROMPT)
+    records = [r for _, r in read_samples(demo_dir / "data" / "test", 12)]
+    for record in records:
+        want = [*layout.prompt_tokens(record["instruction"]), *layout.assistant_header]
+        user = [{"role": "user", "content": record["instruction"]}]
+        system = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, *user]
+        for messages in (user, system):  # without a system message the training one is used
+            assert _ids(hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)) == want
+        answer = layout.answer_tokens(record["answer"])[len(layout.assistant_header):-1]
+        assert hf.encode(record["answer"].strip(), add_special_tokens=False) == answer
+        assert hf.decode(answer) == record["answer"].strip()
+        # gdt_tune.prompt: the same text and ids, also from a tokenizer path
+        p = gdt_tune.prompt(record["instruction"], tokenizer=demo_dir / "model" / "tokenizer.model")
+        assert p.ids == want
+        assert p.text == hf.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+        assert hf.encode(p.text, add_special_tokens=False) == want
+    # and exactly what training fed the model: the dataset's first sample up to its answer
+    ds = cgdb_instruct_dataset(tokenizer, data_files=demo_dir / "data" / "test", max_seq_len=4096)
+    assert ds.where(0).endswith(":1") and len(ds) >= len(records)
+    first = [*layout.prompt_tokens(records[0]["instruction"]), *layout.assistant_header]
+    assert ds[0]["tokens"][: len(first)] == first
+
+
+def test_generation_config_and_special_tokens(served, tokenizer):
+    gen = json.loads((served / "generation_config.json").read_text())
+    assert (gen["temperature"], gen["top_p"], gen["do_sample"]) == (0.9, 0.85, True)
+    assert gen["eos_token_id"] == [tokenizer.eot_id, tokenizer.eos_id] and gen["bos_token_id"] == tokenizer.bos_id
+    hf = transformers.AutoTokenizer.from_pretrained(str(served))
+    for name, token_id in tokenizer.special_tokens.items():
+        assert hf.convert_tokens_to_ids(name) == token_id
+    assert "Cutting Knowledge" not in (served / "tokenizer_config.json").read_text()
+
+
+def test_prompt_text_without_a_tokenizer():
+    p = gdt_tune.prompt("  Patient history.  ", system_prompt=" Be precise. ")
+    assert p.ids is None
+    assert p.text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe precise.<|eot_id|>"
+                      "<|start_header_id|>user<|end_header_id|>\n\nPatient history.<|eot_id|>"
+                      "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_trained_epoch_and_exported_step_serve_like_training(demo_dir, tokenizer, tmp_path):
+    """The recipe's epoch_0 carries the serving files; `gdt-tune export` of the last step_N gives
+    the same weights and files; transformers loads both and the template gives the training ids."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from recipe_utils import final_weights, run_recipe
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    run_recipe(demo_dir, run, "max_steps_per_epoch=2", "save_every_n_steps=2", "dataset_val=null",
+               "run_val_every_n_steps=null", nproc=1)
+    exported = tmp_path / "exported"
+    proc = subprocess.run([sys.executable, "-m", "gdt_tune.cli", "export", "--checkpoint", str(run / "step_2"),
+                           "--out", str(exported), "--config", "tiny_gdt_cpu", f"demo_dir={demo_dir}"],
+                          cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, TIKTOKEN_CACHE_DIR=""))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = final_weights(run, 0)
+    weights = {}
+    for f in exported.glob("*.safetensors"):
+        weights.update(load_file(str(f)))
+    assert weights.keys() == trained.keys() and all(torch.equal(weights[k], trained[k]) for k in trained)
+    layout = Layout.build(tokenizer, DEFAULT_SYSTEM_PROMPT)
+    record = read_samples(demo_dir / "data" / "test", 1)[0][1]
+    want = [*layout.prompt_tokens(record["instruction"]), *layout.assistant_header]
+    for folder in (run / "epoch_0", exported):
+        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            assert (folder / name).is_file(), (folder, name)
+        hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+        messages = [{"role": "user", "content": record["instruction"]}]
+        assert _ids(hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)) == want
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(folder))
+        assert model.generation_config.top_p == 0.85
