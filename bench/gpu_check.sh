@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Check a new GPU node in one command (about 6 minutes on one H100); see bench/gpu_check.py.
+# Check a new GPU node in one command (390 s on one H200 with four throughput variants; the default runs three); see bench/gpu_check.py.
 #   bash bench/gpu_check.sh [--layers N] [--variants ...] [--skip tiny,evaluate,throughput]
 set -euo pipefail
 cd "$(dirname "$0")/.."

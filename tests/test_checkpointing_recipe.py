@@ -176,6 +176,31 @@ def test_resume_on_another_world_size_with_the_same_global_batch(demo_dir, tmp_p
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
 
 
+def test_resume_with_half_the_global_batch_sees_every_sample_of_the_epoch_once(demo_dir, tokenizer, tmp_path):
+    """2 ranks -> 1 rank, same accumulation (the global batch halves), over a whole epoch: the
+    resumed run takes every sample of the epoch exactly once (its token count is the dataset's),
+    including the half global batch that the 2-rank run drops at the end."""
+    from gdt_tune.datasets import cgdb_instruct_dataset
+    from gdt_tune.sampling import GlobalOrderBatchSampler
+
+    whole = ("epochs=1", "max_steps_per_epoch=null", "batch_size=4", "save_every_n_steps=25", "keep_last_n_checkpoints=2",
+             *NO_VAL)
+    base, out = tmp_path / "base", tmp_path / "resumed"
+    run_recipe(demo_dir, base, *whole)
+    out.mkdir()
+    shutil.copytree(base / "step_25", out / "step_25")
+    run_recipe(demo_dir, out, *whole, "resume_from_checkpoint=true", nproc=1)
+    ds = cgdb_instruct_dataset(tokenizer, data_files=demo_dir / "data" / "train", max_seq_len=2048)
+    lengths = [len(ds[i]["tokens"]) for i in range(len(ds))]
+    n = len(lengths)
+    assert n % 8 == 4  # 2 ranks x 4: the uninterrupted run drops the last 4 samples of the order
+    dropped = GlobalOrderBatchSampler(n, 4, 0, 2, seed=42, shuffle=True).order()[-4:]
+    seen_base, seen_resumed = logged(base, "tokens_seen"), logged(out, "tokens_seen")
+    assert max(seen_base) == n // 8 and max(seen_resumed) == 25 + (n - 25 * 8) // 4
+    assert seen_base[max(seen_base)] == sum(lengths) - sum(lengths[i] for i in dropped)
+    assert seen_resumed[max(seen_resumed)] == sum(lengths)
+
+
 def test_resume_with_another_global_batch_warns_and_refuses_a_changed_seed(demo_dir, tmp_path):
     base, out = tmp_path / "base", tmp_path / "resumed"
     run_recipe(demo_dir, base, *RESHARD)
