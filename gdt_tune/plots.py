@@ -22,20 +22,25 @@ def forecast_mae_plot(forecasting: dict, path: Path) -> None:
     names = sorted(rows)
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names) + 2), 4))
     width = 0.27
+    from matplotlib.patches import Patch
+
+    handles = []
     for k, (method, label) in enumerate((("greedy", "model, greedy"), ("sampled_mean", "model, sample mean"),
                                          ("copy_forward", "copy-forward"))):
-        xs = [i + (k - 1) * width for i in range(len(names))]
-        values = [rows[n][f"mae_{method}"] for n in names]
-        bars = ax.bar(xs, [0.0 if v is None else v for v in values], width, label=label)
-        for x, v, bar in zip(xs, values, bars):
-            if v is None:  # no parseable prediction: say so instead of a zero-height bar
-                bar.set_visible(False)
+        color = f"C{k}"
+        for i, name in enumerate(names):
+            x, value = i + (k - 1) * width, rows[name][f"mae_{method}"]
+            if value is None:  # no parseable prediction: say so instead of drawing a zero-height bar
                 ax.annotate("n/a", (x, 0), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
-                            fontsize=8, rotation=90, color=bar.get_facecolor())
+                            fontsize=8, rotation=90, color=color)
+            else:
+                ax.bar(x, value, width, color=color)
+        handles.append(Patch(color=color, label=label))
+    ax.set_xlim(-1.5 * width - 0.2, max(len(names) - 1, 0) + 1.5 * width + 0.2)  # room for every n/a mark
     ax.set_xticks(range(len(names)), [n.split(" - ")[0] for n in names], rotation=30, ha="right")
     ax.set_ylabel("MAE")
     ax.set_title("Forecasting MAE per variable" if names else "Forecasting MAE (no forecasting tasks)")
-    ax.legend()
+    ax.legend(handles=handles)
     _save(fig, path)
 
 

@@ -158,5 +158,5 @@ def test_forecast_plot_marks_missing_values(monkeypatch, tmp_path):
     plots.forecast_mae_plot({"per_variable": rows}, tmp_path / "x.png")
     ax = figures[0].axes[0]
     assert sorted(t.get_text() for t in ax.texts) == ["n/a", "n/a"]
-    visible = sorted(round(b.get_height(), 3) for b in ax.patches if b.get_visible())
-    assert visible == [0.2, 0.3, 0.5, 0.7]
+    assert sorted(round(b.get_height(), 3) for b in ax.patches) == [0.2, 0.3, 0.5, 0.7]  # no zero bars
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["model, greedy", "model, sample mean", "copy-forward"]
