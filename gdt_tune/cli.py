@@ -159,14 +159,10 @@ def _plot_run(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from omegaconf import OmegaConf
-
     from gdt_tune.evaluate import evaluate, summary
 
-    cfg = OmegaConf.load(args.config) if args.config else None
-    if cfg is not None:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args.overrides))
     try:
+        cfg = _load_config(args.config, args.overrides)
         metrics = evaluate(args.checkpoint, args.data, args.out, cfg=cfg, max_samples=args.max_samples,
                            train_data=args.train_data, samples=args.samples, batch_size=args.batch_size,
                            device=args.device, dtype=args.dtype)

@@ -43,6 +43,7 @@ from gdt_tune.eval_metrics import (
     outcome_index,
     softmax,
 )
+from gdt_tune.prompting import load_tokenizer, tokenizer_file_in
 
 log = logging.getLogger("gdt_tune")
 _HORIZON_RE = re.compile(r"Task (\d+) is time to event prediction:\n\tPredict whether the event \((.+?)\) was "
@@ -91,7 +92,7 @@ def load_model_and_tokenizer(checkpoint: Path, cfg, device: torch.device, dtype:
 
 
 def _from_hf_folder(folder: Path):
-    from torchtune.models.llama3 import llama3, llama3_tokenizer
+    from torchtune.models.llama3 import llama3
     from torchtune.models.llama3_1 import llama3_1
 
     config_file = folder / "config.json"
@@ -106,12 +107,7 @@ def _from_hf_folder(folder: Path):
     with torch.device("meta"):
         model = (llama3_1(**dims, scale_factor=scaling.get("factor", 8)) if scaling.get("rope_type") == "llama3"
                  else llama3(**dims))
-    found = [p for p in (folder / "tokenizer.model", folder / "original" / "tokenizer.model") if p.is_file()]
-    if not found:
-        raise ValueError(f"--checkpoint {folder} holds no tokenizer.model; pass the training --config")
-    special = found[0].with_name("special_tokens.json")
-    tokenizer = llama3_tokenizer(str(found[0]), special_tokens_path=str(special) if special.is_file() else None)
-    return model, tokenizer
+    return model, load_tokenizer(tokenizer_file_in(folder))
 
 
 def _hf_weights(folder: Path) -> dict:

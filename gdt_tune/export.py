@@ -145,14 +145,10 @@ def export_checkpoint(checkpoint, out, cfg=None) -> Path:
             raise ValueError(f"--checkpoint {checkpoint} is neither an interim step_N nor a final epoch_N folder")
         if out.resolve() != checkpoint.resolve():
             shutil.copytree(checkpoint, out, dirs_exist_ok=True)
-        found = [p for p in (out / "tokenizer.model", out / "original" / "tokenizer.model") if p.is_file()]
-        if not found:
-            raise ValueError(f"--checkpoint {checkpoint} holds no tokenizer.model; pass the training --config")
-        tokenizer_model = Path(cfg.tokenizer.path) if cfg is not None else found[0]
-        from torchtune.models.llama3 import llama3_tokenizer
+        from gdt_tune.prompting import load_tokenizer, tokenizer_file_in
 
-        special = tokenizer_model.with_name("special_tokens.json")
-        tokenizer = llama3_tokenizer(str(tokenizer_model), special_tokens_path=str(special) if special.is_file() else None)
+        tokenizer_model = Path(cfg.tokenizer.path) if cfg is not None else tokenizer_file_in(checkpoint)
+        tokenizer = load_tokenizer(tokenizer_model)
     max_seq_len = cfg.dataset.get("max_seq_len", 8000) if cfg is not None else 8000
     write_serving_files(out, tokenizer_model, tokenizer, prompt, max_seq_len)
     return out

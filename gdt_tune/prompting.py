@@ -23,6 +23,23 @@ class Prompt:
     ids: list[int] | None  # None without a tokenizer
 
 
+def load_tokenizer(path):
+    """torchtune's Llama 3 tokenizer from a ``tokenizer.model``, with the ``special_tokens.json``
+    beside it when there is one (the demo's; a Llama 3.1 snapshot has none)."""
+    from torchtune.models.llama3 import llama3_tokenizer
+
+    special = Path(path).with_name("special_tokens.json")
+    return llama3_tokenizer(str(path), special_tokens_path=str(special) if special.is_file() else None)
+
+
+def tokenizer_file_in(folder: Path) -> Path:
+    """The ``tokenizer.model`` of an HF model folder (at its top or under ``original/``)."""
+    found = [p for p in (folder / "tokenizer.model", folder / "original" / "tokenizer.model") if p.is_file()]
+    if not found:
+        raise ValueError(f"--checkpoint {folder} holds no tokenizer.model; pass the training --config")
+    return found[0]
+
+
 def _header(role: str) -> str:
     return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
 
@@ -37,9 +54,6 @@ def prompt(instruction: str, system_prompt: str | None = None, tokenizer=None) -
     if tokenizer is None:
         return Prompt(text, None)
     if isinstance(tokenizer, (str, Path)):
-        from torchtune.models.llama3 import llama3_tokenizer
-
-        special = Path(tokenizer).with_name("special_tokens.json")
-        tokenizer = llama3_tokenizer(str(tokenizer), special_tokens_path=str(special) if special.is_file() else None)
+        tokenizer = load_tokenizer(tokenizer)
     layout = Layout.build(tokenizer, system)
     return Prompt(text, [*layout.prompt_tokens(instruction), *layout.assistant_header])

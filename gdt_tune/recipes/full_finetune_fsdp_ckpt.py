@@ -154,7 +154,8 @@ class FullFinetuneRecipe:
             raise ValueError(
                 f"dataset: {len(self._train_ds)} samples{why} make no optimizer step with batch_size={self._batch_size} x "
                 f"{self._world} ranks x gradient_accumulation_steps={self._accum}; lower them or add data")
-        resume_warnings = self._check_resume(resume, saved_world, saved_run)
+        contract = self._run_contract()
+        resume_warnings = self._check_resume(resume, saved_world, saved_run, contract)
         self._checkpointer = config.instantiate(cfg.checkpointer)
         self._model = self._setup_model(cfg.model, from_hf=resume is None)
         self._optimizer = config.instantiate(cfg.optimizer, self._model.parameters())
@@ -169,7 +170,7 @@ class FullFinetuneRecipe:
         self._ckpt = CheckpointManager.from_config(
             cfg, model=self._model, optimizer=self._optimizer, lr_scheduler=self._lr_scheduler,
             progress=self._progress, rank=self._rank,
-            run_info=partial(_run_record, self._run_contract(), self._progress))
+            run_info=partial(_run_record, contract, self._progress))
         self._ckpt.load(resume)
         if resume is not None:
             if saved_run is None:  # a checkpoint without a run record: same world size (checked), same batch
@@ -189,7 +190,7 @@ class FullFinetuneRecipe:
                 "global_batch": self._global_batch, "lr": float(cfg.optimizer.get("lr", 0.0)),
                 "save_every_n_steps": cfg.get("save_every_n_steps")}
 
-    def _check_resume(self, path, saved_world: int | None, saved_run: dict | None) -> list[str]:
+    def _check_resume(self, path, saved_world: int | None, saved_run: dict | None, contract: dict) -> list[str]:
         """Refuse a resume that would silently change the run; the warnings for allowed changes."""
         if path is None:
             return []
@@ -198,7 +199,7 @@ class FullFinetuneRecipe:
                 raise ValueError(f"checkpoint {path} holds no sample position (written by an older gdt_tune) and "
                                  f"{saved_world} ranks; resume it with {saved_world} ranks")
             return []
-        return compare(saved_run, self._run_contract(), path)
+        return compare(saved_run, contract, path)
 
     def _apply_learning_rate(self) -> None:
         """The optimizer state brings back the saved learning rate; use the config's (a changed
@@ -210,6 +211,7 @@ class FullFinetuneRecipe:
             group["lr"] = float(lr)
         if self._lr_scheduler is not None and hasattr(self._lr_scheduler, "base_lrs"):
             self._lr_scheduler.base_lrs = [float(lr)] * len(self._lr_scheduler.base_lrs)
+
     def _setup_profiler(self, cfg_profiler: DictConfig | None):
         """torchtune's profiler (``torchtune.training.setup_torch_profiler``), traces in
         ``${output_dir}/profiling`` unless ``profiler.output_dir`` says otherwise::
