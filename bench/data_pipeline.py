@@ -26,8 +26,8 @@ SAMPLE_PLACEHOLDER = "@@SAMPLE@@"
 
 def gdt_sized_samples(tokenizer, n: int, lo: int = 6000, hi: int = 8000) -> list[dict]:
     """``n`` synthetic samples of ``lo``..``hi`` tokens (spec layout, tiny tokenizer)."""
+    from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT, Layout
     from gdt_tune.data.synthetic import generate_cohort
-    from gdt_tune.datasets._layout import DEFAULT_SYSTEM_PROMPT, Layout
 
     layout = Layout.build(tokenizer, DEFAULT_SYSTEM_PROMPT)
     out = []
@@ -53,8 +53,8 @@ def item_production(tokenizer, work: Path, n_items: int) -> tuple[list[list], di
     import torch
     from torchtune.datasets import instruct_dataset
 
+    from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT
     from gdt_tune.datasets import cgdb_instruct_dataset
-    from gdt_tune.datasets._layout import DEFAULT_SYSTEM_PROMPT
 
     torch.set_num_threads(1)
     path = work / "items" / f"gdt_{n_items}.jsonl"

@@ -9,7 +9,7 @@ activation checkpointing (full, op-level selective) and float8 on/off, against t
 
 A variant is ``recipe:options`` with options joined by ``+``: ``compile``, ``ac`` (full activation
 checkpointing), ``op`` (op-level selective), ``every2`` (every 2nd layer), ``f8`` (float8), or ``plain``.
-MFU: ``gdt_tune.mfu`` (PaLM appendix B FLOPs; the GPU's dense bf16 peak looked up by its name).
+MFU: ``gdt_tune.training.mfu`` (PaLM appendix B FLOPs; the GPU's dense bf16 peak looked up by its name).
 Every sample is exactly ``--seq-len`` tokens, so both recipes process the same tokens per step.
 """
 
@@ -78,8 +78,8 @@ def random_hf_checkpoint(folder: Path, dims: dict, dtype, demo: Path) -> None:
 
 def fixed_length_samples(tokenizer, n: int, total: int) -> list[dict]:
     """``n`` GDT samples cut (oldest history kept) to exactly ``total`` tokens in the spec layout."""
+    from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT, Layout
     from gdt_tune.data.synthetic import generate_cohort
-    from gdt_tune.datasets._layout import DEFAULT_SYSTEM_PROMPT, Layout
 
     layout = Layout.build(tokenizer, DEFAULT_SYSTEM_PROMPT)
     out, seed = [], 0
@@ -124,7 +124,7 @@ def run_variants(model: str, variants: list[str], work: Path, seq: int, steps: i
     import torch
 
     from gdt_tune.demo_assets import TINY_MODEL
-    from gdt_tune.mfu import decoder_flops_per_token, mfu, peak_tflops
+    from gdt_tune.training.mfu import decoder_flops_per_token, mfu, peak_tflops
 
     cuda = torch.cuda.is_available()
     tokenizer = demo_tokenizer(work)
@@ -148,7 +148,7 @@ def run_variants(model: str, variants: list[str], work: Path, seq: int, steps: i
     header = (f"model: {model} shape, {dims['num_layers']} layers, {n_params / 1e6:,.1f}M parameters, random weights; "
               f"{nproc} processes; samples of exactly {seq} tokens, batch 1 per GPU; {steps} steps, logged every "
               f"{every}; step time: median over the logging windows after the first; FLOPs per token "
-              f"{flops_per_token / 1e9:.4g} GFLOP (gdt_tune.mfu); peak {peak or 'n/a'} TFLOP/s")
+              f"{flops_per_token / 1e9:.4g} GFLOP (gdt_tune.training.mfu); peak {peak or 'n/a'} TFLOP/s")
     base = [f"demo_dir={work / 'demo'}", f"checkpointer.checkpoint_dir={ckpt}",
             f"checkpointer.checkpoint_files={json.dumps(json.loads((ckpt / 'files.json').read_text()))}",
             f"dataset.data_files={data}", f"dataset.max_seq_len={seq}", "dataset_val=null", "run_val_every_n_steps=null",

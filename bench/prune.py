@@ -1,6 +1,6 @@
 """Pruning old checkpoints off the training path: how long the training loop is blocked by
 pruning one checkpoint folder, deleted inline (``shutil.rmtree``, as before) or by
-``gdt_tune.checkpointing.FolderRemover`` (rename, then delete on a background thread), and how long
+``gdt_tune.training.checkpointing.FolderRemover`` (rename, then delete on a background thread), and how long
 the next training-like step takes (a fixed matmul loop) compared with a step with no prune before.
 The step runs on one thread (``--step-threads 1``, the default: like the host side of a GPU step,
 one thread launching kernels) or on every core (a CPU-bound step, the worst case).
@@ -53,7 +53,7 @@ def main() -> None:
 
     if args.step_threads:
         torch.set_num_threads(args.step_threads)
-    from gdt_tune.checkpointing import FolderRemover
+    from gdt_tune.training.checkpointing import FolderRemover
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)

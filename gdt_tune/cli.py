@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -52,10 +51,10 @@ def train_command(args: list[str]) -> list[str]:
 
 
 def _run_training(cmd: list[str]) -> int:
-    print("+ " + " ".join(cmd), flush=True)
+    from gdt_tune.launcher import run_training
+
     # tiktoken caches tokenizer files by path; the demo tokenizer may be rebuilt at the same path.
-    env = dict(os.environ, TIKTOKEN_CACHE_DIR=os.environ.get("TIKTOKEN_CACHE_DIR", ""))
-    return subprocess.call(cmd, env=env)
+    return run_training(cmd, dict(os.environ, TIKTOKEN_CACHE_DIR=os.environ.get("TIKTOKEN_CACHE_DIR", "")))
 
 
 def _train(args) -> int:
@@ -115,13 +114,33 @@ def _demo(args) -> int:
         return 2
     rc = _run_training(cmd)
     if rc == 0:
-        from gdt_tune.run_report import plot_run
+        from gdt_tune.eval.run_report import plot_run
 
         run = demo_dir / "run"
         png, text = plot_run(run)
         print(f"\n{text}\n\ndone. training curve: {png}  logs: {run / 'logs'}  interim checkpoints: {run}/step_*  "
               f"final HF checkpoint: {run / 'epoch_0'}")
     return rc
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming the option, and where the help is."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {minimum}")
+        return value
+    return parse
 
 
 def _load_config(path, overrides):
@@ -146,7 +165,7 @@ def _export(args) -> int:
 
 
 def _plot_run(args) -> int:
-    from gdt_tune.run_report import plot_run
+    from gdt_tune.eval.run_report import plot_run
 
     try:
         png, text = plot_run(args.run_dir, args.out)
@@ -159,7 +178,7 @@ def _plot_run(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from gdt_tune.evaluate import evaluate, summary
+    from gdt_tune.eval.evaluate import evaluate, summary
 
     try:
         cfg = _load_config(args.config, args.overrides)
@@ -177,14 +196,18 @@ def _evaluate(args) -> int:
 def _data_report(args) -> int:
     from torchtune.models.llama3 import llama3_tokenizer
 
-    from gdt_tune.data_report import data_report
+    from gdt_tune.data.report import data_report
 
     tok = Path(args.tokenizer)
     special = Path(args.special_tokens) if args.special_tokens else tok.with_name("special_tokens.json")
     try:
         if not tok.is_file():
             raise ValueError(f"--tokenizer {tok} is not a file; give the model's tokenizer.model")
-        tokenizer = llama3_tokenizer(str(tok), special_tokens_path=str(special) if special.is_file() else None)
+        try:
+            tokenizer = llama3_tokenizer(str(tok), special_tokens_path=str(special) if special.is_file() else None)
+        except Exception as e:
+            raise ValueError(f"--tokenizer {tok} is not a tiktoken tokenizer.model ({type(e).__name__}); give the "
+                             "model's original/tokenizer.model") from None
         data_report(args.data, tokenizer, args.out, max_seq_len=args.max_seq_len)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -195,8 +218,8 @@ def _data_report(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="gdt-tune", description="Train GDT-style clinical digital-twin models with torchtune.")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = _Parser(prog="gdt-tune", description="Train GDT-style clinical digital-twin models with torchtune.")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="run the recipe with torchrun from any folder: gdt-tune train [--nproc_per_node N "
                        "--nnodes ...] --config NAME|FILE [key=value ...]", prefix_chars="\0",
                        usage="gdt-tune train [torchrun options] --config NAME|FILE [key=value ...]")
@@ -214,8 +237,8 @@ def main(argv=None) -> int:
     p.set_defaults(func=_prepare_demo)
     d = sub.add_parser("demo", help="prepare the demo assets if missing and train the tiny model on 2 CPU processes")
     d.add_argument("--dir", default=".gdt_demo", help="demo directory (default .gdt_demo)")
-    d.add_argument("--steps", type=int, default=150, help="optimizer steps (default 150)")
-    d.add_argument("--nproc", type=int, default=2, help="CPU processes (default 2)")
+    d.add_argument("--steps", type=_at_least(1), default=150, help="optimizer steps (default 150)")
+    d.add_argument("--nproc", type=_at_least(1), default=2, help="CPU processes (default 2)")
     d.add_argument("overrides", nargs="*", help="extra config overrides, key=value")
     d.set_defaults(func=_demo)
     e = sub.add_parser("evaluate", help="clinical-task metrics of a checkpoint on held-out samples")
@@ -223,10 +246,10 @@ def main(argv=None) -> int:
     e.add_argument("--data", required=True, help="held-out JSONL: a file, a glob or a folder")
     e.add_argument("--config", help="the training config (model, tokenizer, system prompt, training data)")
     e.add_argument("--out", default="eval", help="output folder (default eval)")
-    e.add_argument("--max-samples", type=int, default=None)
+    e.add_argument("--max-samples", type=_at_least(1), default=None)
     e.add_argument("--train-data", help="training JSONL for the majority baseline (default: the config's dataset)")
-    e.add_argument("--samples", type=int, default=3, help="sampled completions per forecast (default 3)")
-    e.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
+    e.add_argument("--samples", type=_at_least(0), default=3, help="sampled completions per forecast (default 3)")
+    e.add_argument("--batch-size", type=_at_least(1), default=4, help="sequences per forward pass (default 4)")
     e.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     e.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     e.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. demo_dir=...)")
@@ -247,7 +270,7 @@ def main(argv=None) -> int:
                    "or a folder with train/validation/test")
     r.add_argument("--tokenizer", required=True, help="tokenizer.model of the model to train")
     r.add_argument("--special-tokens", help="special_tokens.json (default: beside the tokenizer, if there)")
-    r.add_argument("--max-seq-len", type=int, default=8000)
+    r.add_argument("--max-seq-len", type=_at_least(16), default=8000)
     r.add_argument("--out", default="data_report", help="output folder (default data_report)")
     r.set_defaults(func=_data_report)
     args = ap.parse_args(argv)

@@ -114,7 +114,7 @@ def export_checkpoint(checkpoint, out, cfg=None) -> Path:
     import shutil
     import tempfile
 
-    from gdt_tune.datasets._layout import DEFAULT_SYSTEM_PROMPT
+    from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT
 
     checkpoint, out = Path(checkpoint), Path(out)
     prompt = (cfg.dataset.get("system_prompt") if cfg is not None else None) or DEFAULT_SYSTEM_PROMPT
@@ -125,7 +125,7 @@ def export_checkpoint(checkpoint, out, cfg=None) -> Path:
         from torchtune import config as tt_config
         from torchtune.training import FullModelHFCheckpointer
 
-        from gdt_tune.evaluate import load_model_and_tokenizer
+        from gdt_tune.eval.evaluate import load_model_and_tokenizer
         from gdt_tune.recipes.full_finetune_fsdp_ckpt import hf_weight_map
 
         dtype = torch.bfloat16 if cfg.get("dtype", "bf16") == "bf16" else torch.float32

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gdt_tune.datasets._layout import DEFAULT_SYSTEM_PROMPT, Layout
+from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT, Layout
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,11 @@ def load_tokenizer(path):
     from torchtune.models.llama3 import llama3_tokenizer
 
     special = Path(path).with_name("special_tokens.json")
-    return llama3_tokenizer(str(path), special_tokens_path=str(special) if special.is_file() else None)
+    try:
+        return llama3_tokenizer(str(path), special_tokens_path=str(special) if special.is_file() else None)
+    except Exception as e:
+        raise ValueError(f"{path} is not a tiktoken tokenizer.model ({type(e).__name__}); use the model's "
+                         "original/tokenizer.model") from None
 
 
 def tokenizer_file_in(folder: Path) -> Path:

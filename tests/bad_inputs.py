@@ -17,7 +17,7 @@ def _line(i: int, **change) -> str:
     return json.dumps({**GOOD, "instruction": f"{GOOD['instruction']} Visit {i}.", **change}) + "\n"
 
 
-def train_file(*lines, name="train.jsonl", mode="w"):
+def train_file(*lines, name="train.jsonl"):
     """A setup writing ``lines`` (str or bytes) as the training data."""
     def setup(tmp: Path, demo: Path) -> list[str]:
         path = tmp / "data" / name
@@ -71,6 +71,36 @@ def _tiny_yaml_without(key):
     return setup
 
 
+def _gzip_named_jsonl(tmp: Path, demo: Path) -> list[str]:
+    import gzip
+
+    path = tmp / "data" / "train.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(gzip.compress(_line(1).encode()))
+    return [f"dataset.data_files={path}"]
+
+
+def _only_compressed(tmp: Path, demo: Path) -> list[str]:
+    (tmp / "packed").mkdir()
+    (tmp / "packed" / "train.jsonl.gz").write_bytes(b"\x1f\x8b")
+    return [f"dataset.data_files={tmp}/packed"]
+
+
+def _output_dir_file(tmp: Path, demo: Path) -> list[str]:
+    (tmp / "afile").write_text("x")
+    return [f"output_dir={tmp}/afile"]
+
+
+def _output_dir_under_file(tmp: Path, demo: Path) -> list[str]:
+    (tmp / "afile").write_text("x")
+    return [f"output_dir={tmp}/afile/run"]
+
+
+def _hf_tokenizer_json(tmp: Path, demo: Path) -> list[str]:
+    (tmp / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {}}}))
+    return [f"tokenizer.path={tmp}/tokenizer.json"]
+
+
 F = "{tmp}/data/train.jsonl"
 DATA_CASES = [
     ("invalid-utf8", train_file(_line(1), b'{"instruction": "caf\xe9", "answer": "b"}\n'), [f"{F}:2: not valid UTF-8"]),
@@ -107,8 +137,13 @@ DATA_CASES = [
         1, patientid="p", target_meta=[], split_date_included_in_input="2020-01-01", history_data="[1, 2]"))(t, d),
         "dataset.splits_per_patient_therapy=1"],
      [f"{F}:1: field 'meta.history_data' is not a pandas orient='split' table"]),
+    ("gzip-named-jsonl", _gzip_named_jsonl, [f"{F}: the file is gzip-compressed; decompress it"]),
+    ("only-compressed-files", _only_compressed,
+     ["dataset.data_files: directory {tmp}/packed holds no *.jsonl files (found train.jsonl.gz: decompress it"]),
     ("all-samples-too-long", overrides("dataset.max_seq_len=64", "dataset.truncation=drop"),
      ["dropped by the length cap: raise dataset.max_seq_len"]),
+    ("all-validation-samples-too-long", overrides("dataset_val.max_seq_len=64", "dataset_val.truncation=drop"),
+     ["dataset_val: no samples (13 dropped by the length cap); raise dataset_val.max_seq_len"]),
 ]
 
 CONFIG_CASES = [
@@ -153,6 +188,29 @@ CONFIG_CASES = [
     ("val-other-cache", overrides("dataset_val.cache_dir={tmp}/other-cache"),
      ["dataset.cache_dir and dataset_val.cache_dir hold different id-hashing keys"]),
     ("float8-on-cpu", overrides("float8=true"), ["config key 'float8': float8 needs a CUDA GPU", "set float8=false"]),
+    ("lr-negative", overrides("optimizer.lr=-1e-5"), ["config key 'optimizer.lr': got -1e-05; expected a number > 0 and < 1"]),
+    ("lr-huge", overrides("optimizer.lr=5"), ["config key 'optimizer.lr': got 5; expected a number > 0 and < 1"]),
+    ("lr-text", overrides("optimizer.lr=fast"), ["config key 'optimizer.lr': got 'fast'"]),
+    ("weight-decay-negative", overrides("optimizer.weight_decay=-0.1"), ["config key 'optimizer.weight_decay': got -0.1"]),
+    ("nested-typo-dataset", overrides("dataset.max_seqlen=100"),
+     ["config key 'dataset.max_seqlen' is not an argument of gdt_tune.datasets.cgdb_instruct_dataset; "
+      "did you mean 'max_seq_len'?"]),
+    ("nested-typo-optimizer", overrides("optimizer.weight_decy=0.1"), ["config key 'optimizer.weight_decy'",
+                                                                       "did you mean 'weight_decay'?"]),
+    ("nested-typo-val", overrides("dataset_val.data_file=x"), ["config key 'dataset_val.data_file'",
+                                                               "did you mean 'data_files'?"]),
+    ("component-path-typo", overrides("model._component_=torchtune.models.llama3.llama33"),
+     ["config key 'model._component_': cannot import 'torchtune.models.llama3.llama33'"]),
+    ("output-dir-is-a-file", _output_dir_file, ["config key 'output_dir': {tmp}/afile is a file; choose a folder"]),
+    ("output-dir-under-a-file", _output_dir_under_file,
+     ["config key 'output_dir': cannot create or write {tmp}/afile/run ({tmp}/afile is not a writable folder)"]),
+    ("tokenizer-json-instead-of-model", _hf_tokenizer_json,
+     ["config key 'tokenizer.path': {tmp}/tokenizer.json is not a torchtune.models.llama3.llama3_tokenizer tokenizer",
+      "original/tokenizer.model"]),
+    ("model-context-below-cap", overrides("model.max_seq_len=1024"),
+     ["config key 'dataset.max_seq_len': 2048 is above model.max_seq_len (1024)"]),
+    ("val-batch-zero", overrides("batch_size_val=0"), ["config key 'batch_size_val': got 0; expected an integer >= 1 or null"]),
+    ("num-workers-negative", overrides("num_workers=-2"), ["config key 'num_workers': got -2; expected an integer >= 0"]),
     ("ac-option-typo", overrides("enable_activation_checkpointing=true", "ac_mode=selective", "ac_option=ops"),
      ["config key 'ac_option': got 'ops'"]),
 ]

@@ -49,3 +49,45 @@ def final_weights(output_dir, epoch):
     for f in files:
         state.update(load_file(str(f)))
     return state
+
+
+def load_config(*overrides, config=TINY):
+    """The DictConfig that ``tune run RECIPE --config CONFIG overrides...`` gives the recipe."""
+    from torchtune.config._parse import TuneRecipeArgumentParser
+    from torchtune.config._utils import _merge_yaml_and_cli_args
+
+    yaml_args, cli_args = TuneRecipeArgumentParser().parse_known_args(["--config", str(config), *overrides])
+    return _merge_yaml_and_cli_args(yaml_args, cli_args)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_in_process(cfg, train=False):
+    """Run the recipe's ``setup()`` (and ``train()``) in this process as a world of one (gloo);
+    returns the recipe, already cleaned up. Its errors propagate, as in ``recipe_main``."""
+    import torch.distributed as dist
+
+    from gdt_tune.recipes.full_finetune_fsdp_ckpt import FullFinetuneRecipe
+
+    saved = dict(os.environ)
+    os.environ["MASTER_PORT"] = str(_free_port())
+    recipe = None
+    try:
+        recipe = FullFinetuneRecipe(cfg)
+        recipe.setup()
+        if train:
+            recipe.train()
+        return recipe
+    finally:
+        if recipe is not None and dist.is_initialized():
+            recipe.cleanup()
+        if dist.is_initialized():  # the constructor failed after starting the group
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)

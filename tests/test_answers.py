@@ -48,3 +48,11 @@ def test_header_without_trailing_space_and_singular_week():
 def test_malformed_answers_raise_value_error(text, expected):
     with pytest.raises(ValueError, match=expected.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         parse_answer(text)
+
+
+def test_event_tasks_give_where_their_outcome_starts():
+    """evaluate scores the outcome after the answer text up to this position; no second parse."""
+    events = [t for t in parse_answer(ORIGINAL) if t.event is not None]
+    assert [ORIGINAL[t.outcome_start:].split(".")[0] for t in events] == [
+        "was censored and did not occur", "was not censored and occurred"]
+    assert ORIGINAL[: events[1].outcome_start].endswith("the event (death) ")

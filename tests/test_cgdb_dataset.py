@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+import gdt_tune.data.records as records
 import gdt_tune.datasets._index as index_mod
+from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT, Layout, apply_cap
 from gdt_tune.datasets import cgdb_instruct_dataset
-from gdt_tune.datasets._layout import DEFAULT_SYSTEM_PROMPT, Layout, apply_cap
 
 ANSWER = "Task 1 is time to event prediction:\nHere is the prediction: the event (death) was censored and did not occur.\n"
 
@@ -197,7 +198,7 @@ def test_file_changed_after_indexing_is_an_error(tmp_path, tokenizer):
 
 def test_logs_counts_and_gdt_prompt_but_no_text(tmp_path, tokenizer, caplog, monkeypatch):
     import gdt_tune.datasets.cgdb_instruct as mod
-    from gdt_tune.datasets._layout import system_prompt_sha256
+    from gdt_tune.data.layout import system_prompt_sha256
 
     prompt = "Pretend this is the original GDT prompt."
     monkeypatch.setattr(mod, "GDT_SYSTEM_PROMPT_SHA256", system_prompt_sha256(prompt))
@@ -205,7 +206,7 @@ def test_logs_counts_and_gdt_prompt_but_no_text(tmp_path, tokenizer, caplog, mon
     with caplog.at_level(logging.INFO, logger="gdt_tune"):
         ds = cgdb_instruct_dataset(tokenizer, data_files=path, system_prompt=prompt, max_seq_len=70, truncation="gdt")
     assert "original GDT system prompt" in caplog.text
-    assert "2 samples from 1 files" in caplog.text or "samples from 1 files" in caplog.text
+    assert f"cgdb_instruct: {len(ds)} samples from 1 files" in caplog.text
     assert f"truncated {ds.counts['truncated']}" in caplog.text
     assert "Patient history" not in caplog.text and "Here is the prediction" not in caplog.text
 
@@ -222,8 +223,8 @@ def test_parallel_chunked_index_equals_one_pass(tmp_path, tokenizer, monkeypatch
     rows = [row(i, f"p{i % 7}", lot=f"2020-0{1 + i % 3}-01") for i in range(60)]
     path = write(tmp_path / "d.jsonl", rows)
     one = cgdb_instruct_dataset(tokenizer, data_files=path, splits_per_patient_therapy=2, cache_dir=tmp_path / "c1")
-    monkeypatch.setattr(index_mod, "CHUNK_BYTES", 700)  # about 3 lines a chunk
-    assert len(index_mod.chunks_of(path, 700)) > 10
+    monkeypatch.setattr(records, "CHUNK_BYTES", 700)  # about 3 lines a chunk
+    assert len(records.chunks_of(path, 700)) > 10
     many = cgdb_instruct_dataset(tokenizer, data_files=path, splits_per_patient_therapy=2, index_workers=2,
                                  cache_dir=tmp_path / "c2")
     assert len(many) == len(one) == 7 * 3 * 2
@@ -235,3 +236,34 @@ def test_parallel_chunked_index_equals_one_pass(tmp_path, tokenizer, monkeypatch
     path.write_text("".join(text))
     with pytest.raises(ValueError, match=r"d\.jsonl:48: field 'answer' is a int"):
         cgdb_instruct_dataset(tokenizer, data_files=path, index_workers=2, cache_dir=tmp_path / "c3")
+
+
+def _edit_keeping_size_and_mtime(path, old, new):
+    stat = path.stat()
+    text = path.read_text()
+    head, found, tail = text.rpartition(old)  # the last occurrence
+    assert len(old) == len(new) and found
+    path.write_text(head + new + tail)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+
+
+def test_index_notices_a_same_size_edit_with_the_modification_time_kept(tmp_path, tokenizer):
+    """cp -p / rsync -t keep size and mtime: the content digest still sees the edit, so the
+    patient overlap check does not run on a stale index."""
+    path = write(tmp_path / "d.jsonl", [row(i, f"p{i}") for i in range(1, 6)])
+    before = cgdb_instruct_dataset(tokenizer, data_files=path)
+    _edit_keeping_size_and_mtime(path, '"patientid": "p3"', '"patientid": "q3"')
+    after = cgdb_instruct_dataset(tokenizer, data_files=path)
+    assert len(before.patient_ids() - after.patient_ids()) == 1 and len(after.patient_ids()) == 5
+
+
+def test_big_files_are_checked_by_sampled_blocks(tmp_path, tokenizer, monkeypatch, caplog):
+    monkeypatch.setattr(index_mod, "SAMPLE_BYTES", 512)  # the file is bigger: 4 blocks of 128 bytes
+    monkeypatch.setattr(index_mod, "SAMPLE_BLOCKS", 4)
+    path = write(tmp_path / "d.jsonl", [row(i, f"p{i}") for i in range(1, 6)])
+    cgdb_instruct_dataset(tokenizer, data_files=path)
+    _edit_keeping_size_and_mtime(path, '[1, 2, 3]}}}\n', '[1, 2, 4]}}}\n')  # in the last block
+    with caplog.at_level(logging.WARNING, logger="gdt_tune"):
+        cgdb_instruct_dataset(tokenizer, data_files=path)
+    assert f"{path}: changed since it was indexed" in caplog.text

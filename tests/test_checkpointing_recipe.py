@@ -1,15 +1,12 @@
-"""Interim checkpoints through the recipe on 2 CPU processes: folder listings, exact resume (sync
-and async, mid-epoch and across an epoch boundary), incomplete checkpoints, SIGTERM, SIGKILL."""
+"""Interim checkpoints through the recipe on 2 CPU processes: the folder, exact resume (mid-epoch
+and across an epoch boundary), incomplete checkpoints, other world sizes and global batches,
+failed saves. (SIGTERM / Ctrl-C: tests/test_launcher.py; SIGKILL: tests/test_fault_injection.py.)"""
 
-import os
 import shutil
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
-from recipe_utils import REPO, final_weights, logged, run_recipe, tune_cmd
+from recipe_utils import final_weights, logged, run_recipe
 
 NO_VAL = ("dataset_val=null", "run_val_every_n_steps=null")
 # 2 epochs of 3 steps: step 4 is in the second epoch, resuming from step 2 crosses the boundary.
@@ -20,12 +17,11 @@ def steps(out):
     return sorted(int(p.name.split("_")[1]) for p in out.glob("step_*"))
 
 
-@pytest.mark.parametrize("every, keep", [(1, 2), (1, 3), (2, 2), (2, 3), (3, 2), (3, 3)])
-def test_folder_listing(demo_dir, tmp_path, every, keep):
-    run_recipe(demo_dir, tmp_path, "max_steps_per_epoch=6", f"save_every_n_steps={every}",
-               f"keep_last_n_checkpoints={keep}", *NO_VAL)
-    saved = [s for s in range(1, 7) if s % every == 0]
-    assert steps(tmp_path) == saved[-keep:]
+def test_folder_listing(demo_dir, tmp_path):
+    """Every (interval, keep) is tested in process (tests/test_training_units.py); here the files
+    of 2 ranks."""
+    run_recipe(demo_dir, tmp_path, "max_steps_per_epoch=6", "save_every_n_steps=2", "keep_last_n_checkpoints=2", *NO_VAL)
+    assert steps(tmp_path) == [4, 6]
     for s in steps(tmp_path):
         names = {p.name for p in (tmp_path / f"step_{s}").iterdir()}
         assert {".metadata", "COMPLETE", "rank_0.pt", "rank_1.pt", "__0_0.distcp", "__1_0.distcp"} <= names
@@ -39,10 +35,18 @@ def assert_same_weights(a, b):
         assert torch.equal(wa[k], wb[k]), k
 
 
-@pytest.mark.parametrize("async_save", [False, True])
-def test_resume_is_exact(demo_dir, tmp_path, async_save):
-    base = tmp_path / "base"
-    run_recipe(demo_dir, base, *TWO_EPOCHS, f"async_checkpointing={str(async_save).lower()}")
+@pytest.fixture(scope="module")
+def two_epochs(demo_dir, tmp_path_factory):
+    """The uninterrupted run that the resume tests compare with."""
+    base = tmp_path_factory.mktemp("two_epochs")
+    run_recipe(demo_dir, base, *TWO_EPOCHS)
+    return base
+
+
+def test_resume_is_exact(demo_dir, tmp_path, two_epochs):
+    """Sync saves here; async saves resume exactly in tests/test_training_units.py and in the
+    fault-injection run (tests/test_fault_injection.py)."""
+    base = two_epochs
     assert steps(base) == [2, 4, 6]
     expected = logged(base)
     assert sorted(expected) == [1, 2, 3, 4, 5, 6]
@@ -50,8 +54,7 @@ def test_resume_is_exact(demo_dir, tmp_path, async_save):
         out = tmp_path / f"from_{start}"
         out.mkdir()
         shutil.copytree(base / f"step_{start}", out / f"step_{start}")
-        proc = run_recipe(demo_dir, out, *TWO_EPOCHS, f"async_checkpointing={str(async_save).lower()}",
-                          "resume_from_checkpoint=true")
+        proc = run_recipe(demo_dir, out, *TWO_EPOCHS, "resume_from_checkpoint=true")
         assert f"resumed from {out / f'step_{start}'}" in proc.stdout
         resumed = logged(out)
         assert sorted(resumed) == list(range(start + 1, 7))
@@ -59,9 +62,8 @@ def test_resume_is_exact(demo_dir, tmp_path, async_save):
         assert_same_weights(base, out)
 
 
-def test_incomplete_newest_is_skipped_and_none_complete_is_an_error(demo_dir, tmp_path):
-    base = tmp_path / "base"
-    run_recipe(demo_dir, base, *TWO_EPOCHS)
+def test_incomplete_newest_is_skipped_and_none_complete_is_an_error(demo_dir, tmp_path, two_epochs):
+    base = two_epochs
     out = tmp_path / "resumed"
     out.mkdir()
     for s in (2, 4):
@@ -80,85 +82,26 @@ def test_incomplete_newest_is_skipped_and_none_complete_is_an_error(demo_dir, tm
     assert "resume_from_checkpoint=false" in proc.stdout + proc.stderr
 
 
-def _launch(demo_dir, out, *overrides, **env_vars):
-    env = dict(os.environ, TIKTOKEN_CACHE_DIR="", PYTHONUNBUFFERED="1", **env_vars)
-    return subprocess.Popen(tune_cmd(demo_dir, out, *overrides), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _wait_for(predicate, proc, timeout=120):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.02)
-
-
-def test_sigterm_saves_current_step_and_exits_zero(demo_dir, tmp_path):
-    proc = _launch(demo_dir, tmp_path, "max_steps_per_epoch=400", "save_every_n_steps=null", *NO_VAL)
-    _wait_for(lambda: len(logged(tmp_path)) >= 3, proc)
-    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    assert len(workers) == 2
-    for pid in workers:
-        os.kill(int(pid), signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-3000:]
-    last = max(logged(tmp_path))
-    assert 3 <= last < 400
-    assert steps(tmp_path) == [last]
-    assert (tmp_path / f"step_{last}" / "COMPLETE").is_file()
-    assert "SIGTERM received" in out
-
-
-SLOW_SAVE = '''
-import os
-step = os.environ.get("GDT_TEST_SLOW_SAVE_DIR")
-if step:
-    import time
-    from torch.distributed.checkpoint import filesystem
-
-    original = filesystem._FileSystemWriter.write_data
-
-    def write_data(self, plan, planner):
-        if str(self.path).endswith(step):
-            time.sleep(60)  # the test kills the run here, mid-save
-        return original(self, plan, planner)
-
-    filesystem._FileSystemWriter.write_data = write_data
-'''
-
-
-def test_sigkill_during_a_save_resumes_from_the_previous_one(demo_dir, tmp_path):
-    """A sitecustomize (test-only) stalls the step_15 save so that the kill lands inside it."""
-    args = ("epochs=2", "max_steps_per_epoch=15", "save_every_n_steps=5", "keep_last_n_checkpoints=2", *NO_VAL)
-    base = tmp_path / "base"
-    run_recipe(demo_dir, base, *args)
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SLOW_SAVE)
-    out = tmp_path / "killed"
-    proc = _launch(demo_dir, out, *args, GDT_TEST_SLOW_SAVE_DIR="step_15",
-                   PYTHONPATH=f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    _wait_for(lambda: (out / "step_15" / "rank_1.pt").exists() and (out / "step_15" / "rank_0.pt").exists(), proc)
-    time.sleep(1.0)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert (out / "step_15").is_dir() and not (out / "step_15" / "COMPLETE").exists()
-    proc = run_recipe(demo_dir, out, *args, "resume_from_checkpoint=true")
-    assert "skipping step_15 (no COMPLETE marker" in proc.stdout + proc.stderr
-    assert f"resumed from {out / 'step_10'}" in proc.stdout
-    assert_same_weights(base, out)
-
-
 RESHARD = ("max_steps_per_epoch=6", "save_every_n_steps=3", "keep_last_n_checkpoints=2", *NO_VAL)
 
 
+@pytest.fixture(scope="module")
+def reshard_base(demo_dir, tmp_path_factory):
+    """2 ranks, no accumulation: the uninterrupted run of the world-size tests."""
+    base = tmp_path_factory.mktemp("reshard_base")
+    run_recipe(demo_dir, base, *RESHARD, "gradient_accumulation_steps=1", nproc=2)
+    return base
+
+
 @pytest.mark.parametrize("before, after", [((2, 1), (1, 2)), ((1, 2), (2, 1))])
-def test_resume_on_another_world_size_with_the_same_global_batch(demo_dir, tmp_path, before, after):
+def test_resume_on_another_world_size_with_the_same_global_batch(demo_dir, tmp_path, before, after, reshard_base):
     """(ranks, gradient_accumulation_steps) 2 x 1 -> 1 x 2 and back: the state is resharded and the
     resumed losses and final weights are those of the uninterrupted run."""
     base, out = tmp_path / "base", tmp_path / "resumed"
-    run_recipe(demo_dir, base, *RESHARD, f"gradient_accumulation_steps={before[1]}", nproc=before[0])
+    if before == (2, 1):
+        base = reshard_base
+    else:
+        run_recipe(demo_dir, base, *RESHARD, f"gradient_accumulation_steps={before[1]}", nproc=before[0])
     out.mkdir()
     shutil.copytree(base / "step_3", out / "step_3")
     proc = run_recipe(demo_dir, out, *RESHARD, f"gradient_accumulation_steps={after[1]}", "resume_from_checkpoint=true",
@@ -181,7 +124,7 @@ def test_resume_with_half_the_global_batch_sees_every_sample_of_the_epoch_once(d
     resumed run takes every sample of the epoch exactly once (its token count is the dataset's),
     including the half global batch that the 2-rank run drops at the end."""
     from gdt_tune.datasets import cgdb_instruct_dataset
-    from gdt_tune.sampling import GlobalOrderBatchSampler
+    from gdt_tune.training.sampling import GlobalOrderBatchSampler
 
     whole = ("epochs=1", "max_steps_per_epoch=null", "batch_size=4", "save_every_n_steps=25", "keep_last_n_checkpoints=2",
              *NO_VAL)
@@ -201,9 +144,8 @@ def test_resume_with_half_the_global_batch_sees_every_sample_of_the_epoch_once(d
     assert seen_resumed[max(seen_resumed)] == sum(lengths)
 
 
-def test_resume_with_another_global_batch_warns_and_refuses_a_changed_seed(demo_dir, tmp_path):
-    base, out = tmp_path / "base", tmp_path / "resumed"
-    run_recipe(demo_dir, base, *RESHARD)
+def test_resume_with_another_global_batch_warns_and_refuses_a_changed_seed(demo_dir, tmp_path, reshard_base):
+    base, out = reshard_base, tmp_path / "resumed"
     out.mkdir()
     shutil.copytree(base / "step_3", out / "step_3")
     proc = run_recipe(demo_dir, out, *RESHARD, "resume_from_checkpoint=true", nproc=1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from gdt_tune.checkpointing import (
+from gdt_tune.training.checkpointing import (
     COMPLETE_MARKER,
     METADATA,
     check_model_shapes,
@@ -89,7 +89,7 @@ def test_damaged_newest_is_skipped_with_a_warning(tmp_path, caplog, damage, prob
 
 
 def test_resume_off_run_record_and_model_shape(tmp_path):
-    from gdt_tune.checkpointing import read_run
+    from gdt_tune.training.checkpointing import read_run
 
     assert find_resume(tmp_path, False, rank=0) is None
     path = real(tmp_path, 2, world=2)
@@ -121,7 +121,7 @@ def test_folder_remover_hides_at_once_and_deletes_off_thread(tmp_path, monkeypat
     folder stops being a checkpoint at once, and close() waits until it is gone."""
     import threading
 
-    from gdt_tune.checkpointing import FolderRemover, list_checkpoints
+    from gdt_tune.training.checkpointing import FolderRemover, list_checkpoints
 
     for step in (2, 4):
         (tmp_path / f"step_{step}").mkdir()

@@ -1,5 +1,6 @@
 """`gdt-tune train` builds a torchrun command from any folder; bad arguments give one line."""
 
+import contextlib
 import sys
 
 import pytest
@@ -27,3 +28,34 @@ def test_train_refuses_bad_arguments(args, message, capsys):
     assert main(["train", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("make_args, code, message", [
+    (lambda d, t: ["evaluate", "--checkpoint", str(t / "nope"), "--data", str(d / "data" / "test")], 1,
+     "error: --checkpoint {t}/nope is not a folder; pass a step_N or epoch_N folder of a run"),
+    (lambda d, t: ["evaluate", "--checkpoint", str(d / "model"), "--data", str(d / "data"), "--max-samples", "-3"], 2,
+     "error: argument --max-samples: '-3' is not an integer >= 1 (see gdt-tune evaluate --help)"),
+    (lambda d, t: ["evaluate", "--data", "x"], 2, "error: the following arguments are required: --checkpoint"),
+    (lambda d, t: ["evaluate", "--checkpoint", str(d / "model"), "--data", str(t / "x.jsonl.gz")], 1,
+     "error: --data: {t}/x.jsonl.gz matches no file"),
+    (lambda d, t: ["data-report", "--data", str(d / "data"), "--tokenizer", str(d / "model" / "special_tokens.json"),
+                   "--out", str(t / "r")], 1,
+     "error: --tokenizer {d}/model/special_tokens.json is not a tiktoken tokenizer.model (ValueError)"),
+    (lambda d, t: ["data-report", "--data", str(t / "nowhere"), "--tokenizer", str(d / "model" / "tokenizer.model")], 1,
+     "error: --data: {t}/nowhere matches no file; check the path or glob"),
+    (lambda d, t: ["data-report", "--data", "x", "--tokenizer", "y", "--max-seq-len", "8"], 2,
+     "error: argument --max-seq-len: '8' is not an integer >= 16"),
+    (lambda d, t: ["export", "--checkpoint", str(t / "nope"), "--out", str(t / "x")], 1,
+     "error: --checkpoint {t}/nope is neither an interim step_N nor a final epoch_N folder"),
+    (lambda d, t: ["plot-run", str(t)], 1, "error: {t}/logs holds no DiskLogger *.txt files"),
+    (lambda d, t: ["demo", "--steps", "0"], 2, "error: argument --steps: '0' is not an integer >= 1"),
+    (lambda d, t: ["bogus"], 2, "error: argument command: invalid choice: 'bogus'"),
+])
+def test_cli_errors_are_one_line_naming_the_option(make_args, code, message, demo_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) if code == 2 else contextlib.nullcontext() as exit_info:
+        rc = main(make_args(demo_dir, tmp_path))
+    rc = exit_info.value.code if code == 2 else rc  # argparse exits
+    err = capsys.readouterr().err
+    assert rc == code
+    assert err.startswith(message.format(d=demo_dir, t=tmp_path)) and err.count("\n") == 1, err
+

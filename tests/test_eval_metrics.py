@@ -4,7 +4,8 @@ from collections import Counter
 
 import pytest
 
-from gdt_tune.eval_metrics import (
+from gdt_tune.eval.evaluate import parsed_forecast
+from gdt_tune.eval.metrics import (
     OUTCOMES,
     event_metrics,
     forecast_metrics,
@@ -14,7 +15,6 @@ from gdt_tune.eval_metrics import (
     outcome_index,
     softmax,
 )
-from gdt_tune.evaluate import parsed_forecast
 
 OCC, NOT, CENS = (OUTCOMES.index(o) for o in ("was not censored and occurred", "was not censored and did not occur",
                                                 "was censored and did not occur"))

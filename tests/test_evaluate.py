@@ -10,10 +10,10 @@ import pytest
 import torch
 from recipe_utils import REPO, run_recipe
 
+from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT, Layout
 from gdt_tune.datasets import cgdb_instruct_dataset
-from gdt_tune.datasets._layout import DEFAULT_SYSTEM_PROMPT, Layout
-from gdt_tune.eval_metrics import softmax
-from gdt_tune.evaluate import event_candidates, read_samples, score_sequences
+from gdt_tune.eval.evaluate import event_candidates, read_samples, score_sequences
+from gdt_tune.eval.metrics import softmax
 
 
 class Favours(torch.nn.Module):
@@ -92,6 +92,19 @@ def test_evaluate_final_and_interim_checkpoints_of_a_demo_run(demo_dir, tmp_path
     # step_N without the training config: a clear error
     bad = _cli("evaluate", "--checkpoint", str(tmp_path / "run" / "step_4"), "--out", str(tmp_path / "x"), *common)
     assert bad.returncode == 1 and "pass the training --config too" in bad.stderr
+    # a config of another model shape is refused for step_N and epoch_N, naming the first tensor
+    from recipe_utils import load_config
+
+    from gdt_tune.eval.evaluate import load_model_and_tokenizer
+
+    other = load_config(f"demo_dir={demo_dir}", "model.num_layers=3", "model.embed_dim=128")
+    for folder in ("step_4", "epoch_0"):
+        with pytest.raises(ValueError, match=r"holds another model \((layers\.0\.attn\.k_proj\.weight|layers\.2\.)"):
+            load_model_and_tokenizer(tmp_path / "run" / folder, other, torch.device("cpu"), torch.float32)
+    shallow = load_config(f"demo_dir={demo_dir}", "model.num_layers=1")  # missing layers: not silently truncated
+    for folder in ("step_4", "epoch_0"):
+        with pytest.raises(ValueError, match=r"holds another model \(layers\.1\.\S+: saved \(\d+"):
+            load_model_and_tokenizer(tmp_path / "run" / folder, shallow, torch.device("cpu"), torch.float32)
 
 
 def test_data_report_on_the_demo_data(demo_dir, tokenizer, tmp_path):
@@ -119,7 +132,7 @@ def test_data_report_on_the_demo_data(demo_dir, tokenizer, tmp_path):
 def test_scores_equal_a_full_forward(demo_dir, tokenizer, dtype, tol):
     """Scores from the hidden states at the scored positions equal a full forward pass of the same
     model, in fp32 and in bf16 (the head runs in the model's dtype: bf16 used to crash)."""
-    from gdt_tune.evaluate import load_model_and_tokenizer
+    from gdt_tune.eval.evaluate import load_model_and_tokenizer
 
     model, _, _ = load_model_and_tokenizer(demo_dir / "model", None, torch.device("cpu"), dtype)
     assert model.output.weight.dtype == dtype
@@ -135,7 +148,7 @@ def test_scores_equal_a_full_forward(demo_dir, tokenizer, dtype, tol):
 def test_evaluate_in_bf16_matches_fp32(demo_dir, tmp_path):
     """The whole command in bf16 on CPU (what CUDA uses by default): event probabilities within
     bf16 tolerance of fp32, and the dtype is recorded."""
-    from gdt_tune.evaluate import evaluate
+    from gdt_tune.eval.evaluate import evaluate
 
     common = dict(data=demo_dir / "data" / "test", max_samples=3, samples=1, device="cpu")
     a = evaluate(demo_dir / "model", out=tmp_path / "fp32", dtype="fp32", **common)
@@ -149,7 +162,7 @@ def test_evaluate_in_bf16_matches_fp32(demo_dir, tmp_path):
 
 def test_forecast_plot_marks_missing_values(monkeypatch, tmp_path):
     """A variable without a parseable model prediction gets an 'n/a' mark, not a zero-height bar."""
-    import gdt_tune.plots as plots
+    import gdt_tune.eval.plots as plots
 
     figures = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
@@ -160,3 +173,22 @@ def test_forecast_plot_marks_missing_values(monkeypatch, tmp_path):
     assert sorted(t.get_text() for t in ax.texts) == ["n/a", "n/a"]
     assert sorted(round(b.get_height(), 3) for b in ax.patches) == [0.2, 0.3, 0.5, 0.7]  # no zero bars
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["model, greedy", "model, sample mean", "copy-forward"]
+
+
+def test_data_report_keys_splits_by_argument_and_counts_every_overlap(demo_dir, tokenizer, tmp_path):
+    """Two files both called part-00000.jsonl in different folders are two splits; the overlap is
+    counted for every pair."""
+    import shutil
+
+    from gdt_tune.data.report import data_report
+
+    for folder, split in (("a", "validation"), ("b", "validation"), ("c", "test")):
+        (tmp_path / folder).mkdir()
+        shutil.copy(demo_dir / "data" / split / "part-00000.jsonl", tmp_path / folder / "part-00000.jsonl")
+    args = [str(tmp_path / f / "part-00000.jsonl") for f in "abc"]
+    report = data_report(args, tokenizer, tmp_path / "report", max_seq_len=1200, workers=1)
+    patients = report["splits"][args[0]]["patients"]
+    assert list(report["splits"]) == args and patients > 0
+    assert report["overlap"] == {f"{args[0]}/{args[1]}": patients, f"{args[0]}/{args[2]}": 0,
+                                 f"{args[1]}/{args[2]}": 0}
+    assert len(list((tmp_path / "report").glob("lengths_*.png"))) == 3

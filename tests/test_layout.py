@@ -1,9 +1,10 @@
 """Exact token layout (docs/data-format.md §4), truncation policies and validation, on the tiny tokenizer."""
 
 import pytest
+from torchtune.data import Message
 
+from gdt_tune.data.layout import Layout, Status, apply_cap, validate
 from gdt_tune.data.text import drop_oldest_visits, visit_spans
-from gdt_tune.datasets._layout import Layout, Status, apply_cap, gdt_messages, validate
 
 SYSTEM = "  You predict patient trajectories.\n"
 INSTRUCTION = (
@@ -45,7 +46,9 @@ def test_exact_tokens_and_labels(tokenizer, layout):
 
 def test_same_as_torchtune_messages_without_trailing_eos(tokenizer, layout):
     """Stock tokenize_messages gives the same sequence plus an <|end_of_text|> that GDT does not train."""
-    stock_tokens, stock_mask = tokenizer.tokenize_messages(gdt_messages(INSTRUCTION, ANSWER, SYSTEM))
+    messages = [Message(role="system", content=SYSTEM, masked=True), Message(role="user", content=INSTRUCTION, masked=True),
+                Message(role="assistant", content=ANSWER, masked=False)]
+    stock_tokens, stock_mask = tokenizer.tokenize_messages(messages)
     tokens, labels, _ = apply_cap(layout, INSTRUCTION, ANSWER, 8000, "gdt")
     assert stock_tokens[-1] == tokenizer.eos_id
     assert tokens == stock_tokens[:-1]

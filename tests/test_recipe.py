@@ -6,8 +6,8 @@ import torch
 from omegaconf import OmegaConf
 from recipe_utils import REPO, final_weights, logged, run_recipe
 
-from gdt_tune.config_checks import check_config
 from gdt_tune.demo_assets import TINY_MODEL
+from gdt_tune.training.config import parse
 
 # Per-step training losses of the tiny config (seed 42, fp32, 2 processes, prepare-demo seed 0),
 # recorded from a run of this recipe with torch 2.13.0 CPU.
@@ -76,7 +76,7 @@ def test_shipped_configs_validate(name):
 
     cfg = OmegaConf.load(REPO / "configs" / name)
     validate(cfg)
-    check_config(cfg, cuda_available=True)
+    parse(cfg, cuda_available=True)
 
 
 def test_tiny_config_matches_demo_model():
@@ -109,3 +109,21 @@ def test_gradient_accumulation_matches_a_larger_batch(demo_dir, tmp_path):
     for step in accum:
         assert accum[step] == pytest.approx(batch[step], abs=1e-5)
     assert accum[4] < accum[1]  # and it trained
+
+
+def test_validation_with_fewer_samples_than_ranks(demo_dir, tmp_path):
+    """One validation sample on 2 ranks: the rank without one runs a masked batch to keep FSDP's
+    collectives matched; the loss equals that of one rank with the same global batch."""
+    from recipe_utils import load_config, setup_in_process
+
+    one = tmp_path / "one.jsonl"
+    one.write_text((demo_dir / "data" / "validation" / "part-00000.jsonl").read_text().splitlines()[0] + "\n")
+    args = ("max_steps_per_epoch=2", "save_every_n_steps=null", "run_val_every_n_steps=null",
+            f"dataset_val.data_files={one}")
+    run_recipe(demo_dir, tmp_path / "two", *args)
+    two_ranks = logged(tmp_path / "two", "val_loss")
+    setup_in_process(load_config(f"demo_dir={demo_dir}", f"output_dir={tmp_path / 'one'}", *args,
+                                 "gradient_accumulation_steps=2"), train=True)
+    one_rank = logged(tmp_path / "one", "val_loss")
+    assert list(two_ranks) == list(one_rank) == [2]
+    assert two_ranks[2] == pytest.approx(one_rank[2], rel=1e-5) and 0 < two_ranks[2] < 10

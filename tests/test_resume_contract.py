@@ -3,8 +3,8 @@ and batch layout, and the resume contract refuses or warns about each difference
 
 import pytest
 
-from gdt_tune.resume import REFUSED, WARNED, compare
-from gdt_tune.sampling import GlobalOrderBatchSampler
+from gdt_tune.training.resume import REFUSED, WARNED, compare
+from gdt_tune.training.sampling import GlobalOrderBatchSampler
 
 
 def _steps(n, batch, world, accum, start=0, steps=None, seed=7):

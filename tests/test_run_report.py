@@ -1,6 +1,6 @@
 """`gdt-tune plot-run`: curves and summary from DiskLogger files, resumed runs merged."""
 
-from gdt_tune.run_report import plot_run, read_logs, smooth
+from gdt_tune.eval.run_report import plot_run, read_logs, smooth
 
 
 def _log(path, lines):

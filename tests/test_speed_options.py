@@ -8,11 +8,11 @@ from omegaconf import OmegaConf
 from recipe_utils import REPO, logged, run_recipe
 from torchtune.models.llama3 import llama3
 
-from gdt_tune.activation_checkpointing import apply_activation_checkpointing, layers_to_checkpoint
-from gdt_tune.config_checks import check_config
 from gdt_tune.demo_assets import TINY_MODEL
-from gdt_tune.float8 import convert_to_float8, float8_problem
-from gdt_tune.mfu import decoder_flops_per_token, flops_per_token, mfu, peak_tflops
+from gdt_tune.training.activation_checkpointing import apply_activation_checkpointing, layers_to_checkpoint
+from gdt_tune.training.config import parse
+from gdt_tune.training.float8 import convert_to_float8, float8_problem
+from gdt_tune.training.mfu import decoder_flops_per_token, flops_per_token, mfu, peak_tflops
 
 
 @pytest.mark.parametrize("name, tflops", [
@@ -124,7 +124,7 @@ def _cfg(**overrides):
 ])
 def test_config_checks_of_speed_options(overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        check_config(_cfg(**overrides), cuda_available=False)
+        parse(_cfg(**overrides), cuda_available=False)
 
 
 @pytest.mark.parametrize("overrides", [dict(enable_activation_checkpointing=True),
@@ -132,7 +132,7 @@ def test_config_checks_of_speed_options(overrides, message):
                                        dict(enable_activation_checkpointing=True, ac_mode="selective", ac_option=2),
                                        dict(mfu_peak_tflops=989.4)])
 def test_config_checks_accept_speed_options(overrides):
-    check_config(_cfg(**overrides), cuda_available=False)
+    parse(_cfg(**overrides), cuda_available=False)
 
 
 def test_recipe_logs_mfu_and_first_step_and_trains_with_op_level_checkpointing(demo_dir, tmp_path):

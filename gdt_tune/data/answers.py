@@ -35,6 +35,8 @@ class Task:
     event: str | None = None
     censored: bool | None = None
     occurred: bool | None = None
+    #: event tasks: where the outcome text ("was not censored and ...") starts in the parsed text
+    outcome_start: int | None = field(default=None, compare=False)
     visits: list[tuple[float, dict[str, float | str]]] = field(default_factory=list)
 
 
@@ -50,13 +52,18 @@ def parse_answer(text: str) -> list[Task]:
         end = headers[i + 1].start() if i + 1 < len(headers) else len(text)
         number, kind, body = int(m.group(1)), m.group(2), text[m.end() : end]
         try:
-            tasks.append(_parse_event(number, body) if kind == EVENT else _parse_forecast(number, kind, body))
+            tasks.append(_parse_event(number, body, m.end()) if kind == EVENT else _parse_forecast(number, kind, body))
         except ValueError as e:
             raise ValueError(f"task {number} ({kind}): {e}") from None
     return tasks
 
 
-def _parse_event(number: int, body: str) -> Task:
+def event_outcomes(text: str) -> list[tuple[str, str]]:
+    """(event name, outcome text) of every event prediction in ``text`` (also raw JSONL lines)."""
+    return _EVENT_RE.findall(text)
+
+
+def _parse_event(number: int, body: str, body_start: int) -> Task:
     m = _EVENT_RE.fullmatch(body.strip())
     if m is None:
         raise ValueError(
@@ -64,7 +71,8 @@ def _parse_event(number: int, body: str) -> Task:
             "[did not occur|occurred].'"
         )
     censored, occurred = EVENT_OUTCOMES[m.group(2)]
-    return Task(number, EVENT, event=m.group(1), censored=censored, occurred=occurred)
+    start = body_start + len(body) - len(body.lstrip()) + m.start(2)
+    return Task(number, EVENT, event=m.group(1), censored=censored, occurred=occurred, outcome_start=start)
 
 
 def _parse_forecast(number: int, kind: str, body: str) -> Task:

@@ -251,7 +251,7 @@ def _forecast_visits(future, names, split) -> list[tuple[float, dict[str, float]
     return out
 
 
-def _weeks_lines(targets, names, split_weeks_label=" the future weeks ") -> list[str]:
+def _weeks_lines(targets, names) -> list[str]:
     lines = []
     for name in names:
         cumulative, weeks = 0.0, []
@@ -259,7 +259,7 @@ def _weeks_lines(targets, names, split_weeks_label=" the future weeks ") -> list
             cumulative += delta
             if name in values:
                 weeks.append(fmt_number(cumulative))
-        lines.append(f"\t{name}{split_weeks_label}{', '.join(weeks)}")
+        lines.append(f"\t{name} the future weeks {', '.join(weeks)}")
     return lines
 
 

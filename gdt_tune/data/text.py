@@ -8,7 +8,6 @@ import re
 FORECASTING = "forecasting"
 FORECASTING_QA = "forecasting QA"
 EVENT = "time to event prediction"
-TASK_TYPES = (FORECASTING, FORECASTING_QA, EVENT)
 
 FIRST_VISIT_HEADER = "On the first visit, the patient experienced the following: "
 LATER_VISIT_HEADER = "{weeks} weeks later, the patient visited and experienced the following: "
@@ -46,8 +45,16 @@ def later_visit_header(weeks: float) -> str:
     return LATER_VISIT_HEADER.format(weeks=fmt_number(weeks))
 
 
+OUTCOMES = tuple(EVENT_OUTCOMES)  # in this order wherever probabilities over the outcomes are listed
+
+
+def outcome_text(censored: bool, occurred: bool) -> str:
+    """``"was not censored and occurred"`` etc. for an event outcome."""
+    return next(t for t, v in EVENT_OUTCOMES.items() if v == (censored, occurred))
+
+
 def event_answer(name: str, censored: bool, occurred: bool) -> str:
-    outcome = next(t for t, v in EVENT_OUTCOMES.items() if v == (censored, occurred))
+    outcome = outcome_text(censored, occurred)
     return f"Here is the prediction: the event ({name}) {outcome}."
 
 

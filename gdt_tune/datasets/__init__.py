@@ -1,3 +1,3 @@
-from gdt_tune.datasets.cgdb_instruct import CGDBInstructDataset, cgdb_instruct_dataset
+from gdt_tune.datasets.cgdb_instruct import CGDBInstructDataset, PatientDataset, cgdb_instruct_dataset, dropped_by_cap
 
-__all__ = ["CGDBInstructDataset", "cgdb_instruct_dataset"]
+__all__ = ["CGDBInstructDataset", "PatientDataset", "cgdb_instruct_dataset", "dropped_by_cap"]

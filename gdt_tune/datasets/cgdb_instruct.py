@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from gdt_tune.datasets._index import (
-    FileIndex,
-    id_key,
-    index_files,
-    key_fingerprint,
-    keyed_hash,
-    read_record,
-    resolve_data_files,
-)
-from gdt_tune.datasets._layout import (
+from gdt_tune.coordination import node_first
+from gdt_tune.data.layout import (
     DEFAULT_SYSTEM_PROMPT,
     GDT_SYSTEM_PROMPT_SHA256,
     TRUNCATION_POLICIES,
@@ -30,14 +22,11 @@ from gdt_tune.datasets._layout import (
     system_prompt_sha256,
     validate,
 )
+from gdt_tune.data.records import read_record, resolve_data_files
+from gdt_tune.datasets._index import id_key, index_files, key_fingerprint, keyed_hash
+from gdt_tune.datasets.selection import Rows, select
 
 log = logging.getLogger("gdt_tune")
-
-
-def _rank() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
 
 
 def default_cache_dir() -> Path:
@@ -45,54 +34,62 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("GDT_TUNE_CACHE_DIR") or Path.home() / ".cache" / "gdt_tune" / "index")
 
 
+@runtime_checkable
+class PatientDataset(Protocol):
+    """What the recipe reads from a patient dataset beyond ``len`` and ``[i]`` (other torchtune
+    datasets work too; they skip the patient-overlap check and the drop count)."""
+
+    files: list[str]  #: the JSONL files read (the resume contract fingerprints them)
+    counts: dict[str, int]  #: kept / truncated / dropped_* / not_selected / samples
+    id_key_fingerprint: str  #: which cache key hashed the patient ids
+
+    def patient_ids(self) -> set[str]: ...
+
+    def where_patient(self, patient_id: str) -> str: ...
+
+
+def dropped_by_cap(counts: dict[str, int]) -> int:
+    """Samples the length cap dropped (``counts`` of a :class:`PatientDataset`)."""
+    return sum(counts.get(s.name.lower(), 0) for s in Status if s.dropped)
+
+
 class CGDBInstructDataset(Dataset):
     """Map-style dataset over indexed JSONL lines; ``ds[i]`` reads, tokenizes and validates one
     sample and returns ``{"tokens": [...], "labels": [...]}``. Build it with
-    :func:`cgdb_instruct_dataset`."""
+    :func:`cgdb_instruct_dataset`. Implements :class:`PatientDataset`."""
 
-    def __init__(self, files: list[Path], layout: Layout, max_seq_len: int, truncation: str,
-                 file_idx: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, lines: np.ndarray,
-                 status: np.ndarray, patient_ids: list[str | None], counts: dict[str, int], id_key_fingerprint: str):
-        self._files = [str(f) for f in files]
-        self._stamps = [_stamp(f) for f in self._files]
-        self._layout = layout
-        self._max_seq_len = max_seq_len
-        self._truncation = truncation
-        self._file_idx, self._offsets, self._lengths = file_idx, offsets, lengths
-        self._lines, self._status = lines, status
-        self._patient_ids = patient_ids
+    def __init__(self, files: list[Path], rows: Rows, *, layout: Layout, max_seq_len: int, truncation: str,
+                 counts: dict[str, int], id_key_fingerprint: str):
+        self.files = [str(f) for f in files]
+        self._stamps = [_stamp(f) for f in self.files]
+        self._rows = rows
+        self._layout, self._max_seq_len, self._truncation = layout, max_seq_len, truncation
         self.counts = counts
-        #: which cache key hashed the patient ids: only datasets with the same one can be compared
         self.id_key_fingerprint = id_key_fingerprint
 
     def __len__(self) -> int:
-        return len(self._offsets)
-
-    @property
-    def files(self) -> list[str]:
-        """The JSONL files read (the resume contract fingerprints them)."""
-        return list(self._files)
+        return len(self._rows)
 
     def where(self, index: int) -> str:
         """``file:line`` of sample ``index`` (for error messages; never the text)."""
-        return f"{self._files[self._file_idx[index]]}:{self._lines[index]}"
+        return f"{self.files[self._rows.file[index]]}:{self._rows.line[index]}"
 
     def where_patient(self, patient_id: str) -> str:
         """``file:line`` of the first sample of a patient (by the hash from :meth:`patient_ids`)."""
-        return self.where(self._patient_ids.index(patient_id))
+        return self.where(int(np.flatnonzero(self._rows.patient == patient_id)[0]))
 
     def patient_ids(self) -> set[str]:
         """The distinct ``meta.patientid`` values of the samples as keyed hashes (see
         ``_index.keyed_hash``; rows without one are skipped)."""
-        return {p for p in self._patient_ids if p is not None}
+        return set(np.unique(self._rows.patient).tolist()) - {""}
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
-        where, file = self.where(index), self._file_idx[index]
-        with open(self._files[file], "rb") as f:
+        where, file = self.where(index), self._rows.file[index]
+        with open(self.files[file], "rb") as f:
             if _stamp(f.fileno()) != self._stamps[file]:
                 raise ValueError(f"{where}: the file changed after it was indexed; restart to re-index it")
-            f.seek(int(self._offsets[index]))
-            raw = f.read(int(self._lengths[index]))
+            f.seek(int(self._rows.offset[index]))
+            raw = f.read(int(self._rows.length[index]))
         record = read_record(raw, where)
         tokens, labels, status = apply_cap(self._layout, record["instruction"], record["answer"],
                                            self._max_seq_len, self._truncation)
@@ -108,24 +105,6 @@ def _stamp(file) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def _decode(indexes: list[FileIndex], codes: str, vocab: str) -> list[str | None]:
-    """Per-row strings from per-file codes, sharing one str object per distinct value."""
-    out: list[str | None] = []
-    for ix in indexes:
-        names = [str(x) for x in getattr(ix, vocab)]
-        out += [None if c < 0 else names[c] for c in getattr(ix, codes)]
-    return out
-
-
-def _refuse_duplicates(digest: np.ndarray, where) -> None:
-    order = np.argsort(digest, kind="stable")
-    same = np.flatnonzero(digest[order][1:] == digest[order][:-1])
-    if len(same):
-        first, again = order[same[0]], order[same[0] + 1]
-        raise ValueError(f"{where(again)}: same instruction and answer as {where(first)}; "
-                         f"remove duplicate samples ({len(same)} found)")
-
-
 def _read_patient_ids(patient_ids) -> set[str]:
     if isinstance(patient_ids, (str, os.PathLike)):
         path = Path(patient_ids)
@@ -133,19 +112,6 @@ def _read_patient_ids(patient_ids) -> set[str]:
             raise ValueError(f"dataset.patient_ids: {path} is not a file; give a file of ids (one per line) or a list")
         return {line.strip() for line in path.read_text().splitlines() if line.strip()}
     return {str(p) for p in patient_ids}
-
-
-def _select_per_group(group: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Boolean mask keeping at most ``n`` rows per group id, chosen by a seeded random priority
-    that depends only on the row order (identical on every rank, any world size)."""
-    priority = np.random.default_rng(seed).random(len(group))
-    order = np.lexsort((priority, group))
-    sorted_group = group[order]
-    starts = np.r_[0, np.flatnonzero(sorted_group[1:] != sorted_group[:-1]) + 1]
-    rank_in_group = np.arange(len(group)) - np.repeat(starts, np.diff(np.r_[starts, len(group)]))
-    keep = np.zeros(len(group), dtype=bool)
-    keep[order[rank_in_group < n]] = True
-    return keep
 
 
 def cgdb_instruct_dataset(
@@ -201,7 +167,8 @@ def cgdb_instruct_dataset(
         seed: seed of that choice.
         patient_ids: keep only these patients: a list of ids or a file with one id per line.
         cache_dir: where the per-file index is cached (default ``$GDT_TUNE_CACHE_DIR`` or
-            ``~/.cache/gdt_tune/index``). Only the first rank of each node builds it.
+            ``~/.cache/gdt_tune/index``). Only the first rank of each node builds it; the
+            others wait for it on a collective.
         index_workers: processes that build the index, each scanning 32 MB pieces of the files
             (default: every CPU of the node; the other ranks wait for it).
 
@@ -236,55 +203,23 @@ def cgdb_instruct_dataset(
     prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("dataset.system_prompt: expected a non-empty string, or null for the default")
-    quiet = _rank() != 0
+    quiet = dist.is_initialized() and dist.get_rank() != 0
     if system_prompt_sha256(prompt) == GDT_SYSTEM_PROMPT_SHA256 and not quiet:
         log.info("cgdb_instruct: using the original GDT system prompt (SHA-256 matches)")
 
     files = resolve_data_files(data_files)
     layout = Layout.build(tokenizer, prompt)
-    builder = int(os.environ.get("LOCAL_RANK", "0")) == 0
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    indexes: list[FileIndex] = index_files(
-        files, layout, max_seq_len, truncation, splits_per_patient_therapy is not None,
-        cache, build=builder, workers=index_workers, show_progress=not quiet)
+    indexes = node_first(lambda build: index_files(
+        files, layout, max_seq_len, truncation, splits_per_patient_therapy is not None, cache, build=build,
+        workers=index_workers, show_progress=not quiet))
     key = id_key(cache)  # patient ids in the index are keyed hashes
-
-    file_idx = np.concatenate([np.full(len(ix.offsets), i, dtype=np.int32) for i, ix in enumerate(indexes)])
-    cat = {name: np.concatenate([getattr(ix, name) for ix in indexes])
-           for name in ("offsets", "lengths", "lines", "status", "digest", "patient", "lot")}
-    # Patient (hashed id) / LoT strings as global codes (vocabularies are per file).
-    patient_names = _decode(indexes, "patient", "patients")
-
-    def where(i: int) -> str:
-        return f"{files[file_idx[i]]}:{cat['lines'][i]}"
-
-    _refuse_duplicates(cat["digest"], where)
-    keep = np.ones(len(file_idx), dtype=bool)
-    if patient_ids is not None or splits_per_patient_therapy is not None:
-        missing = np.flatnonzero(cat["patient"] < 0)
-        if len(missing):
-            feature = "patient_ids" if patient_ids is not None else "splits_per_patient_therapy"
-            raise ValueError(f"{where(missing[0])}: field 'meta.patientid' is missing; it is needed by {feature}")
-    if patient_ids is not None:
-        wanted = {keyed_hash(key, p) for p in _read_patient_ids(patient_ids)}
-        keep &= np.fromiter((p in wanted for p in patient_names), dtype=bool, count=len(keep))
-    status = cat["status"]
-    counts = Counter({s.name.lower(): int(n) for s, n in zip(Status, np.bincount(status[keep], minlength=len(Status)))})
-    keep &= status < Status.DROPPED_HEADER_CUT
-    if splits_per_patient_therapy is not None:
-        groups: dict[tuple[str, str], int] = {}
-        lot_names = _decode(indexes, "lot", "lots")
-        group = np.fromiter((groups.setdefault((p, lot), len(groups)) for p, lot in zip(patient_names, lot_names)),
-                            dtype=np.int64, count=len(keep))
-        group = np.where(keep, group, -1)  # excluded rows compete in a group of their own
-        selected = _select_per_group(group, splits_per_patient_therapy, seed) & keep
-        counts["not_selected"] = int(keep.sum() - selected.sum())
-        keep = selected
-    rows = np.flatnonzero(keep)
-    counts["samples"] = len(rows)
+    rows = Rows.from_indexes(indexes)
+    wanted = None if patient_ids is None else {keyed_hash(key, p) for p in _read_patient_ids(patient_ids)}
+    kept, counts = select(rows, lambda i: f"{files[rows.file[i]]}:{rows.line[i]}", patients=wanted,
+                          per_patient_therapy=splits_per_patient_therapy, seed=seed)
     if not quiet:
-        log.info("cgdb_instruct: %d samples from %d files (%s)", len(rows), len(files),
+        log.info("cgdb_instruct: %d samples from %d files (%s)", len(kept), len(files),
                  ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "samples"))
-    return CGDBInstructDataset(
-        files, layout, max_seq_len, truncation, file_idx[rows], cat["offsets"][rows], cat["lengths"][rows],
-        cat["lines"][rows], status[rows], [patient_names[i] for i in rows], dict(counts), key_fingerprint(key))
+    return CGDBInstructDataset(files, rows.take(kept), layout=layout, max_seq_len=max_seq_len, truncation=truncation,
+                               counts=counts, id_key_fingerprint=key_fingerprint(key))

@@ -4,8 +4,8 @@ resume. Launch::
     tune run --nproc_per_node 8 gdt_tune/recipes/full_finetune_fsdp_ckpt.py \\
         --config configs/llama3_1_8b_gdt_full.yaml key=value ...
 
-Config keys follow torchtune's ``full_finetune_distributed``; ``gdt_tune.config_checks`` lists them
-and rejects unknown or contradictory ones at start.
+Config keys follow torchtune's ``full_finetune_distributed``; ``gdt_tune.training.config`` types
+and documents them, and rejects unknown or contradictory ones at start.
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -26,32 +29,29 @@ from torchtune import config, training
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 from tqdm import tqdm
 
-from gdt_tune import float8
-from gdt_tune.activation_checkpointing import apply_activation_checkpointing
-from gdt_tune.checkpointing import CheckpointManager, Progress, find_resume, read_run, shape_mismatch
-from gdt_tune.config_checks import check_config, check_paths, has_component
-from gdt_tune.datasets._layout import DEFAULT_SYSTEM_PROMPT
+from gdt_tune.coordination import FailedElsewhere, rank_zero_first
+from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT
+from gdt_tune.datasets import PatientDataset, dropped_by_cap
 from gdt_tune.export import write_serving_files
-from gdt_tune.mfu import decoder_flops_per_token, mfu, peak_tflops
-from gdt_tune.resume import compare, dataset_fingerprint
-from gdt_tune.sampling import EvalBatchSampler, GlobalOrderBatchSampler
+from gdt_tune.training import float8
+from gdt_tune.training.activation_checkpointing import apply_activation_checkpointing
+from gdt_tune.training.checkpointing import (
+    CheckpointManager,
+    Progress,
+    SaveFailed,
+    find_resume,
+    read_run,
+    run_of,
+    shape_mismatch,
+)
+from gdt_tune.training.config import check_components, check_paths, has_component, parse
+from gdt_tune.training.hf_weights import prepare_for_save, tune_shapes
+from gdt_tune.training.mfu import decoder_flops_per_token, mfu, peak_tflops
+from gdt_tune.training.resume import compare, dataset_fingerprint
+from gdt_tune.training.run_dir import OutputDirLock, claim, read_identity
+from gdt_tune.training.sampling import EvalBatchSampler, GlobalOrderBatchSampler
 
 log = logging.getLogger("gdt_tune")
-
-
-def hf_weight_map(checkpointer) -> None:
-    """Give a ``FullModelHFCheckpointer`` the key -> file map that ``save_checkpoint`` needs,
-    from the safetensors headers alone (``load_checkpoint`` would read every weight)."""
-    from safetensors import safe_open
-
-    paths = getattr(checkpointer, "_checkpoint_paths", None)
-    if paths is None or not all(str(p).endswith(".safetensors") for p in paths):
-        checkpointer.load_checkpoint()  # other checkpointers / formats: read them
-        return
-    checkpointer._weight_map = {}
-    for i, path in enumerate(paths):
-        with safe_open(str(path), framework="pt") as f:
-            checkpointer._weight_map.update(dict.fromkeys(f.keys(), f"{i + 1:04}"))
 
 
 def _run_record(contract: dict, progress: Progress) -> dict:
@@ -59,6 +59,32 @@ def _run_record(contract: dict, progress: Progress) -> dict:
     its arguments: a closure over the recipe would make a reference cycle that keeps the model
     and its process groups alive until interpreter shutdown."""
     return {**contract, "samples_in_epoch": progress.samples_in_epoch}
+
+
+def one_line(error: BaseException) -> str:
+    """The message of an error as one line. An error raised in a DataLoader worker arrives as
+    "Caught ValueError in DataLoader worker process 0. Original Traceback ...": its last line is ours."""
+    text = str(error).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split("\n"))
+
+
+def watch_launcher(poll_seconds: float = 2.0) -> None:
+    """Under torchrun: when the launcher dies (``kill -9``, a lost node), stop like on SIGTERM
+    (save and exit) instead of training on as an orphan."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        log.warning("launcher (pid %d) is gone; stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="gdt-launcher-watch", daemon=True).start()
 
 
 def loggable_config(cfg: DictConfig) -> DictConfig:
@@ -94,11 +120,13 @@ class FullFinetuneRecipe:
     """One FSDP2 full fine-tune: ``setup()``, ``train()``, ``cleanup()``."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        check_config(cfg, torch.cuda.is_available())
+        rc = parse(cfg, torch.cuda.is_available())
+        check_components(cfg)
         check_paths(cfg)
-        self._cfg = cfg
-        self._device = torch.device(cfg.get("device", "cuda"))
-        self._dtype = torch.bfloat16 if cfg.get("dtype", "bf16") == "bf16" else torch.float32
+        self._cfg, self._train_cfg, self._ckpt_cfg, self._log_cfg = cfg, rc.training, rc.checkpoints, rc.logging
+        self._data_cfg = rc.data
+        self._device = torch.device(rc.training.device)
+        self._dtype = torch.bfloat16 if rc.training.dtype == "bf16" else torch.float32
         self._world, self._rank, local_rank = _init_distributed(self._device.type)
         if self._device.type == "cuda":
             self._device = torch.device("cuda", local_rank)
@@ -106,50 +134,47 @@ class FullFinetuneRecipe:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self._world))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         self._is_rank_zero = self._rank == 0
-        self._float8 = cfg.get("float8", False)
+        self._float8 = rc.training.float8
         if self._float8 and (problem := float8.float8_problem(self._device)):
             raise ValueError(f"config key 'float8': {problem}; set float8=false")
-        self._peak_tflops = cfg.get("mfu_peak_tflops")
+        self._peak_tflops = rc.logging.mfu_peak_tflops
         if self._peak_tflops is None and self._device.type == "cuda":
             self._peak_tflops = peak_tflops(torch.cuda.get_device_name(self._device))
             if self._peak_tflops is None and self._is_rank_zero:
                 log.warning("mfu: unknown GPU %r; set mfu_peak_tflops=<its dense bf16 TFLOP/s> to log MFU",
                             torch.cuda.get_device_name(self._device))
-        self._batch_size = cfg.batch_size
-        self._accum = cfg.get("gradient_accumulation_steps", 1)
-        self._clip = cfg.get("clip_grad_norm")
-        self._log_every = cfg.get("log_every_n_steps", 1)
-        self._val_every = cfg.get("run_val_every_n_steps")
-        self._seed = training.set_seed(seed=cfg.get("seed"))
+        self._batch_size = rc.training.batch_size
+        self._accum = rc.training.gradient_accumulation_steps
+        self._seed = training.set_seed(seed=rc.training.seed)
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
-        cfg = self._cfg
-        # Logger first, so that every later step can report.
-        self._metric_logger = None
-        self._ckpt = None
-        if self._is_rank_zero and has_component(cfg, "metric_logger"):
-            self._metric_logger = config.instantiate(cfg.metric_logger)
-            # wandb: the resolved config as its config and as a file (patient id lists redacted)
-            self._metric_logger.log_config(loggable_config(cfg))
-        self._profiler = self._setup_profiler(cfg.get("profiler"))
-        # The checkpoint first (its files only): a resumed run with seed=null takes the saved seed.
-        resume = find_resume(cfg.output_dir, cfg.get("resume_from_checkpoint", False), self._rank)
+        cfg, out = self._cfg, self._ckpt_cfg.output_dir
+        self._metric_logger = self._ckpt = self._profiler = None
+        # Everything is checked before anything is written to output_dir: a bad config or bad data
+        # leaves an earlier run's folder as it was. The checkpoint first (its files only): a resumed
+        # run with seed=null takes the saved seed. Only this output_dir's run is resumed (run.json).
+        run_id = (read_identity(out) or {}).get("run_id")
+        resume = find_resume(out, self._ckpt_cfg.resume_from_checkpoint, self._rank, run_id)
         saved_world, saved_run = read_run(resume) if resume is not None else (None, None)
-        if saved_run is not None and cfg.get("seed") is None:
+        if saved_run is not None and self._train_cfg.seed is None:
             self._seed = training.set_seed(seed=saved_run["seed"])
-        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._tokenizer = self._load_tokenizer()
         # Datasets before the model: bad data fails in seconds, not after loading 16 GB of weights.
         self._train_ds = config.instantiate(cfg.dataset, self._tokenizer)
         self._val_ds = config.instantiate(cfg.dataset_val, self._tokenizer) if has_component(cfg, "dataset_val") else None
+        if self._val_ds is not None and len(self._val_ds) == 0:
+            dropped = dropped_by_cap(self._val_ds.counts) if isinstance(self._val_ds, PatientDataset) else 0
+            raise ValueError(f"dataset_val: no samples ({dropped} dropped by the length cap); raise "
+                             "dataset_val.max_seq_len, fix dataset_val.data_files, or set dataset_val=null")
         self._check_no_shared_patients()
         self._sampler, self._train_loader = self._setup_train_loader(self._train_ds)
         self._global_batch = self._batch_size * self._world * self._accum
         self._steps_per_epoch = len(self._train_ds) // self._global_batch
-        if cfg.get("max_steps_per_epoch") is not None:
-            self._steps_per_epoch = min(self._steps_per_epoch, cfg.max_steps_per_epoch)
+        if self._train_cfg.max_steps_per_epoch is not None:
+            self._steps_per_epoch = min(self._steps_per_epoch, self._train_cfg.max_steps_per_epoch)
         if self._steps_per_epoch == 0:
-            dropped = sum(v for k, v in getattr(self._train_ds, "counts", {}).items() if k.startswith("dropped"))
+            dropped = dropped_by_cap(self._train_ds.counts) if isinstance(self._train_ds, PatientDataset) else 0
             why = f" ({dropped} dropped by the length cap: raise dataset.max_seq_len)" if dropped else ""
             raise ValueError(
                 f"dataset: {len(self._train_ds)} samples{why} make no optimizer step with batch_size={self._batch_size} x "
@@ -157,20 +182,31 @@ class FullFinetuneRecipe:
         contract = self._run_contract()
         resume_warnings = self._check_resume(resume, saved_world, saved_run, contract)
         self._checkpointer = config.instantiate(cfg.checkpointer)
+        if resume is None and (shapes := tune_shapes(self._checkpointer)) is not None:
+            with torch.device("meta"):  # the weights' shapes from their headers: no 16 GB read to find a typo
+                self._check_weights_fit(shapes, config.instantiate(cfg.model))
+        # Now this run takes output_dir: the lock, then the run identity (or a refusal).
+        self._lock = OutputDirLock(out) if self._is_rank_zero else None
+        identity = rank_zero_first(partial(self._claim_output_dir, resume))
+        if self._is_rank_zero and has_component(cfg, "metric_logger"):
+            self._metric_logger = config.instantiate(cfg.metric_logger)
+            # wandb: the resolved config as its config and as a file (patient id lists redacted)
+            self._metric_logger.log_config(loggable_config(cfg))
+        self._profiler = self._setup_profiler(cfg.get("profiler"))
         self._model = self._setup_model(cfg.model, from_hf=resume is None)
         self._optimizer = config.instantiate(cfg.optimizer, self._model.parameters())
         self._lr_scheduler = (config.instantiate(cfg.lr_scheduler, self._optimizer,
-                                                 num_training_steps=self._steps_per_epoch * cfg.epochs)
+                                                 num_training_steps=self._steps_per_epoch * self._train_cfg.epochs)
                               if has_component(cfg, "lr_scheduler") else None)
         self._loss_fn = config.instantiate(cfg.loss)
-        if cfg.get("compile", False):
+        if self._train_cfg.compile:
             training.compile_loss(self._loss_fn)
         self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
         self._progress = Progress(seed=self._seed, world_size=self._world)
         self._ckpt = CheckpointManager.from_config(
-            cfg, model=self._model, optimizer=self._optimizer, lr_scheduler=self._lr_scheduler,
+            self._ckpt_cfg, model=self._model, optimizer=self._optimizer, lr_scheduler=self._lr_scheduler,
             progress=self._progress, rank=self._rank,
-            run_info=partial(_run_record, contract, self._progress))
+            run_info=partial(_run_record, contract, self._progress), run_id=identity["run_id"])
         self._ckpt.load(resume)
         if resume is not None:
             if saved_run is None:  # a checkpoint without a run record: same world size (checked), same batch
@@ -180,15 +216,41 @@ class FullFinetuneRecipe:
                 if self._is_rank_zero:
                     log.warning(line)
 
+    def _load_tokenizer(self):
+        """The tokenizer; a file of another format (an HF tokenizer.json, a SentencePiece model) is
+        one line naming the key."""
+        node = self._cfg.tokenizer
+        try:
+            return config.instantiate(node)
+        except Exception as e:
+            raise ValueError(f"config key 'tokenizer.path': {node.get('path')} is not a {node._component_} "
+                             f"tokenizer file ({type(e).__name__}); point it at the model's original/tokenizer.model"
+                             ) from None
+
+    def _claim_output_dir(self, resume: Path | None, first: bool) -> dict:
+        """Rank 0 (``first``): lock output_dir and write or keep its run identity; the other ranks
+        then read it (``gdt_tune.training.run_dir``)."""
+        out = Path(self._ckpt_cfg.output_dir)
+        if not first:
+            return read_identity(out)
+        self._lock.acquire()
+        here = resume is not None and resume.resolve().parent == out.resolve()
+        identity = claim(out, resuming=(run_of(resume) or "") if here else None,
+                         overwrite=self._ckpt_cfg.overwrite_output_dir,
+                         config_text=OmegaConf.to_yaml(loggable_config(self._cfg)))
+        log.info("run %s (config %s, started %s) in %s", identity["run_id"], identity["config_hash"],
+                 identity["started"], out)
+        return identity
+
     def _run_contract(self) -> dict:
-        """What this run's data order and optimisation depend on (``gdt_tune.resume``)."""
+        """What this run's data order and optimisation depend on (``gdt_tune.training.resume``)."""
         cfg, ds = self._cfg, self._cfg.dataset
-        return {"seed": self._seed, "shuffle": cfg.get("shuffle", True), "dataset": dataset_fingerprint(self._train_ds),
+        return {"seed": self._seed, "shuffle": self._data_cfg.shuffle, "dataset": dataset_fingerprint(self._train_ds),
                 "samples": len(self._train_ds), "max_seq_len": ds.get("max_seq_len", 8000),
                 "truncation": ds.get("truncation", "gdt"), "splits_per_patient_therapy": ds.get("splits_per_patient_therapy"),
                 "world_size": self._world, "gradient_accumulation_steps": self._accum, "batch_size": self._batch_size,
                 "global_batch": self._global_batch, "lr": float(cfg.optimizer.get("lr", 0.0)),
-                "save_every_n_steps": cfg.get("save_every_n_steps")}
+                "save_every_n_steps": self._ckpt_cfg.save_every_n_steps}
 
     def _check_resume(self, path, saved_world: int | None, saved_run: dict | None, contract: dict) -> list[str]:
         """Refuse a resume that would silently change the run; the warnings for allowed changes."""
@@ -227,7 +289,7 @@ class FullFinetuneRecipe:
         if cfg_profiler is None or not cfg_profiler.get("enabled", False):
             return None
         cfg_profiler = OmegaConf.merge({"_component_": "torchtune.training.setup_torch_profiler",
-                                        "output_dir": os.path.join(self._cfg.output_dir, "profiling"),
+                                        "output_dir": os.path.join(self._ckpt_cfg.output_dir, "profiling"),
                                         "cuda": self._device.type == "cuda"}, cfg_profiler)
         profiler, _ = config.instantiate(cfg_profiler)
         if self._is_rank_zero:
@@ -235,7 +297,7 @@ class FullFinetuneRecipe:
         return profiler
 
     def _check_no_shared_patients(self) -> None:
-        if self._val_ds is None or not hasattr(self._val_ds, "patient_ids"):
+        if not (isinstance(self._train_ds, PatientDataset) and isinstance(self._val_ds, PatientDataset)):
             return
         if self._train_ds.id_key_fingerprint != self._val_ds.id_key_fingerprint:
             raise ValueError("dataset.cache_dir and dataset_val.cache_dir hold different id-hashing keys, so the "
@@ -252,8 +314,8 @@ class FullFinetuneRecipe:
 
     def _setup_train_loader(self, ds) -> tuple[GlobalOrderBatchSampler, DataLoader]:
         sampler = GlobalOrderBatchSampler(len(ds), self._batch_size, self._rank, self._world,
-                                          seed=self._seed, shuffle=self._cfg.get("shuffle", True))
-        workers = self._cfg.get("num_workers", 0)
+                                          seed=self._seed, shuffle=self._data_cfg.shuffle)
+        workers = self._data_cfg.num_workers
         loader = DataLoader(ds, batch_sampler=sampler, collate_fn=self._collate(), num_workers=workers,
                             persistent_workers=False, prefetch_factor=2 if workers else None,
                             pin_memory=self._device.type == "cuda")
@@ -263,35 +325,34 @@ class FullFinetuneRecipe:
         """Build on the meta device, shard with FSDP2, then fill the shards from the HF checkpoint
         (``from_hf``), or leave them empty for an interim checkpoint to fill (resume: the HF
         weights are not read, only their file layout, which the final save needs)."""
-        cfg = self._cfg
         with training.set_default_dtype(self._dtype), torch.device("meta"):
             model = config.instantiate(cfg_model)
         self._flops_per_token = decoder_flops_per_token(model)
         if self._float8:
             float8.convert_to_float8(model)
-        if cfg.get("enable_activation_checkpointing", False):
-            apply_activation_checkpointing(model, cfg.get("ac_mode", "full"), cfg.get("ac_option"))
-        if cfg.get("compile", False):  # each layer, its checkpointing included (as torchtitan)
+        if self._train_cfg.enable_activation_checkpointing:
+            apply_activation_checkpointing(model, self._train_cfg.ac_mode or "full", self._train_cfg.ac_option)
+        if self._train_cfg.compile:  # each layer, its checkpointing included (as torchtitan)
             for layer in model.layers:
                 layer.compile(backend=os.environ.get("TORCH_COMPILE_BACKEND", "inductor"))
-        custom = list(cfg.get("custom_sharded_layers") or [])
+        custom = list(self._train_cfg.custom_sharded_layers or [])
         training.shard_model(
             model, [partial(training.get_shard_conditions, names_to_match=custom)],
-            cpu_offload=cfg.get("fsdp_cpu_offload", False),
-            reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True))
+            cpu_offload=self._train_cfg.fsdp_cpu_offload,
+            reshard_after_forward=self._train_cfg.fsdp_reshard_after_forward)
         if from_hf:
             state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
         else:
-            hf_weight_map(self._checkpointer)
+            prepare_for_save(self._checkpointer)
             model.to_empty(device=self._device)
         with training.set_default_dtype(self._dtype), self._device:
             for m in model.modules():
                 if hasattr(m, "rope_init"):
                     m.rope_init()  # rope caches are buffers, not in the checkpoint
         if from_hf:
-            self._check_weights_fit(model, state)
+            self._check_weights_fit({k: tuple(v.shape) for k, v in state.items()}, model)
             training.load_from_full_model_state_dict(
-                model, state, self._device, strict=True, cpu_offload=cfg.get("fsdp_cpu_offload", False))
+                model, state, self._device, strict=True, cpu_offload=self._train_cfg.fsdp_cpu_offload)
             del state
         training.validate_no_params_on_meta_device(model)
         n_params = sum(p.numel() for p in model.parameters())
@@ -300,9 +361,8 @@ class FullFinetuneRecipe:
                      self._world, self._device.type)
         return model
 
-    def _check_weights_fit(self, model: torch.nn.Module, state: dict) -> None:
-        mismatch = shape_mismatch({k: tuple(v.shape) for k, v in state.items()},
-                                  {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    def _check_weights_fit(self, shapes: dict[str, tuple], model: torch.nn.Module) -> None:
+        mismatch = shape_mismatch(shapes, {k: tuple(v.shape) for k, v in model.state_dict().items()})
         if mismatch:
             name, theirs, ours = mismatch
             raise ValueError(
@@ -349,8 +409,8 @@ class FullFinetuneRecipe:
             (ce * scale).backward()
             loss_sum += ce.detach().double()
         grad_norm = None
-        if self._clip is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=float(self._clip))
+        if self._train_cfg.clip_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=float(self._train_cfg.clip_grad_norm))
             if isinstance(grad_norm, DTensor):
                 grad_norm = grad_norm.full_tensor()
         self._optimizer.step()
@@ -375,7 +435,7 @@ class FullFinetuneRecipe:
     @torch.no_grad()
     def validate(self) -> float:
         """Mean loss per label token over the whole validation set (each sample once)."""
-        sampler = EvalBatchSampler(len(self._val_ds), self._cfg.get("batch_size_val") or self._batch_size,
+        sampler = EvalBatchSampler(len(self._val_ds), self._log_cfg.batch_size_val or self._batch_size,
                                    self._rank, self._world)
         loader = DataLoader(self._val_ds, batch_sampler=sampler, collate_fn=self._collate())
         self._model.eval()
@@ -385,7 +445,8 @@ class FullFinetuneRecipe:
         for _ in tqdm(range(sampler.num_batches_all_ranks), desc="validation", leave=False,
                       disable=not self._is_rank_zero):
             batch = next(batches, None)
-            if batch is None:  # this rank ran out: a masked repeat keeps FSDP collectives matched
+            if batch is None:  # this rank ran out (or had none): a masked batch keeps FSDP collectives matched
+                last = last or self._collate()([self._val_ds[0]])
                 batch = dict(last, labels=torch.full_like(last["labels"], CROSS_ENTROPY_IGNORE_IDX))
             n_total += int((batch["labels"][:, 1:] != CROSS_ENTROPY_IGNORE_IDX).sum())
             tokens, labels = self._to_device(batch)
@@ -398,7 +459,7 @@ class FullFinetuneRecipe:
 
     # ---------------------------------------------------------------- loop
     def train(self) -> None:
-        cfg, p = self._cfg, self._progress
+        p = self._progress
         total_steps = p.global_step + self._steps_left(p)
         bar = tqdm(total=total_steps, initial=p.global_step, desc="training", unit="step",
                    disable=not self._is_rank_zero, dynamic_ncols=True)
@@ -408,7 +469,7 @@ class FullFinetuneRecipe:
         first_step_logged = False
         if self._profiler is not None:
             self._profiler.start()
-        while p.epoch < cfg.epochs:
+        while p.epoch < self._train_cfg.epochs:
             self._sampler.set_epoch(p.epoch, start_sample=p.samples_in_epoch)
             batches = iter(self._train_loader)
             for _ in range(self._steps_left_in_epoch(p)):
@@ -424,7 +485,7 @@ class FullFinetuneRecipe:
                 for k in ("tokens", "label_tokens", "seq_len"):
                     window[k] += stats[k]
                 window["steps"] += 1
-                if p.global_step % self._log_every == 0:
+                if p.global_step % self._log_cfg.log_every_n_steps == 0:
                     values = self._read_step(stats)
                     bar.set_postfix(loss=f"{values['loss']:.4f}")
                     self._log_metrics(values, window)
@@ -442,7 +503,7 @@ class FullFinetuneRecipe:
         self._stop_profiler()
         if self._val_ds is not None and not self._validation_due(p.global_step):  # not just done
             self._log({"val_loss": self.validate()})
-        self.save_final(cfg.epochs - 1)
+        self.save_final(self._train_cfg.epochs - 1)
 
     def _steps_left_in_epoch(self, p: Progress) -> int:
         """Up to ``max_steps_per_epoch`` steps an epoch, while a whole global batch of the epoch's
@@ -452,7 +513,7 @@ class FullFinetuneRecipe:
         return max(0, min(self._steps_per_epoch - p.step_in_epoch, by_samples))
 
     def _steps_left(self, p: Progress) -> int:
-        return self._steps_left_in_epoch(p) + max(0, self._cfg.epochs - p.epoch - 1) * self._steps_per_epoch
+        return self._steps_left_in_epoch(p) + max(0, self._train_cfg.epochs - p.epoch - 1) * self._steps_per_epoch
 
     def _stop_profiler(self) -> None:
         if self._profiler is not None:
@@ -460,7 +521,7 @@ class FullFinetuneRecipe:
             self._profiler = None
 
     def _validation_due(self, step: int) -> bool:
-        return self._val_ds is not None and bool(self._val_every) and step % self._val_every == 0
+        return self._val_ds is not None and bool(self._log_cfg.run_val_every_n_steps) and step % self._log_cfg.run_val_every_n_steps == 0
 
     def _log(self, payload: dict) -> None:
         if self._metric_logger is not None:
@@ -472,7 +533,7 @@ class FullFinetuneRecipe:
             torch.cuda.synchronize(self._device)
         seconds = time.perf_counter() - started
         if self._is_rank_zero:
-            what = "includes torch.compile" if self._cfg.get("compile", False) else "no compile"
+            what = "includes torch.compile" if self._train_cfg.compile else "no compile"
             log.info("first step: %.1f s (%s)", seconds, what)
         self._log({"first_step_seconds": seconds})
 
@@ -492,7 +553,7 @@ class FullFinetuneRecipe:
             payload["mfu"] = mfu(per_device, self._flops_per_token(window["seq_len"] / window["steps"]),
                                  self._peak_tflops)
         if self._device.type == "cuda":
-            if self._cfg.get("log_peak_memory_stats", True):
+            if self._log_cfg.log_peak_memory_stats:
                 payload["peak_memory_alloc_gib"] = torch.cuda.max_memory_allocated(self._device) / 2**30
                 payload["peak_memory_reserved_gib"] = torch.cuda.max_memory_reserved(self._device) / 2**30
         self._log(payload)
@@ -504,7 +565,7 @@ class FullFinetuneRecipe:
         state = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
         if self._is_rank_zero:
             self._checkpointer.save_checkpoint({training.MODEL_KEY: state}, epoch=epoch)
-            folder = os.path.join(self._cfg.checkpointer.get("output_dir", self._cfg.output_dir), f"epoch_{epoch}")
+            folder = os.path.join(self._cfg.checkpointer.get("output_dir", self._ckpt_cfg.output_dir), f"epoch_{epoch}")
             ds = self._cfg.dataset
             write_serving_files(folder, self._cfg.tokenizer.path, self._tokenizer,
                                 ds.get("system_prompt") or DEFAULT_SYSTEM_PROMPT, ds.get("max_seq_len", 8000))
@@ -512,9 +573,16 @@ class FullFinetuneRecipe:
                      "generation_config.json)", folder)
         dist.barrier()
 
+    @property
+    def interrupted(self) -> bool:
+        """Stopped by Ctrl-C (SIGINT) after saving: the process exits 130."""
+        return self._ckpt is not None and self._ckpt.stop_signal == "SIGINT"
+
     def cleanup(self) -> None:
-        if self._ckpt is not None:
+        if getattr(self, "_ckpt", None) is not None:
             self._ckpt.close()
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
         if getattr(self, "_metric_logger", None) is not None:
             self._metric_logger.close()
         dist.destroy_process_group()
@@ -530,15 +598,23 @@ def recipe_main(cfg: DictConfig) -> None:
     # wandb records the command line: an inline patient id list given as an override must not reach it
     sys.argv = [a.split("=", 1)[0] + "=<redacted>" if a.split("=", 1)[0].endswith("patient_ids") and "=" in a else a
                 for a in sys.argv]
+    watch_launcher()
     try:
         recipe = FullFinetuneRecipe(cfg)
         if recipe._is_rank_zero:
             log.info("config:\n%s", OmegaConf.to_yaml(loggable_config(cfg)))
         recipe.setup()
         recipe.train()
-    except ValueError as e:  # bad config or data: our messages name the key or file:line and the fix
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if recipe.interrupted:
+            raise SystemExit(130)
+    except (ValueError, SaveFailed) as e:  # bad config or data, a failed save: one line with the fix
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    except FailedElsewhere:  # another rank failed and printed why
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C before training (during training it saves and stops)
+        print("error: interrupted (Ctrl-C) before training started; nothing was saved", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     finally:
         if recipe is not None and dist.is_initialized():
             recipe.cleanup()

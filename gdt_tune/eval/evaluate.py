@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gdt_tune.data.answers import parse_answer
+from gdt_tune.data.answers import event_outcomes, parse_answer
+from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT, Layout
+from gdt_tune.data.records import read_lines, resolve_data_files
 from gdt_tune.data.text import EVENT, FORECASTING
-from gdt_tune.datasets._index import read_chunk, resolve_data_files
-from gdt_tune.datasets._layout import DEFAULT_SYSTEM_PROMPT, Layout
-from gdt_tune.eval_metrics import (
+from gdt_tune.eval.metrics import (
     OUTCOMES,
     event_auroc,
     event_metrics,
@@ -44,11 +44,11 @@ from gdt_tune.eval_metrics import (
     softmax,
 )
 from gdt_tune.prompting import load_tokenizer, tokenizer_file_in
+from gdt_tune.training.checkpointing import is_interim_checkpoint, load_model_weights, shape_mismatch
 
 log = logging.getLogger("gdt_tune")
 _HORIZON_RE = re.compile(r"Task (\d+) is time to event prediction:\n\tPredict whether the event \((.+?)\) was "
                          r"censored (\d+(?:\.\d+)?) weeks")
-_EVENT_OUTCOME_RE = re.compile(r"Here is the prediction: the event \((.+?)\) (" + "|".join(map(re.escape, OUTCOMES)) + r")\.")
 
 
 # ---------------------------------------------------------------- loading
@@ -57,7 +57,9 @@ def load_model_and_tokenizer(checkpoint: Path, cfg, device: torch.device, dtype:
     ``step_N`` (which needs the training config for the model and tokenizer)."""
     from torchtune import config as tt_config
 
-    is_interim = (checkpoint / ".metadata").is_file()
+    if not checkpoint.is_dir():
+        raise ValueError(f"--checkpoint {checkpoint} is not a folder; pass a step_N or epoch_N folder of a run")
+    is_interim = is_interim_checkpoint(checkpoint)
     if cfg is None and is_interim:
         raise ValueError(f"--checkpoint {checkpoint} is an interim step_N checkpoint; pass the training --config too")
     if cfg is not None:
@@ -70,19 +72,14 @@ def load_model_and_tokenizer(checkpoint: Path, cfg, device: torch.device, dtype:
         prompt = DEFAULT_SYSTEM_PROMPT
     model = model.to_empty(device=device).to(dtype)
     if is_interim:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-
-        from gdt_tune.checkpointing import MODEL_OPTIM_KEY, checkpoint_problem
-
-        problem = checkpoint_problem(checkpoint)
-        if problem:
-            raise ValueError(f"--checkpoint {checkpoint} is not usable ({problem})")
-        state = {MODEL_OPTIM_KEY: {"model": model.state_dict()}}
-        dcp.load(state, checkpoint_id=str(checkpoint), planner=DefaultLoadPlanner(allow_partial_load=True))
-        model.load_state_dict(state[MODEL_OPTIM_KEY]["model"])
+        load_model_weights(checkpoint, model, "pass the --config it was trained with")
     else:
         state = _hf_weights(checkpoint)
+        mismatch = shape_mismatch({k: tuple(v.shape) for k, v in state.items()},
+                                  {k: tuple(v.shape) for k, v in model.state_dict().items()})
+        if mismatch:
+            raise ValueError(f"--checkpoint {checkpoint} holds another model ({mismatch[0]}: saved {mismatch[1]}, "
+                             f"this config {mismatch[2]}); pass the --config it was trained with")
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
     for m in model.modules():
         if hasattr(m, "rope_init"):
@@ -125,8 +122,8 @@ def _hf_weights(folder: Path) -> dict:
 def read_samples(data, max_samples: int | None) -> list[tuple[str, dict]]:
     """(file:line, record) of the held-out samples, validated like training data."""
     out = []
-    for path in resolve_data_files(data):
-        for _, _, _, where, record in read_chunk(path, 0, path.stat().st_size, 1):
+    for path in resolve_data_files(data, "--data"):
+        for _, _, _, where, record in read_lines(path):
             out.append((where, record))
             if max_samples and len(out) >= max_samples:
                 return out
@@ -136,11 +133,11 @@ def read_samples(data, max_samples: int | None) -> list[tuple[str, dict]]:
 def training_outcomes(data) -> dict[str, Counter]:
     """Outcome counts per event name in the training data (for the majority baseline)."""
     counts: dict[str, Counter] = {}
-    for path in resolve_data_files(data):
+    for path in resolve_data_files(data, "--train-data"):
         with open(path, "rb") as f:
             for raw in f:
                 text = raw.decode("utf-8", errors="replace")
-                for event, outcome in _EVENT_OUTCOME_RE.findall(text):
+                for event, outcome in event_outcomes(text):
                     counts.setdefault(event, Counter())[OUTCOMES.index(outcome)] += 1
     return counts
 
@@ -157,8 +154,8 @@ def event_candidates(layout: Layout, record: dict) -> list[dict]:
     context = [*layout.prompt_tokens(record["instruction"]), *layout.assistant_header]
     horizons = {int(n): float(w) for n, _, w in _HORIZON_RE.findall(record["instruction"])}
     out = []
-    for task, m in zip([t for t in parse_answer(answer) if t.type == EVENT], _EVENT_OUTCOME_RE.finditer(answer)):
-        prefix = answer[: m.start(2)].rstrip()  # "... the event (death)"; the space goes with the outcome
+    for task in [t for t in parse_answer(answer) if t.type == EVENT]:
+        prefix = answer[: task.outcome_start].rstrip()  # "... the event (death)"; the space goes with the outcome
         if task.number not in horizons:
             raise ValueError(f"the instruction has no horizon ('... was censored N weeks ...') for event task {task.number}")
         out.append({"event": task.event, "truth": outcome_index(task.censored, task.occurred),
@@ -311,7 +308,7 @@ def evaluate(checkpoint, data, out, cfg=None, max_samples=None, train_data=None,
     metrics["forecasting"]["generation"] = {"greedy": 1, "sampled": samples, "temperature": 0.9, "top_p": 0.85}
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    from gdt_tune.plots import calibration_plot, forecast_mae_plot
+    from gdt_tune.eval.plots import calibration_plot, forecast_mae_plot
 
     forecast_mae_plot(metrics["forecasting"], out / "forecast_mae.png")
     calibration_plot(metrics["events"], out / "event_calibration.png")

@@ -2,7 +2,7 @@
 kept, exact resume, SIGTERM-safe. The recipe uses it like this::
 
     path = find_resume(cfg.output_dir, cfg.resume_from_checkpoint, rank)  # before building the model
-    world, run = read_run(path)   # the run record (gdt_tune.resume): refuse or warn before loading
+    world, run = read_run(path)   # the run record (gdt_tune.training.resume): refuse or warn before loading
     ckpt = CheckpointManager.from_config(cfg, model=..., optimizer=..., lr_scheduler=..., progress=..., rank=...,
                                          run_info=lambda: {...})
     ckpt.load(path)         # restore it (None: fresh start)
@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -133,18 +134,28 @@ def is_complete(path: Path) -> bool:
     return (path / METADATA).is_file() and (path / COMPLETE_MARKER).is_file()
 
 
-def list_checkpoints(output_dir: Path) -> list[tuple[int, Path, bool]]:
-    """(step, folder, complete) of every ``step_N`` folder, oldest first."""
+def run_of(path: Path) -> str | None:
+    """The run id in a checkpoint's ``COMPLETE`` marker ("" for checkpoints before run ids)."""
+    try:
+        return (path / COMPLETE_MARKER).read_text().strip()
+    except OSError:
+        return None
+
+
+def list_checkpoints(output_dir: Path, run_id: str | None = None) -> list[tuple[int, Path, bool]]:
+    """(step, folder, complete) of every ``step_N`` folder, oldest first; with ``run_id``, complete
+    folders of another run are left out (never resumed or pruned)."""
     if not output_dir.is_dir():
         return []
     found = [(step_of(p), p) for p in output_dir.iterdir() if p.is_dir() and step_of(p) is not None]
-    return [(s, p, is_complete(p)) for s, p in sorted(found)]
+    out = [(s, p, is_complete(p)) for s, p in sorted(found)]
+    return [(s, p, c) for s, p, c in out if not (c and run_id and run_of(p) not in ("", run_id))]
 
 
-def to_prune(output_dir: Path, keep: int) -> list[Path]:
+def to_prune(output_dir: Path, keep: int, run_id: str | None = None) -> list[Path]:
     """Folders to delete: complete ones beyond the ``keep`` newest, and incomplete ones older than
     the newest complete one (left by a crash; an in-flight save is always newer)."""
-    ckpts = list_checkpoints(output_dir)
+    ckpts = list_checkpoints(output_dir, run_id)
     complete = [p for _, p, c in ckpts if c]
     if not complete:
         return []
@@ -175,9 +186,13 @@ def checkpoint_problem(path: Path) -> str | None:
         world = torch.load(path / "rank_0.pt", weights_only=False)["world_size"]
     except Exception as e:
         return f"unreadable rank_0.pt ({type(e).__name__})"
-    missing = [r for r in range(world) if not (path / f"rank_{r}.pt").is_file()]
-    if missing:
-        return f"rank_{missing[0]}.pt is missing"
+    for r in range(1, world):
+        if not (path / f"rank_{r}.pt").is_file():
+            return f"rank_{r}.pt is missing"
+        try:
+            torch.load(path / f"rank_{r}.pt", weights_only=False)["rng"]
+        except Exception as e:
+            return f"unreadable rank_{r}.pt ({type(e).__name__})"
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
@@ -190,10 +205,10 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def find_resume(output_dir, resume, rank: int) -> Path | None:
+def find_resume(output_dir, resume, rank: int, run_id: str | None = None) -> Path | None:
     """The checkpoint to resume from (``resume_from_checkpoint``: false, true or a step_N path), or
-    None for a fresh start. With true, damaged or unfinished checkpoints are skipped with a
-    warning. Raises ValueError when none is usable."""
+    None for a fresh start. With true, the newest of run ``run_id`` (``run.json``); damaged or
+    unfinished checkpoints are skipped with a warning. Raises ValueError when none is usable."""
     if resume is False or resume is None:
         return None
     if resume is not True:
@@ -204,7 +219,7 @@ def find_resume(output_dir, resume, rank: int) -> Path | None:
                              "pass another step_N folder, or true for the newest usable one")
     else:
         path, skipped = None, []
-        for _, candidate, _ in reversed(list_checkpoints(Path(output_dir))):
+        for _, candidate, _ in reversed(list_checkpoints(Path(output_dir), run_id)):
             problem = checkpoint_problem(candidate)
             if problem is None:
                 path = candidate
@@ -225,7 +240,8 @@ def read_run(path: Path) -> tuple[int, dict | None]:
     return saved["world_size"], saved.get("run")
 
 
-def check_model_shapes(path: Path, model_state: dict) -> None:
+def check_model_shapes(path: Path, model_state: dict,
+                       fix: str = "resume with the model config it was written with, or use a new output_dir") -> None:
     """Refuse a checkpoint whose model tensors differ from this model's (another model config)."""
     prefix = f"{MODEL_OPTIM_KEY}.model."
     saved = {k[len(prefix):]: tuple(v.size) for k, v in dcp.FileSystemReader(str(path)).read_metadata()
@@ -234,7 +250,26 @@ def check_model_shapes(path: Path, model_state: dict) -> None:
     if mismatch:
         name, theirs, ours = mismatch
         raise ValueError(f"checkpoint {path} holds another model ({name}: saved {theirs}, this config "
-                         f"{ours}); resume with the model config it was written with, or use a new output_dir")
+                         f"{ours}); {fix}")
+
+
+def is_interim_checkpoint(path) -> bool:
+    """A ``step_N`` folder (DCP), as opposed to a final Hugging Face ``epoch_N`` folder."""
+    return (Path(path) / METADATA).is_file()
+
+
+def load_model_weights(path: Path, model: torch.nn.Module, fix: str) -> None:
+    """Load the model weights of an interim checkpoint into an unsharded ``model`` (tools such as
+    ``gdt-tune evaluate``); a damaged checkpoint or another model shape is a ValueError ending in ``fix``."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    problem = checkpoint_problem(Path(path))
+    if problem:
+        raise ValueError(f"checkpoint {path} is not usable ({problem})")
+    check_model_shapes(Path(path), model.state_dict(), fix)
+    state = {MODEL_OPTIM_KEY: {"model": model.state_dict()}}
+    dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    model.load_state_dict(state[MODEL_OPTIM_KEY]["model"])
 
 
 def shape_mismatch(theirs: dict, ours: dict) -> tuple[str, tuple | None, tuple | None] | None:
@@ -288,9 +323,21 @@ class FolderRemover:
             self._thread = None
 
 
-def _save_failed(path: Path, error: Exception) -> RuntimeError:
-    return RuntimeError(f"checkpoint: saving {path} failed ({type(error).__name__}: {error}); "
-                        "earlier checkpoints are intact; free disk space or fix permissions, then resume")
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written; its message is the one line to show."""
+
+
+def _save_failed(path: Path, error: BaseException) -> SaveFailed:
+    """One line for any save failure: torch's ``CheckpointException`` (a BaseException) carries
+    every rank's traceback; only the first line of the first cause is kept."""
+    cause = error
+    failures = getattr(error, "failures", None)  # CheckpointException: {rank: exception or traceback}
+    if failures:
+        cause = next(iter(failures.values()))
+        cause = cause[0] if isinstance(cause, tuple) else cause  # (exception, traceback summary)
+    text = (str(cause).strip().splitlines() or [""])[0][:200]
+    return SaveFailed(f"checkpoint: saving {path} failed ({type(cause).__name__}: {text}); "
+                      "earlier checkpoints are intact; free disk space or fix permissions, then resume")
 
 
 # ------------------------------------------------------------------ manager
@@ -299,12 +346,13 @@ class CheckpointManager:
 
     def __init__(self, output_dir, *, model, optimizer, lr_scheduler, progress: Progress, rank: int,
                  save_every_n_steps: int | None = None, keep_last_n_checkpoints: int = 2,
-                 async_checkpointing: bool = False, run_info=None):
+                 async_checkpointing: bool = False, run_info=None, run_id: str = ""):
         self.output_dir = Path(output_dir)
         self.every, self.keep = save_every_n_steps, keep_last_n_checkpoints
         self.async_save = async_checkpointing
         self.rank, self.progress = rank, progress
         self._run_info = run_info  # () -> dict written to rank_0.pt at each save (see read_run)
+        self.run_id = run_id  # written in each COMPLETE marker: pruning and resume skip other runs
         self._state = {MODEL_OPTIM_KEY: _ModelOptimState(model, optimizer), LR_KEY: _Scheduler(lr_scheduler),
                        PROGRESS_KEY: progress}
         # Async saves get their own gloo group: sharing the training group crashes gloo.
@@ -313,18 +361,19 @@ class CheckpointManager:
         self._remover = FolderRemover()
         self._last_saved = -1
         self.stop_requested = False
-        self._sigterm = False
-        self._old_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.stop_signal: str | None = None  # "SIGTERM" or "SIGINT" (Ctrl-C) once stop_requested
+        self._signals = torch.zeros(2, dtype=torch.int64)  # [SIGTERM seen, SIGINT seen]
+        self._old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     @classmethod
-    def from_config(cls, cfg, **kwargs) -> CheckpointManager:
-        """Types and combinations are checked by ``gdt_tune.config_checks.check_config`` at recipe start."""
-        return cls(cfg.output_dir, save_every_n_steps=cfg.get("save_every_n_steps"),
-                   keep_last_n_checkpoints=cfg.get("keep_last_n_checkpoints", 2),
-                   async_checkpointing=cfg.get("async_checkpointing", False), **kwargs)
+    def from_config(cls, checkpoints, **kwargs) -> CheckpointManager:
+        """From the typed ``gdt_tune.training.config.Checkpoints`` (checked at recipe start)."""
+        return cls(checkpoints.output_dir, save_every_n_steps=checkpoints.save_every_n_steps,
+                   keep_last_n_checkpoints=checkpoints.keep_last_n_checkpoints,
+                   async_checkpointing=checkpoints.async_checkpointing, **kwargs)
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self._sigterm = True
+    def _on_signal(self, signum, frame) -> None:
+        self._signals[int(signum == signal.SIGINT)] = 1
 
     # ---------------------------------------------------------- resume
     def load(self, path: Path | None) -> None:
@@ -357,18 +406,20 @@ class CheckpointManager:
 
     # ---------------------------------------------------------- save
     def save(self, step: int) -> bool:
-        """Called after every optimizer step. Saves on the interval, and on SIGTERM (agreed by all
-        ranks), after which ``stop_requested`` is set. Returns whether a save was started."""
-        flag = torch.tensor([int(self._sigterm)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._pg)
-        if flag.item():
+        """Called after every optimizer step. Saves on the interval, and on SIGTERM or SIGINT (seen
+        by any rank), after which ``stop_requested`` is set. Returns whether a save was started."""
+        flags = self._signals.clone()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._pg)
+        if flags.any():
             self.stop_requested = True
+            self.stop_signal = "SIGINT" if flags[1] else "SIGTERM"
         self._finish_if_done()
         if not (self.stop_requested or should_save(step, self.every)) or step == self._last_saved:
             return False
         self._write(step, wait=self.stop_requested)
         if self.stop_requested and self.rank == 0:
-            log.warning("checkpoint: SIGTERM received; saved step %d, exiting", step)
+            log.warning("checkpoint: %s received; saved step %d, exiting (resume with resume_from_checkpoint=true)",
+                        self.stop_signal, step)
         return True
 
     def _write(self, step: int, wait: bool) -> None:
@@ -389,17 +440,17 @@ class CheckpointManager:
             else:
                 dcp.save(self._state, checkpoint_id=str(path), process_group=self._pg)
                 self._complete(path)
-        except Exception as e:
-            raise _save_failed(path, e) from e
+        except (Exception, CheckpointException) as e:
+            raise _save_failed(path, e) from None
         self._last_saved = step
         if wait:
             self._wait_in_flight()
 
     def _complete(self, path: Path) -> None:
         if self.rank == 0:
-            (path / COMPLETE_MARKER).write_text("")
+            (path / COMPLETE_MARKER).write_text(self.run_id)
             self._remover.sweep(self.output_dir)
-            for old in to_prune(self.output_dir, self.keep):
+            for old in to_prune(self.output_dir, self.keep, self.run_id):
                 self._remover.remove(old)
 
     def _finish_if_done(self) -> None:
@@ -413,14 +464,14 @@ class CheckpointManager:
         self._in_flight = None
         try:
             future.result()
-        except Exception as e:
-            raise _save_failed(path, e) from e
+        except (Exception, CheckpointException) as e:
+            raise _save_failed(path, e) from None
         self._complete(path)
 
     def close(self) -> None:
-        """Wait for an async save in flight and for pruning, and restore the SIGTERM handler."""
+        """Wait for an async save in flight and for pruning, and restore the signal handlers."""
         self._wait_in_flight()
         self._remover.close()
-        if self._old_handler is not None:
-            signal.signal(signal.SIGTERM, self._old_handler)
-            self._old_handler = None
+        for signum, handler in self._old_handlers.items():
+            signal.signal(signum, handler)
+        self._old_handlers = {}

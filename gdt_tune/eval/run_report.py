@@ -63,7 +63,7 @@ def summary(run_dir: Path, metrics: dict[str, dict[int, float]]) -> list[tuple[s
 def plot_run(run_dir, out=None) -> tuple[Path, str]:
     """Write ``loss.png`` and ``summary.md`` (into ``out``, default the run folder); return the
     plot's path and the summary text."""
-    from gdt_tune.plots import loss_plot
+    from gdt_tune.eval.plots import loss_plot
 
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir

@@ -43,15 +43,6 @@ def system_prompt_sha256(prompt: str) -> str:
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
 
 
-def gdt_messages(instruction: str, answer: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> list[Message]:
-    """[system, user, assistant] messages; only the assistant turn is trained."""
-    return [
-        Message(role="system", content=system_prompt, masked=True),
-        Message(role="user", content=instruction, masked=True),
-        Message(role="assistant", content=answer, masked=False),
-    ]
-
-
 @dataclass(frozen=True)
 class Layout:
     """The fixed pieces of the layout for one tokenizer and system prompt, tokenized once:

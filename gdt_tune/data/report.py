@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from gdt_tune.data.answers import parse_answer
-from gdt_tune.datasets._index import (
+from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT, Layout, apply_cap
+from gdt_tune.data.records import (
     default_index_workers,
     lot_of,
     map_chunks,
@@ -23,23 +24,24 @@ from gdt_tune.datasets._index import (
     read_chunk,
     resolve_data_files,
 )
-from gdt_tune.datasets._layout import DEFAULT_SYSTEM_PROMPT, Layout, apply_cap
 
 BINS = 40
 
 
 def splits_of(data: list[str]) -> dict[str, list[Path]]:
-    """``{split name: files}``: a folder with train/validation/test subfolders gives those splits;
-    any other path is a split named after it."""
+    """``{split name: files}``, one split per ``--data`` argument, named by that argument (two
+    files called part-00000.jsonl in different folders are two splits); a folder with
+    train/validation/test subfolders gives those splits (named ``train`` etc. when it is the only
+    argument, else ``ARG/train``)."""
     out: dict[str, list[Path]] = {}
     for spec in data:
         sub = [Path(spec) / s for s in ("train", "validation", "test") if (Path(spec) / s).is_dir()]
-        if sub:
-            for s in sub:
-                if any(s.glob("*.jsonl")):
-                    out[s.name] = resolve_data_files(str(s))
-        else:
-            out[Path(spec.rstrip("/*")).name or spec] = resolve_data_files(spec)
+        named = [(s.name if len(data) == 1 else f"{spec.rstrip('/')}/{s.name}", str(s))
+                 for s in sub if any(s.glob("*.jsonl"))] if sub else [(spec.rstrip("/") or spec, spec)]
+        for name, files in named:
+            if name in out:
+                raise ValueError(f"--data {spec}: given twice")
+            out[name] = resolve_data_files(files, "--data")
     return out
 
 
@@ -85,6 +87,10 @@ def _merge(parts: list[dict]) -> dict:
     return out
 
 
+def _file_name(split: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in split).strip("_.") or "split"
+
+
 def split_stats(files: list[Path], layout: Layout, cap: int, workers: int, desc: str) -> dict:
     return _merge([st for _, st in map_chunks(files, _chunk_stats, (layout, cap), workers, desc)])
 
@@ -92,7 +98,7 @@ def split_stats(files: list[Path], layout: Layout, cap: int, workers: int, desc:
 def data_report(data: list[str], tokenizer, out, max_seq_len: int = 8000, system_prompt: str | None = None,
                 workers: int | None = None) -> dict:
     """Write ``report.md`` and PNGs under ``out``; returns the numbers."""
-    from gdt_tune.plots import bar_chart, length_histogram
+    from gdt_tune.eval.plots import bar_chart, length_histogram
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +127,7 @@ def data_report(data: list[str], tokenizer, out, max_seq_len: int = 8000, system
         lines.append(f"| {name} | {n['files']} | {n['samples']:,} | {n['patients']:,} | "
                      f"{n['samples_per_patient_lot_median']} / {n['samples_per_patient_lot_max']} | "
                      f"{n['mean_tokens']:,.0f} | {over:,} | {n['unparseable_answers']:,} |")
-        length_histogram(st["lengths"][:-1], edges[:-1], max_seq_len, out / f"lengths_{name}.png")
+        length_histogram(st["lengths"][:-1], edges[:-1], max_seq_len, out / f"lengths_{_file_name(name)}.png")
     lines += ["", "## Length cap: samples each truncation policy would cut or drop", "",
               "| split | gdt: cut | gdt: dropped | drop: dropped | history: trimmed | history: dropped |",
               "|---|---|---|---|---|---|"]
@@ -146,6 +152,6 @@ def data_report(data: list[str], tokenizer, out, max_seq_len: int = 8000, system
             shared = len(stats[a]["patients"] & stats[b]["patients"])
             overlap[f"{a}/{b}"] = shared
             lines.append(f"| {a} / {b} | {shared:,}{'  **NOT ZERO**' if shared else ''} |")
-    lines += ["", "Plots: " + ", ".join(f"`lengths_{n}.png`" for n in names) + ", `task_mix.png`."]
+    lines += ["", "Plots: " + ", ".join(f"`lengths_{_file_name(n)}.png`" for n in names) + ", `task_mix.png`."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return {"splits": numbers, "overlap": overlap}

@@ -13,16 +13,15 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from gdt_tune.data.text import EVENT_OUTCOMES
+from gdt_tune.data.text import OUTCOMES, outcome_text
 
-OUTCOMES = tuple(EVENT_OUTCOMES)  # "was not censored and occurred", ... "was censored and did not occur"
 OCCURRED = OUTCOMES.index("was not censored and occurred")
 _LAST_VALUES_RE = re.compile(r"The last values of the variables in the input data are:\n((?:\t.+\n?)+)")
 _LAST_VALUE_RE = re.compile(r"^\t(.+) was (-?[0-9.]+)[,.]?$")
 
 
 def outcome_index(censored: bool, occurred: bool) -> int:
-    return OUTCOMES.index(next(k for k, v in EVENT_OUTCOMES.items() if v == (censored, occurred)))
+    return OUTCOMES.index(outcome_text(censored, occurred))
 
 
 def softmax(scores) -> list[float]:

@@ -1,0 +1,1 @@
+"""Evaluation tools: clinical-task metrics of a checkpoint, plots, run reports."""

@@ -1,0 +1,1 @@
+"""Training parts of the recipe: typed config, checkpoints, sampling, resume contract, speed options."""

@@ -1,0 +1,146 @@
+"""One run per ``output_dir``: its identity (``run.json``) and a lock held while it runs.
+
+YAML::
+
+    output_dir: /runs/gdt
+    overwrite_output_dir: false   # true: move another run's files into output_dir/previous-<id>/
+
+- A fresh start (``resume_from_checkpoint: false``, or a checkpoint path outside output_dir) in a
+  folder that holds another run's ``run.json``, ``step_N`` or ``epoch_N`` is refused with one line:
+  resume it, choose a new output_dir, or set ``overwrite_output_dir=true``, which moves the old
+  files aside (never deletes them).
+- ``run.json`` holds the run id, the config hash and the start time; every checkpoint's
+  ``COMPLETE`` marker holds the run id, and pruning and ``resume_from_checkpoint=true`` only
+  consider checkpoints of this run.
+- ``.lock`` is an advisory lock (``flock``) held by rank 0 for the whole run, with the holder's
+  pid, host and start time: a second run on the same output_dir (a requeue while the old job's
+  ranks still train) is refused naming the holder. The kernel drops the lock when its process
+  dies, so a lock left by a dead run is taken over (and reported).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import socket
+import uuid
+from pathlib import Path
+
+log = logging.getLogger("gdt_tune")
+RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
+PREVIOUS_PREFIX = "previous-"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def config_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_identity(output_dir) -> dict | None:
+    path = Path(output_dir) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ValueError(f"{path} is unreadable; restore it, or move the folder's contents away to start fresh") from None
+
+
+def _previous_checkpoints(output_dir: Path) -> list[str]:
+    """Another run's work in ``output_dir``: complete ``step_N`` and ``epoch_N`` folders (an
+    unfinished step_N is a crash leftover, removed by the next run's pruning)."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and "_" in p.name and p.name.split("_")[1].isdigit()]
+    return sorted((p.name for p in found if (p.name.startswith("step_") and (p / "COMPLETE").is_file())
+                   or p.name.startswith("epoch_")), key=lambda n: (n.split("_")[0], int(n.split("_")[1])))
+
+
+class OutputDirLock:
+    """An exclusive ``flock`` on ``output_dir/.lock`` (rank 0), released by :meth:`release` or
+    when the process dies."""
+
+    def __init__(self, output_dir) -> None:
+        self.path = Path(output_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ValueError(f"config key 'output_dir': cannot write in {self.path.parent} ({e.strerror}); "
+                             "choose a writable folder") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise ValueError(f"config key 'output_dir': {self.path.parent} is in use by another run "
+                             f"({holder}); wait for it or stop it, or choose another output_dir") from None
+        previous = _read_holder(fd, default="")
+        if previous:
+            log.warning("output_dir: took over the lock of a run that ended without releasing it (%s)", previous)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # an empty lock file: released cleanly
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_holder(fd: int, default: str = "holder unknown") -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"null")
+        return f"pid {info['pid']} on host {info['host']} since {info['since']}"
+    except (ValueError, KeyError, TypeError, OSError):
+        return default
+
+
+def claim(output_dir, *, resuming: str | None, overwrite: bool, config_text: str) -> dict:
+    """The run identity, after refusing a fresh start over another run (or moving it aside with
+    ``overwrite``). ``resuming``: the run id of a checkpoint of ``output_dir`` being resumed
+    ("" when it predates run ids), which continues that run. Call on rank 0 with the lock held."""
+    output_dir = Path(output_dir)
+    identity = read_identity(output_dir)
+    if resuming is not None:
+        if identity is None:  # a copied checkpoint, or one written before run identities: adopt it
+            identity = {"run_id": resuming or uuid.uuid4().hex[:12], "config_hash": config_hash(config_text),
+                        "started": _now()}
+            _write(output_dir, identity)
+        return identity
+    previous = _previous_checkpoints(output_dir)
+    if previous and not overwrite:
+        what = f"run {identity['run_id']} started {identity['started']}" if identity else "checkpoints"
+        raise ValueError(f"config key 'output_dir': {output_dir} holds another run ({what}: {', '.join(previous[:3])}"
+                         f"{', ...' if len(previous) > 3 else ''}); resume it with resume_from_checkpoint=true, "
+                         "choose a new output_dir, or set overwrite_output_dir=true to move it aside")
+    if previous:
+        aside = output_dir / f"{PREVIOUS_PREFIX}{identity['run_id'] if identity else 'run'}-{uuid.uuid4().hex[:6]}"
+        aside.mkdir()
+        for name in os.listdir(output_dir):
+            if name not in (LOCK_FILE, aside.name) and not name.startswith(PREVIOUS_PREFIX):
+                os.rename(output_dir / name, aside / name)
+        log.warning("output_dir: overwrite_output_dir=true moved the earlier run's files to %s", aside)
+    identity = {"run_id": uuid.uuid4().hex[:12], "config_hash": config_hash(config_text), "started": _now()}
+    _write(output_dir, identity)
+    return identity
+
+
+def _write(output_dir: Path, identity: dict) -> None:
+    tmp = output_dir / f"{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(identity, indent=1) + "\n")
+    os.replace(tmp, output_dir / RUN_FILE)

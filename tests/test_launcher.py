@@ -1,0 +1,116 @@
+"""What a user sees from `gdt-tune train`: one error line and the log path instead of torchrun's
+traceback; Ctrl-C and SIGTERM save the current step and end cleanly; ranks do not outlive a
+killed launcher."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from recipe_utils import RECIPE, REPO, TINY, TUNE, logged
+
+from gdt_tune.launcher import StderrFilter
+
+TORCHRUN_FAILURE = """\
+E1126 03:14:35.1 1 torch/distributed/elastic/multiprocessing/api.py:874] failed (exitcode: 1) local_rank: 0
+Traceback (most recent call last):
+  File "/venv/bin/torchrun", line 8, in <module>
+    sys.exit(main())
+  File "/venv/lib/python3.11/site-packages/torch/distributed/run.py", line 892, in main
+    run(args)
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+gdt_tune.recipes.full_finetune_fsdp_ckpt FAILED
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  exitcode  : 1 (pid: 1)
+============================================================
+"""
+RANK_CRASH = """\
+Traceback (most recent call last):
+  File "/x/gdt_tune/recipes/full_finetune_fsdp_ckpt.py", line 10, in train
+    1 / 0
+ZeroDivisionError: division by zero
+"""
+
+
+def test_filter_hides_torchrun_but_not_a_rank_crash():
+    f = StderrFilter()
+    shown = [out for line in ("loading\n", "error: data.jsonl:3: invalid JSON\n",
+                              "error: data.jsonl:3: invalid JSON\n", *RANK_CRASH.splitlines(True),
+                              *TORCHRUN_FAILURE.splitlines(True)) for out in f.feed(line)] + f.flush()
+    assert shown == ["loading\n", *RANK_CRASH.splitlines(True)]
+    assert f.errors == ["error: data.jsonl:3: invalid JSON"]  # collected once, printed once at the end
+
+
+def _train(out, demo_dir, *overrides):
+    cmd = [sys.executable, "-m", "gdt_tune.cli", "train", "--nproc_per_node", "2", "--config", TINY,
+           f"demo_dir={demo_dir}", f"output_dir={out}", "dataset_val=null", "run_val_every_n_steps=null", *overrides]
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR="", GDT_TUNE_LOG_DIR=str(out.parent / "launcher-logs"),
+               PYTHONUNBUFFERED="1")
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _wait_for_steps(out, proc, n=3, timeout=120):
+    deadline = time.time() + timeout
+    while len(logged(out)) < n:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+
+
+def test_data_error_is_one_line_with_the_log_path(demo_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "answer": \n')
+    proc = _train(tmp_path / "out", demo_dir, f"dataset.data_files={bad}")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {bad}:1: invalid JSON (Expecting value at column 1)"], err[-3000:]
+    assert "Traceback" not in err and "ChildFailedError" not in err
+    log = err.splitlines()[-1].removeprefix("full log: ")
+    assert "ChildFailedError" in open(log).read()  # torchrun's report is kept in the log
+
+
+@pytest.mark.parametrize("how, code, said", [("ctrl-c", 130, "stopped by Ctrl-C after saving the current step"),
+                                             ("sigterm", 0, "stopped by SIGTERM after saving the current step")])
+def test_ctrl_c_or_sigterm_saves_the_current_step_and_ends_cleanly(demo_dir, tmp_path, how, code, said):
+    out = tmp_path / "out"
+    proc = _train(out, demo_dir, "max_steps_per_epoch=400", "save_every_n_steps=null")
+    _wait_for_steps(out, proc)
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal signals the whole foreground group
+    else:
+        os.kill(proc.pid, signal.SIGTERM)  # Slurm may signal the launcher only
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-3000:]
+    assert said in err and "Traceback" not in err and "KeyboardInterrupt" not in err
+    saved = [p.name for p in out.glob("step_*")]
+    assert len(saved) == 1 and (out / saved[0] / "COMPLETE").is_file()
+    assert int(saved[0].split("_")[1]) == max(logged(out)) >= 3
+
+
+def test_ranks_stop_when_their_launcher_is_killed(demo_dir, tmp_path):
+    """kill -9 of the launcher (tune run runs torchrun in its own process): the ranks notice, save
+    and exit instead of training on as orphans that would hold the output_dir."""
+    out = tmp_path / "out"
+    cmd = [TUNE, "run", "--nproc_per_node", "2", RECIPE, "--config", TINY, f"demo_dir={demo_dir}",
+           f"output_dir={out}", "max_steps_per_epoch=400", "save_every_n_steps=null", "dataset_val=null",
+           "run_val_every_n_steps=null"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, TIKTOKEN_CACHE_DIR=""), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_for_steps(out, proc)
+    ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(ranks) == 2
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 60
+    while any(os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]
+              for pid in ranks):
+        assert time.time() < deadline, "ranks still running after their launcher died"
+        time.sleep(0.2)
+    saved = list(out.glob("step_*"))
+    assert len(saved) == 1 and (saved[0] / "COMPLETE").is_file()

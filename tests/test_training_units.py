@@ -1,0 +1,191 @@
+"""In-process tests of the training parts: the checkpoint manager in a 1-rank gloo group, the
+progress counters, the samplers and the HF weight map."""
+
+import os
+import signal
+
+import pytest
+import torch
+import torch.distributed as dist
+from recipe_utils import _free_port
+
+from gdt_tune.training.checkpointing import COMPLETE_MARKER, CheckpointManager, Progress, find_resume, read_run
+from gdt_tune.training.sampling import EvalBatchSampler, GlobalOrderBatchSampler
+
+
+@pytest.fixture
+def world_of_one(monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _trainer(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 3)
+    return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+
+def _step(model, optimizer, progress):
+    model(torch.randn(2, 4)).pow(2).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    progress.advance(tokens=10, samples=2)
+
+
+def _manager(tmp_path, model, optimizer, progress, **kw):
+    return CheckpointManager(tmp_path, model=model, optimizer=optimizer, lr_scheduler=None, progress=progress,
+                             rank=0, run_info=lambda: {"samples_in_epoch": progress.samples_in_epoch}, **kw)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_saves_on_the_interval_keeps_k_and_restores_exactly(tmp_path, world_of_one, async_save):
+    model, optimizer = _trainer()
+    progress = Progress(seed=7, world_size=1)
+    ckpt = _manager(tmp_path, model, optimizer, progress, save_every_n_steps=2, keep_last_n_checkpoints=2,
+                    async_checkpointing=async_save)
+    saved = {}
+    for _ in range(6):
+        _step(model, optimizer, progress)
+        ckpt.save(progress.global_step)
+        if progress.global_step == 4:
+            saved = {k: v.clone() for k, v in model.state_dict().items()}
+            rng_after_4 = torch.rand(3)  # consumes the RNG after the save
+    ckpt.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step_")) == ["step_4", "step_6"]
+    assert all((tmp_path / s / COMPLETE_MARKER).is_file() for s in ("step_4", "step_6"))
+    assert read_run(tmp_path / "step_4") == (1, {"samples_in_epoch": 8})
+
+    model2, optimizer2 = _trainer(seed=1)
+    progress2 = Progress(seed=0, world_size=1)
+    ckpt2 = _manager(tmp_path, model2, optimizer2, progress2)
+    ckpt2.load(find_resume(tmp_path, str(tmp_path / "step_4"), rank=0))
+    ckpt2.close()
+    assert all(torch.equal(saved[k], v) for k, v in model2.state_dict().items())
+    assert (progress2.global_step, progress2.samples_in_epoch, progress2.tokens_seen, progress2.seed) == (4, 8, 40, 7)
+    assert optimizer2.state_dict()["state"][0]["step"] == 4
+    assert torch.equal(torch.rand(3), rng_after_4)  # the RNG state of the save is back
+
+
+@pytest.mark.parametrize("signum, name", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")])
+def test_sigterm_or_ctrl_c_saves_the_current_step_and_requests_a_stop(tmp_path, world_of_one, signum, name):
+    model, optimizer = _trainer()
+    progress = Progress(seed=0, world_size=1)
+    ckpt = _manager(tmp_path, model, optimizer, progress, save_every_n_steps=100, run_id="run-a")
+    _step(model, optimizer, progress)
+    assert not ckpt.save(1) and not ckpt.stop_requested
+    os.kill(os.getpid(), signum)  # no KeyboardInterrupt: the manager's handler only notes it
+    _step(model, optimizer, progress)
+    assert ckpt.save(2) and ckpt.stop_requested and ckpt.stop_signal == name
+    ckpt.close()
+    assert find_resume(tmp_path, True, rank=0, run_id="run-a") == tmp_path / "step_2"
+    assert (tmp_path / "step_2" / COMPLETE_MARKER).read_text() == "run-a"
+    assert signal.getsignal(signum) is not ckpt._on_signal  # handlers restored
+
+
+def test_any_save_failure_is_one_line_and_keeps_earlier_checkpoints(tmp_path, world_of_one, monkeypatch):
+    """torch's CheckpointException (a BaseException, with every rank's traceback) becomes the one
+    documented line."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    import gdt_tune.training.checkpointing as ckpt_mod
+
+    model, optimizer = _trainer()
+    progress = Progress(seed=0, world_size=1)
+    ckpt = _manager(tmp_path, model, optimizer, progress, save_every_n_steps=1)
+    _step(model, optimizer, progress)
+    ckpt.save(1)
+
+    def disk_full(*args, **kwargs):
+        cause = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0\nframe #0 ...")
+        raise CheckpointException("CheckpointException ranks:{0: ...}", {0: (cause, None)})
+
+    monkeypatch.setattr(ckpt_mod.dcp, "save", disk_full)
+    _step(model, optimizer, progress)
+    with pytest.raises(ckpt_mod.SaveFailed) as e:
+        ckpt.save(2)
+    ckpt.close()
+    assert str(e.value) == (f"checkpoint: saving {tmp_path / 'step_2'} failed (RuntimeError: [enforce fail at "
+                            "inline_container.cc:672] . unexpected pos 64 vs 0); earlier checkpoints are intact; "
+                            "free disk space or fix permissions, then resume")
+    assert find_resume(tmp_path, True, rank=0) == tmp_path / "step_1"
+
+
+def test_progress_counts_and_round_trips():
+    p = Progress(seed=3, world_size=2)
+    for _ in range(3):
+        p.advance(tokens=100.7, samples=4)
+    assert (p.global_step, p.step_in_epoch, p.samples_in_epoch, p.tokens_seen) == (3, 3, 12, 300)
+    p.next_epoch()
+    assert (p.epoch, p.step_in_epoch, p.samples_in_epoch, p.global_step) == (1, 0, 0, 3)
+    q = Progress(seed=0, world_size=1)
+    q.load_state_dict(p.state_dict())
+    assert q.state_dict() == p.state_dict()
+
+
+@pytest.mark.parametrize("world, batch", [(1, 4), (2, 2), (4, 1), (3, 2)])
+def test_global_order_is_the_same_for_any_world_and_batch(world, batch):
+    """Micro-batch m of all ranks together is the same stretch of one seeded order."""
+    n = 50
+    samplers = [GlobalOrderBatchSampler(n, batch, r, world, seed=5, shuffle=True) for r in range(world)]
+    reference = GlobalOrderBatchSampler(n, 1, 0, 1, seed=5, shuffle=True)
+    for epoch, start in ((0, 0), (1, 6)):
+        for s in samplers + [reference]:
+            s.set_epoch(epoch, start_sample=start)
+        merged = [i for batches in zip(*(list(s) for s in samplers)) for b in batches for i in b]
+        assert merged == [i for b in reference for i in b][: len(merged)]
+        assert len(merged) == (n - start) // (batch * world) * batch * world
+    reference.set_epoch(0)
+    first = list(reference)
+    reference.set_epoch(1)
+    assert list(reference) != first and sorted(first) == sorted(list(reference)) == [[i] for i in range(n)]
+    unshuffled = GlobalOrderBatchSampler(6, 2, 0, 1, seed=5, shuffle=False)
+    assert list(unshuffled) == [[0, 1], [2, 3], [4, 5]]
+
+
+@pytest.mark.parametrize("n, world, batch", [(10, 3, 2), (2, 4, 1), (7, 2, 4), (1, 8, 1)])
+def test_eval_sampler_covers_every_sample_once(n, world, batch):
+    samplers = [EvalBatchSampler(n, batch, r, world) for r in range(world)]
+    seen = sorted(i for s in samplers for b in s for i in b)
+    assert seen == list(range(n))
+    assert all(len(s) <= s.num_batches_all_ranks for s in samplers)
+    assert max(len(s) for s in samplers) == samplers[0].num_batches_all_ranks
+
+
+def test_hf_weight_map_equals_what_torchtune_builds(demo_dir, tmp_path):
+    """If torchtune changes how FullModelHFCheckpointer maps weights to files, this fails."""
+    from torchtune.training import FullModelHFCheckpointer
+
+    from gdt_tune.training.hf_weights import prepare_for_save
+
+    def checkpointer():
+        return FullModelHFCheckpointer(checkpoint_dir=str(demo_dir / "model"), checkpoint_files=["model.safetensors"],
+                                       model_type="LLAMA3", output_dir=str(tmp_path))
+    loaded = checkpointer()
+    state = loaded.load_checkpoint()
+    ours = checkpointer()
+    prepare_for_save(ours)
+    assert ours._weight_map == loaded._weight_map and len(ours._weight_map) > 10
+    ours.save_checkpoint(state, epoch=0)
+    assert (tmp_path / "epoch_0" / "model-00001-of-00001.safetensors").is_file()
+
+
+class _Changed(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise ValueError("/data/train/part-00000.jsonl:7: the file changed after it was indexed; restart to re-index it")
+
+
+def test_errors_from_dataloader_workers_become_their_one_line():
+    from gdt_tune.recipes.full_finetune_fsdp_ckpt import one_line
+
+    with pytest.raises(ValueError) as e:
+        next(iter(torch.utils.data.DataLoader(_Changed(), num_workers=1)))
+    assert "Caught ValueError in DataLoader worker process 0" in str(e.value)  # what torch raises
+    assert one_line(e.value) == ("/data/train/part-00000.jsonl:7: the file changed after it was indexed; "
+                                 "restart to re-index it")
+    assert one_line(ValueError("config key 'x': got 1")) == "config key 'x': got 1"
