@@ -118,7 +118,9 @@ def export_checkpoint(checkpoint, out, cfg=None) -> Path:
 
     checkpoint, out = Path(checkpoint), Path(out)
     prompt = (cfg.dataset.get("system_prompt") if cfg is not None else None) or DEFAULT_SYSTEM_PROMPT
-    if (checkpoint / ".metadata").is_file():  # interim step_N: load it, write HF weights
+    from gdt_tune.training.checkpointing import is_interim_checkpoint
+
+    if is_interim_checkpoint(checkpoint):  # interim step_N: load it, write HF weights
         if cfg is None:
             raise ValueError(f"--checkpoint {checkpoint} is an interim step_N checkpoint; pass the training --config too")
         import torch
@@ -126,7 +128,7 @@ def export_checkpoint(checkpoint, out, cfg=None) -> Path:
         from torchtune.training import FullModelHFCheckpointer
 
         from gdt_tune.eval.evaluate import load_model_and_tokenizer
-        from gdt_tune.recipes.full_finetune_fsdp_ckpt import hf_weight_map
+        from gdt_tune.training.hf_weights import prepare_for_save
 
         dtype = torch.bfloat16 if cfg.get("dtype", "bf16") == "bf16" else torch.float32
         model, tokenizer, _ = load_model_and_tokenizer(checkpoint, cfg, torch.device("cpu"), dtype)
@@ -134,7 +136,7 @@ def export_checkpoint(checkpoint, out, cfg=None) -> Path:
             hf = tt_config.instantiate(cfg.checkpointer, output_dir=tmp)
             if not isinstance(hf, FullModelHFCheckpointer):
                 raise ValueError("config key 'checkpointer': export needs torchtune.training.FullModelHFCheckpointer")
-            hf_weight_map(hf)
+            prepare_for_save(hf)
             hf.save_checkpoint({"model": {k: v.detach() for k, v in model.state_dict().items()}}, epoch=0)
             out.mkdir(parents=True, exist_ok=True)
             for item in (Path(tmp) / "epoch_0").iterdir():

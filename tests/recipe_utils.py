@@ -91,3 +91,9 @@ def setup_in_process(cfg, train=False):
             dist.destroy_process_group()
         os.environ.clear()
         os.environ.update(saved)
+
+
+def train_in_process(demo_dir, output_dir, *overrides):
+    """The tiny config trained in this process as a world of one (what ``run_recipe(..., nproc=1)``
+    does, without starting torchrun and a rank); returns the recipe."""
+    return setup_in_process(load_config(f"demo_dir={demo_dir}", f"output_dir={output_dir}", *overrides), train=True)

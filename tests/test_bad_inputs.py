@@ -12,9 +12,8 @@ import pytest
 from bad_inputs import CASES
 from recipe_utils import RECIPE, REPO, TINY, TUNE, load_config, setup_in_process
 
-#: Cases that also run through ``tune run``: data, config, dataset-builder, model and overlap errors.
-END_TO_END = ["invalid-json", "typo-batch-size", "truncation-unknown", "model-other-shape",
-              "patients-in-two-splits", "batch-larger-than-data"]
+#: Cases that also run through ``tune run``: a data, a config, a model and a patient-overlap error.
+END_TO_END = ["invalid-json", "typo-batch-size", "model-other-shape", "patients-in-two-splits"]
 
 
 def _snapshot(folder):

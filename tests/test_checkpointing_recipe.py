@@ -2,11 +2,12 @@
 and across an epoch boundary), incomplete checkpoints, other world sizes and global batches,
 failed saves. (SIGTERM / Ctrl-C: tests/test_launcher.py; SIGKILL: tests/test_fault_injection.py.)"""
 
+import logging
 import shutil
 
 import pytest
 import torch
-from recipe_utils import final_weights, logged, run_recipe
+from recipe_utils import final_weights, logged, run_recipe, train_in_process
 
 NO_VAL = ("dataset_val=null", "run_val_every_n_steps=null")
 # 2 epochs of 3 steps: step 4 is in the second epoch, resuming from step 2 crosses the boundary.
@@ -94,19 +95,26 @@ def reshard_base(demo_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("before, after", [((2, 1), (1, 2)), ((1, 2), (2, 1))])
-def test_resume_on_another_world_size_with_the_same_global_batch(demo_dir, tmp_path, before, after, reshard_base):
+def test_resume_on_another_world_size_with_the_same_global_batch(demo_dir, tmp_path, before, after, reshard_base,
+                                                                 caplog):
     """(ranks, gradient_accumulation_steps) 2 x 1 -> 1 x 2 and back: the state is resharded and the
-    resumed losses and final weights are those of the uninterrupted run."""
+    resumed losses and final weights are those of the uninterrupted run. (One rank runs in this
+    process.)"""
     base, out = tmp_path / "base", tmp_path / "resumed"
     if before == (2, 1):
         base = reshard_base
     else:
-        run_recipe(demo_dir, base, *RESHARD, f"gradient_accumulation_steps={before[1]}", nproc=before[0])
+        train_in_process(demo_dir, base, *RESHARD, f"gradient_accumulation_steps={before[1]}")
     out.mkdir()
     shutil.copytree(base / "step_3", out / "step_3")
-    proc = run_recipe(demo_dir, out, *RESHARD, f"gradient_accumulation_steps={after[1]}", "resume_from_checkpoint=true",
-                      nproc=after[0])
-    text = proc.stdout + proc.stderr
+    resume = (*RESHARD, f"gradient_accumulation_steps={after[1]}", "resume_from_checkpoint=true")
+    if after[0] == 1:
+        with caplog.at_level(logging.INFO, logger="gdt_tune"):
+            train_in_process(demo_dir, out, *resume)
+        text = caplog.text
+    else:
+        proc = run_recipe(demo_dir, out, *resume, nproc=after[0])
+        text = proc.stdout + proc.stderr
     assert f"(step 3, epoch 0, 6 samples of the epoch consumed, world size {before[0]} -> {after[0]}; state " \
            "resharded, RNG reseeded)" in text
     assert f"resume: ranks {before[0]} -> {after[0]}" in text and "global batch" not in text
@@ -126,34 +134,36 @@ def test_resume_with_half_the_global_batch_sees_every_sample_of_the_epoch_once(d
     from gdt_tune.datasets import cgdb_instruct_dataset
     from gdt_tune.training.sampling import GlobalOrderBatchSampler
 
-    whole = ("epochs=1", "max_steps_per_epoch=null", "batch_size=4", "save_every_n_steps=25", "keep_last_n_checkpoints=2",
-             *NO_VAL)
+    data = tmp_path / "train.jsonl"  # 60 samples: 7 steps of 8, and 4 left over
+    data.write_text("".join((demo_dir / "data" / "train" / "part-00000.jsonl").read_text().splitlines(True)[:60]))
+    whole = ("epochs=1", "max_steps_per_epoch=null", "batch_size=4", "save_every_n_steps=3", "keep_last_n_checkpoints=2",
+             f"dataset.data_files={data}", *NO_VAL)
     base, out = tmp_path / "base", tmp_path / "resumed"
     run_recipe(demo_dir, base, *whole)
     out.mkdir()
-    shutil.copytree(base / "step_25", out / "step_25")
-    run_recipe(demo_dir, out, *whole, "resume_from_checkpoint=true", nproc=1)
-    ds = cgdb_instruct_dataset(tokenizer, data_files=demo_dir / "data" / "train", max_seq_len=2048)
+    shutil.copytree(base / "step_3", out / "step_3")
+    train_in_process(demo_dir, out, *whole, "resume_from_checkpoint=true")  # 1 rank
+    ds = cgdb_instruct_dataset(tokenizer, data_files=data, max_seq_len=2048)
     lengths = [len(ds[i]["tokens"]) for i in range(len(ds))]
     n = len(lengths)
     assert n % 8 == 4  # 2 ranks x 4: the uninterrupted run drops the last 4 samples of the order
     dropped = GlobalOrderBatchSampler(n, 4, 0, 2, seed=42, shuffle=True).order()[-4:]
     seen_base, seen_resumed = logged(base, "tokens_seen"), logged(out, "tokens_seen")
-    assert max(seen_base) == n // 8 and max(seen_resumed) == 25 + (n - 25 * 8) // 4
+    assert max(seen_base) == n // 8 and max(seen_resumed) == 3 + (n - 3 * 8) // 4
     assert seen_base[max(seen_base)] == sum(lengths) - sum(lengths[i] for i in dropped)
     assert seen_resumed[max(seen_resumed)] == sum(lengths)
 
 
-def test_resume_with_another_global_batch_warns_and_refuses_a_changed_seed(demo_dir, tmp_path, reshard_base):
+def test_resume_with_another_global_batch_warns_and_refuses_a_changed_seed(demo_dir, tmp_path, reshard_base, caplog):
     base, out = reshard_base, tmp_path / "resumed"
     out.mkdir()
     shutil.copytree(base / "step_3", out / "step_3")
-    proc = run_recipe(demo_dir, out, *RESHARD, "resume_from_checkpoint=true", nproc=1)
-    assert "resume: global batch 2 -> 1 samples per step" in proc.stdout + proc.stderr
+    with caplog.at_level(logging.WARNING, logger="gdt_tune"):
+        train_in_process(demo_dir, out, *RESHARD, "resume_from_checkpoint=true")  # 1 rank
+    assert "resume: global batch 2 -> 1 samples per step" in caplog.text
     assert sorted(logged(out)) == [4, 5, 6]
-    refused = run_recipe(demo_dir, out, *RESHARD, "resume_from_checkpoint=true", "seed=1", check=False)
-    assert refused.returncode == 1
-    assert "error: resume: config key 'seed' was 42 when" in refused.stderr and "set seed=42 to resume it" in refused.stderr
+    with pytest.raises(ValueError, match=r"^resume: config key 'seed' was 42 when .* set seed=42 to resume it"):
+        train_in_process(demo_dir, out, *RESHARD, "resume_from_checkpoint=true", "seed=1")
     assert (out / "step_6" / "COMPLETE").is_file()
 
 

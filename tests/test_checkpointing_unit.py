@@ -70,10 +70,14 @@ def shard_of(path):
     (lambda p: shard_of(p).unlink(), "is missing"),
     (lambda p: (p / "rank_0.pt").unlink(), "rank_0.pt is missing"),
     (lambda p: (p / "rank_0.pt").write_bytes(b"\x80garbage"), "unreadable rank_0.pt"),
+    # a 2-rank checkpoint: every rank's file is read (rank 1 would fail to unpickle it on resume)
+    (lambda p: (p / "rank_1.pt").write_bytes(b"\x80garbage"), "unreadable rank_1.pt"),
+    (lambda p: (p / "rank_1.pt").write_bytes((p / "rank_1.pt").read_bytes()[:40]), "unreadable rank_1.pt"),
+    (lambda p: (p / "rank_1.pt").unlink(), "rank_1.pt is missing"),
 ])
 def test_damaged_newest_is_skipped_with_a_warning(tmp_path, caplog, damage, problem):
-    real(tmp_path, 2)
-    damage(real(tmp_path, 4))
+    real(tmp_path, 2, world=2)
+    damage(real(tmp_path, 4, world=2))
     assert checkpoint_problem(tmp_path / "step_2") is None
     assert problem in checkpoint_problem(tmp_path / "step_4")
     with caplog.at_level(logging.WARNING, logger="gdt_tune"):

@@ -2,9 +2,6 @@
 favours; both commands run end to end on the demo artefacts."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -53,9 +50,18 @@ def test_event_scoring_picks_the_favoured_completion(demo_dir, tokenizer, favour
     assert scores[favoured] == pytest.approx(0.0, abs=1e-3)
 
 
-def _cli(*args, **env):
-    return subprocess.run([sys.executable, "-m", "gdt_tune.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, TIKTOKEN_CACHE_DIR="", **env), timeout=900)
+def _cli(*args):
+    """``gdt-tune ARGS`` in this process: (returncode, stdout, stderr)."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from gdt_tune.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def test_evaluate_final_and_interim_checkpoints_of_a_demo_run(demo_dir, tmp_path):

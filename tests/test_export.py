@@ -78,12 +78,12 @@ def test_trained_epoch_and_exported_step_serve_like_training(demo_dir, tokenizer
     import sys
 
     import torch
-    from recipe_utils import final_weights, run_recipe
+    from recipe_utils import final_weights, train_in_process
     from safetensors.torch import load_file
 
     run = tmp_path / "run"
-    run_recipe(demo_dir, run, "max_steps_per_epoch=2", "save_every_n_steps=2", "dataset_val=null",
-               "run_val_every_n_steps=null", nproc=1)
+    train_in_process(demo_dir, run, "max_steps_per_epoch=2", "save_every_n_steps=2", "dataset_val=null",
+                     "run_val_every_n_steps=null")
     exported = tmp_path / "exported"
     proc = subprocess.run([sys.executable, "-m", "gdt_tune.cli", "export", "--checkpoint", str(run / "step_2"),
                            "--out", str(exported), "--config", "tiny_gdt_cpu", f"demo_dir={demo_dir}"],

@@ -4,7 +4,7 @@ processes, bf16, config checks."""
 import pytest
 import torch
 from omegaconf import OmegaConf
-from recipe_utils import REPO, final_weights, logged, run_recipe
+from recipe_utils import REPO, final_weights, logged, run_recipe, train_in_process
 
 from gdt_tune.demo_assets import TINY_MODEL
 from gdt_tune.training.config import parse
@@ -62,8 +62,8 @@ def test_final_checkpoint_loads_in_transformers_with_same_logits(fifty_steps):
 
 
 def test_one_process_bf16(demo_dir, tmp_path):
-    run_recipe(demo_dir, tmp_path, "max_steps_per_epoch=3", "dtype=bf16", "dataset_val=null",
-               "run_val_every_n_steps=null", nproc=1)
+    train_in_process(demo_dir, tmp_path, "max_steps_per_epoch=3", "dtype=bf16", "dataset_val=null",
+                     "run_val_every_n_steps=null")
     losses = logged(tmp_path)
     assert sorted(losses) == [1, 2, 3] and all(0 < v < 10 for v in losses.values())
     weights = final_weights(tmp_path, 0)
@@ -99,11 +99,12 @@ def test_gdt_config_is_the_original_run():
 
 
 def test_gradient_accumulation_matches_a_larger_batch(demo_dir, tmp_path):
-    """Loss is normalised over the label tokens of all micro-batches on all ranks: 2 micro-batches of
-    1 sample per rank give the same step losses as 1 batch of 2 (same 4 samples per step)."""
+    """Loss is normalised over the label tokens of all micro-batches: 2 micro-batches of 1 sample give
+    the same step losses as 1 batch of 2 (one rank, in process; across ranks: the world-size tests
+    of tests/test_checkpointing_recipe.py)."""
     common = ("max_steps_per_epoch=4", "dataset_val=null", "run_val_every_n_steps=null", "save_every_n_steps=null")
-    run_recipe(demo_dir, tmp_path / "accum", *common, "batch_size=1", "gradient_accumulation_steps=2")
-    run_recipe(demo_dir, tmp_path / "batch", *common, "batch_size=2", "gradient_accumulation_steps=1")
+    train_in_process(demo_dir, tmp_path / "accum", *common, "batch_size=1", "gradient_accumulation_steps=2")
+    train_in_process(demo_dir, tmp_path / "batch", *common, "batch_size=2", "gradient_accumulation_steps=1")
     accum, batch = logged(tmp_path / "accum"), logged(tmp_path / "batch")
     assert sorted(accum) == sorted(batch) == [1, 2, 3, 4]
     for step in accum:
@@ -114,16 +115,13 @@ def test_gradient_accumulation_matches_a_larger_batch(demo_dir, tmp_path):
 def test_validation_with_fewer_samples_than_ranks(demo_dir, tmp_path):
     """One validation sample on 2 ranks: the rank without one runs a masked batch to keep FSDP's
     collectives matched; the loss equals that of one rank with the same global batch."""
-    from recipe_utils import load_config, setup_in_process
-
     one = tmp_path / "one.jsonl"
     one.write_text((demo_dir / "data" / "validation" / "part-00000.jsonl").read_text().splitlines()[0] + "\n")
     args = ("max_steps_per_epoch=2", "save_every_n_steps=null", "run_val_every_n_steps=null",
             f"dataset_val.data_files={one}")
     run_recipe(demo_dir, tmp_path / "two", *args)
     two_ranks = logged(tmp_path / "two", "val_loss")
-    setup_in_process(load_config(f"demo_dir={demo_dir}", f"output_dir={tmp_path / 'one'}", *args,
-                                 "gradient_accumulation_steps=2"), train=True)
+    train_in_process(demo_dir, tmp_path / "one", *args, "gradient_accumulation_steps=2")
     one_rank = logged(tmp_path / "one", "val_loss")
     assert list(two_ranks) == list(one_rank) == [2]
     assert two_ranks[2] == pytest.approx(one_rank[2], rel=1e-5) and 0 < two_ranks[2] < 10

@@ -42,6 +42,8 @@ class PatientDataset(Protocol):
     files: list[str]  #: the JSONL files read (the resume contract fingerprints them)
     counts: dict[str, int]  #: kept / truncated / dropped_* / not_selected / samples
     id_key_fingerprint: str  #: which cache key hashed the patient ids
+    #: what shaped the samples: system_prompt, max_seq_len, truncation, splits_per_patient_therapy
+    settings: dict
 
     def patient_ids(self) -> set[str]: ...
 
@@ -59,13 +61,14 @@ class CGDBInstructDataset(Dataset):
     :func:`cgdb_instruct_dataset`. Implements :class:`PatientDataset`."""
 
     def __init__(self, files: list[Path], rows: Rows, *, layout: Layout, max_seq_len: int, truncation: str,
-                 counts: dict[str, int], id_key_fingerprint: str):
+                 counts: dict[str, int], id_key_fingerprint: str, settings: dict):
         self.files = [str(f) for f in files]
         self._stamps = [_stamp(f) for f in self.files]
         self._rows = rows
         self._layout, self._max_seq_len, self._truncation = layout, max_seq_len, truncation
         self.counts = counts
         self.id_key_fingerprint = id_key_fingerprint
+        self.settings = settings
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -222,4 +225,6 @@ def cgdb_instruct_dataset(
         log.info("cgdb_instruct: %d samples from %d files (%s)", len(kept), len(files),
                  ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "samples"))
     return CGDBInstructDataset(files, rows.take(kept), layout=layout, max_seq_len=max_seq_len, truncation=truncation,
-                               counts=counts, id_key_fingerprint=key_fingerprint(key))
+                               counts=counts, id_key_fingerprint=key_fingerprint(key),
+                               settings={"system_prompt": prompt, "max_seq_len": max_seq_len, "truncation": truncation,
+                                         "splits_per_patient_therapy": splits_per_patient_therapy})

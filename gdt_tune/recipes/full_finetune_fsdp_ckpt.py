@@ -227,6 +227,13 @@ class FullFinetuneRecipe:
                              f"tokenizer file ({type(e).__name__}); point it at the model's original/tokenizer.model"
                              ) from None
 
+    def _dataset_settings(self) -> dict:
+        """What shaped the training samples (prompt, cap, selection): from the dataset itself, or
+        the config block for another kind of dataset."""
+        if isinstance(self._train_ds, PatientDataset):
+            return self._train_ds.settings
+        return dict(self._cfg.dataset)
+
     def _claim_output_dir(self, resume: Path | None, first: bool) -> dict:
         """Rank 0 (``first``): lock output_dir and write or keep its run identity; the other ranks
         then read it (``gdt_tune.training.run_dir``)."""
@@ -244,7 +251,7 @@ class FullFinetuneRecipe:
 
     def _run_contract(self) -> dict:
         """What this run's data order and optimisation depend on (``gdt_tune.training.resume``)."""
-        cfg, ds = self._cfg, self._cfg.dataset
+        cfg, ds = self._cfg, self._dataset_settings()
         return {"seed": self._seed, "shuffle": self._data_cfg.shuffle, "dataset": dataset_fingerprint(self._train_ds),
                 "samples": len(self._train_ds), "max_seq_len": ds.get("max_seq_len", 8000),
                 "truncation": ds.get("truncation", "gdt"), "splits_per_patient_therapy": ds.get("splits_per_patient_therapy"),
@@ -566,7 +573,7 @@ class FullFinetuneRecipe:
         if self._is_rank_zero:
             self._checkpointer.save_checkpoint({training.MODEL_KEY: state}, epoch=epoch)
             folder = os.path.join(self._cfg.checkpointer.get("output_dir", self._ckpt_cfg.output_dir), f"epoch_{epoch}")
-            ds = self._cfg.dataset
+            ds = self._dataset_settings()
             write_serving_files(folder, self._cfg.tokenizer.path, self._tokenizer,
                                 ds.get("system_prompt") or DEFAULT_SYSTEM_PROMPT, ds.get("max_seq_len", 8000))
             log.info("final checkpoint: %s (serves with the training prompt: tokenizer.json, chat template, "
