@@ -72,15 +72,21 @@ RECIPE = "gdt_tune/recipes/full_finetune_fsdp_ckpt.py"
 TINY_CONFIG = str(REPO / "configs" / "tiny_gdt_cpu.yaml")
 
 
+def torchrun(nproc: int) -> list[str]:
+    """The launcher of a recipe file; the file's folder is on sys.path, the repository must be on
+    PYTHONPATH."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+
+
 def launch(recipe: str, config: str, overrides: list[str], log_dir: Path, nproc: int = 2,
            timeout: float | None = None) -> dict:
-    """Run ``tune run`` from the repository root with ``bench/timing_logger`` as metric logger.
-    Returns the launch time and the logged rows (each with its wall-clock ``time``)."""
-    tune = str(Path(sys.executable).with_name("tune"))
-    cmd = [tune, "run", "--nproc_per_node", str(nproc), recipe, "--config", config, *overrides,
+    """Run a recipe file with torchrun from the repository root (as ``tune run`` does, without
+    importing torchtune in the launcher) with ``bench/timing_logger`` as metric logger. Returns the
+    launch time and the logged rows (each with its wall-clock ``time``)."""
+    cmd = [*torchrun(nproc), recipe, "--config", config, *overrides,
            "metric_logger._component_=timing_logger.TimingLogger", f"metric_logger.log_dir={log_dir}"]
     env = dict(os.environ, TIKTOKEN_CACHE_DIR="",
-               PYTHONPATH=os.pathsep.join([str(REPO / "bench"), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(REPO / "bench"), str(REPO), os.environ.get("PYTHONPATH", "")]))
     started = __import__("time").time()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     ended = __import__("time").time()

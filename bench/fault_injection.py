@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RECIPE, REPO, TINY_CONFIG, command_line, demo_tokenizer, machine, table  # noqa: E402
+from _common import RECIPE, REPO, TINY_CONFIG, command_line, demo_tokenizer, machine, table, torchrun  # noqa: E402
 
 EPOCHS, STEPS, EVERY, KEEP = 2, 15, 5, 2
 TOTAL = EPOCHS * STEPS
@@ -31,15 +31,15 @@ SAVES = list(range(EVERY, TOTAL + 1, EVERY))
 
 
 def run(work: Path, out: Path, *extra: str, fault: str | None = None, async_save: bool = False):
-    tune = str(Path(sys.executable).with_name("tune"))
-    cmd = [tune, "run", "--nproc_per_node", "2", RECIPE, "--config", TINY_CONFIG, f"demo_dir={work / 'demo'}",
+    cmd = [*torchrun(2), RECIPE, "--config", TINY_CONFIG, f"demo_dir={work / 'demo'}",
            f"output_dir={out}", f"epochs={EPOCHS}", f"max_steps_per_epoch={STEPS}", f"save_every_n_steps={EVERY}",
            f"keep_last_n_checkpoints={KEEP}", f"async_checkpointing={async_save}", "dataset_val=null",
            "run_val_every_n_steps=null", *extra]
-    env = dict(os.environ, TIKTOKEN_CACHE_DIR="", GDT_TUNE_CACHE_DIR=str(work / "index"))
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR="", GDT_TUNE_CACHE_DIR=str(work / "index"),
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     if fault:
         env["GDT_FAULT"] = fault
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "bench" / "fault_hook"), env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "bench" / "fault_hook"), env["PYTHONPATH"]])
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
                           start_new_session=True)  # the hook kills this whole session
     return proc

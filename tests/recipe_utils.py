@@ -14,14 +14,17 @@ TINY = str(REPO / "configs" / "tiny_gdt_cpu.yaml")
 TUNE = str(Path(sys.executable).with_name("tune"))
 
 
-def tune_cmd(demo_dir, output_dir, *overrides, nproc=2):
-    return [TUNE, "run", "--nproc_per_node", str(nproc), RECIPE, "--config", TINY,
+def launch_cmd(demo_dir, output_dir, *overrides, nproc=2):
+    """What ``gdt-tune train --nproc_per_node N --config TINY ...`` runs: torchrun with the recipe
+    module (``tune run`` itself imports torchtune, 2.5 s a launch; a few tests use it)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "gdt_tune.recipes.full_finetune_fsdp_ckpt", "--config", TINY,
             f"demo_dir={demo_dir}", f"output_dir={output_dir}", *overrides]
 
 
 def run_recipe(demo_dir, output_dir, *overrides, nproc=2, check=True, timeout=300):
     env = dict(os.environ, TIKTOKEN_CACHE_DIR="")
-    proc = subprocess.run(tune_cmd(demo_dir, output_dir, *overrides, nproc=nproc), cwd=REPO, env=env,
+    proc = subprocess.run(launch_cmd(demo_dir, output_dir, *overrides, nproc=nproc), cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"recipe failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

@@ -80,6 +80,7 @@ def end_to_end(tmp_path_factory, demo_dir):
         return dict(zip([c[0] for c in cases], pool.map(lambda c: _run_case(c, root, demo_dir, cache), cases)))
 
 
+@pytest.mark.xdist_group("bad_inputs_end_to_end")  # one worker runs the shared fixture
 @pytest.mark.parametrize("name", END_TO_END)
 def test_tune_run_shows_one_error_line_and_no_traceback(end_to_end, name):
     proc, expected, unchanged = end_to_end[name]

@@ -9,6 +9,8 @@ import pytest
 import torch
 from recipe_utils import final_weights, logged, run_recipe, train_in_process
 
+pytestmark = pytest.mark.xdist_group("shared_base_runs")  # one worker computes the module fixtures
+
 NO_VAL = ("dataset_val=null", "run_val_every_n_steps=null")
 # 2 epochs of 3 steps: step 4 is in the second epoch, resuming from step 2 crosses the boundary.
 TWO_EPOCHS = ("epochs=2", "max_steps_per_epoch=3", "save_every_n_steps=2", "keep_last_n_checkpoints=3", *NO_VAL)

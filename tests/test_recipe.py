@@ -9,6 +9,8 @@ from recipe_utils import REPO, final_weights, logged, run_recipe, train_in_proce
 from gdt_tune.demo_assets import TINY_MODEL
 from gdt_tune.training.config import parse
 
+pytestmark = pytest.mark.xdist_group("fifty_steps")  # one worker computes the module fixtures
+
 # Per-step training losses of the tiny config (seed 42, fp32, 2 processes, prepare-demo seed 0),
 # recorded from a run of this recipe with torch 2.13.0 CPU.
 RECORDED = {1: 7.0692192077636715, 2: 6.871332543133969, 3: 6.564046673218159,
