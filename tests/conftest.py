@@ -6,6 +6,11 @@ os.environ["TIKTOKEN_CACHE_DIR"] = ""
 os.environ.setdefault("WANDB_MODE", "offline")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers share the cores: one thread each, or OpenMP threads spin against each other
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -78,8 +78,11 @@ def setup_in_process(cfg, train=False):
 
     from gdt_tune.recipes.full_finetune_fsdp_ckpt import FullFinetuneRecipe
 
-    saved = dict(os.environ)
+    import torch
+
+    saved, threads = dict(os.environ), torch.get_num_threads()
     os.environ["MASTER_PORT"] = str(_free_port())
+    os.environ["LOCAL_WORLD_SIZE"] = str(os.cpu_count())  # the recipe then keeps to one CPU thread
     recipe = None
     try:
         recipe = FullFinetuneRecipe(cfg)
@@ -94,6 +97,7 @@ def setup_in_process(cfg, train=False):
             dist.destroy_process_group()
         os.environ.clear()
         os.environ.update(saved)
+        torch.set_num_threads(threads)
 
 
 def train_in_process(demo_dir, output_dir, *overrides):
