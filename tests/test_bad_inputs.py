@@ -72,7 +72,7 @@ def _run_case(case, root, demo_dir, cache):
     return proc, _expected(case, tmp, demo_dir), _snapshot(out) == before
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker: xdist may run other modules in between
 def end_to_end(tmp_path_factory, demo_dir):
     root, cache = tmp_path_factory.mktemp("bad_inputs"), tmp_path_factory.mktemp("bad_inputs_index")
     cases = [c for c in CASES if c[0] in END_TO_END]

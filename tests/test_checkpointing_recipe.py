@@ -9,7 +9,7 @@ import pytest
 import torch
 from recipe_utils import final_weights, logged, run_recipe, train_in_process
 
-pytestmark = pytest.mark.xdist_group("shared_base_runs")  # one worker computes the module fixtures
+pytestmark = pytest.mark.xdist_group("shared_base_runs")  # one worker computes the shared runs
 
 NO_VAL = ("dataset_val=null", "run_val_every_n_steps=null")
 # 2 epochs of 3 steps: step 4 is in the second epoch, resuming from step 2 crosses the boundary.
@@ -38,7 +38,7 @@ def assert_same_weights(a, b):
         assert torch.equal(wa[k], wb[k]), k
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker: xdist may run other modules in between
 def two_epochs(demo_dir, tmp_path_factory):
     """The uninterrupted run that the resume tests compare with."""
     base = tmp_path_factory.mktemp("two_epochs")
@@ -88,7 +88,7 @@ def test_incomplete_newest_is_skipped_and_none_complete_is_an_error(demo_dir, tm
 RESHARD = ("max_steps_per_epoch=6", "save_every_n_steps=3", "keep_last_n_checkpoints=2", *NO_VAL)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker: xdist may run other modules in between
 def reshard_base(demo_dir, tmp_path_factory):
     """2 ranks, no accumulation: the uninterrupted run of the world-size tests."""
     base = tmp_path_factory.mktemp("reshard_base")

@@ -9,7 +9,7 @@ from recipe_utils import REPO, final_weights, logged, run_recipe, train_in_proce
 from gdt_tune.demo_assets import TINY_MODEL
 from gdt_tune.training.config import parse
 
-pytestmark = pytest.mark.xdist_group("fifty_steps")  # one worker computes the module fixtures
+pytestmark = pytest.mark.xdist_group("fifty_steps")  # one worker computes the shared runs
 
 # Per-step training losses of the tiny config (seed 42, fp32, 2 processes, prepare-demo seed 0),
 # recorded from a run of this recipe with torch 2.13.0 CPU.
@@ -17,7 +17,7 @@ RECORDED = {1: 7.0692192077636715, 2: 6.871332543133969, 3: 6.564046673218159,
             4: 6.304101215145452, 5: 6.0959938545904215}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker: xdist may run other modules in between
 def fifty_steps(demo_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("fifty")
     proc = run_recipe(demo_dir, out, "max_steps_per_epoch=50", "run_val_every_n_steps=25", "save_every_n_steps=null")
