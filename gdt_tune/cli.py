@@ -98,8 +98,9 @@ def _prepare_demo(args) -> int:
 
 def demo_command(demo_dir: Path, steps: int, nproc: int, extra: list[str]) -> list[str]:
     """The training command that `gdt-tune demo` launches (from any folder)."""
+    # a demo run replaces the previous one: it moves to run/previous-<run id>-*/ (never deleted)
     return train_command(["--nproc_per_node", str(nproc), "--config", str(DEMO_CONFIG), f"demo_dir={demo_dir}",
-                          f"max_steps_per_epoch={steps}", *extra])
+                          f"max_steps_per_epoch={steps}", "overwrite_output_dir=true", *extra])
 
 
 def _demo(args) -> int:

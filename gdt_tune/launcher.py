@@ -54,6 +54,10 @@ class StderrFilter:
             return []
         return [line]
 
+    def feed_partial(self, text: str) -> list[str]:
+        """A progress-bar update (no newline): shown unless a torchrun report is being hidden."""
+        return [] if self._torchrun_failed or self._traceback is not None else [text]
+
     def _end_traceback(self) -> list[str]:
         block, self._traceback = self._traceback or [], None
         if any(_TORCHRUN.search(x) for x in block):
@@ -63,6 +67,22 @@ class StderrFilter:
 
     def flush(self) -> list[str]:
         return self._end_traceback() if self._traceback else []
+
+
+def segments(fd: int):
+    """``(text, whole line)`` from a pipe as soon as it arrives: complete lines, and the
+    ``\r``-ended updates of a progress bar (which never end a line) so that the bar moves."""
+    pending = b""
+    while chunk := os.read(fd, 65536):
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield (line + b"\n").decode("utf-8", "replace"), True
+        if b"\r" in pending:
+            done, _, pending = pending.rpartition(b"\r")
+            yield (done + b"\r").decode("utf-8", "replace"), False
+    if pending:
+        yield pending.decode("utf-8", "replace"), True
 
 
 def log_path() -> Path:
@@ -76,14 +96,13 @@ def run_training(cmd: list[str], env: dict) -> int:
     path = log_path()
     print("+ " + " ".join(cmd), flush=True)
     received: list[int] = []
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            errors="replace", bufsize=1)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     shown = StderrFilter()
 
     def pass_stdout() -> None:  # unchanged, but watched for the ranks' "saved step N" on a signal
-        for line in proc.stdout:
-            shown.saved_on_signal |= bool(_SAVED.search(line))
-            sys.stdout.write(line)
+        for text, _ in segments(proc.stdout.fileno()):
+            shown.saved_on_signal |= bool(_SAVED.search(text))
+            sys.stdout.write(text)
             sys.stdout.flush()
 
     stdout = threading.Thread(target=pass_stdout, daemon=True)
@@ -97,11 +116,12 @@ def run_training(cmd: list[str], env: dict) -> int:
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with open(path, "w") as log:
-            for line in proc.stderr:
-                log.write(line)
+            for text, whole_line in segments(proc.stderr.fileno()):
+                log.write(text)
                 log.flush()
-                for out in shown.feed(line):
+                for out in (shown.feed(text) if whole_line else shown.feed_partial(text)):
                     sys.stderr.write(out)
+                sys.stderr.flush()
             for out in shown.flush():
                 sys.stderr.write(out)
         rc = proc.wait()

@@ -74,11 +74,10 @@ def _free_port() -> int:
 def setup_in_process(cfg, train=False):
     """Run the recipe's ``setup()`` (and ``train()``) in this process as a world of one (gloo);
     returns the recipe, already cleaned up. Its errors propagate, as in ``recipe_main``."""
+    import torch
     import torch.distributed as dist
 
     from gdt_tune.recipes.full_finetune_fsdp_ckpt import FullFinetuneRecipe
-
-    import torch
 
     saved, threads = dict(os.environ), torch.get_num_threads()
     os.environ["MASTER_PORT"] = str(_free_port())

@@ -114,3 +114,18 @@ def test_ranks_stop_when_their_launcher_is_killed(demo_dir, tmp_path):
         time.sleep(0.2)
     saved = list(out.glob("step_*"))
     assert len(saved) == 1 and (saved[0] / "COMPLETE").is_file()
+
+
+def test_progress_bars_pass_through_as_they_update():
+    """tqdm redraws with \\r and no newline: those updates are shown at once, not held back."""
+    from gdt_tune.launcher import segments
+
+    read, write = os.pipe()
+    pieces = segments(read)
+    os.write(write, b"step 1\rstep 2\rstep 3")
+    assert next(pieces) == ("step 1\rstep 2\r", False)  # before any newline arrives
+    os.write(write, b"\nerror: x\ntail")
+    os.close(write)
+    assert list(pieces) == [("step 3\n", True), ("error: x\n", True), ("tail", True)]
+    f = StderrFilter()
+    assert f.feed_partial("50%|#####\\r") == ["50%|#####\\r"]
