@@ -5,7 +5,7 @@ their config checks."""
 import pytest
 import torch
 from omegaconf import OmegaConf
-from recipe_utils import REPO, logged, run_recipe
+from recipe_utils import REPO, logged, train_in_process
 from torchtune.models.llama3 import llama3
 
 from gdt_tune.demo_assets import TINY_MODEL
@@ -138,11 +138,11 @@ def test_config_checks_accept_speed_options(overrides):
 def test_recipe_logs_mfu_and_first_step_and_trains_with_op_level_checkpointing(demo_dir, tmp_path):
     """With a peak set, MFU is logged on any device from the shared formula, and the first step's
     time once; op-level selective checkpointing trains to the same losses as none. (float8 on CPU
-    is refused in the bad-input corpus.)"""
+    is refused in the bad-input corpus.) One rank, in process."""
     common = ("max_steps_per_epoch=3", "dataset_val=null", "run_val_every_n_steps=null", "save_every_n_steps=null")
-    run_recipe(demo_dir, tmp_path / "plain", *common, "mfu_peak_tflops=0.001")
-    run_recipe(demo_dir, tmp_path / "op", *common, "enable_activation_checkpointing=true", "ac_mode=selective",
-               "ac_option=op")
+    train_in_process(demo_dir, tmp_path / "plain", *common, "mfu_peak_tflops=0.001")
+    train_in_process(demo_dir, tmp_path / "op", *common, "enable_activation_checkpointing=true", "ac_mode=selective",
+                     "ac_option=op")
     plain, op = logged(tmp_path / "plain"), logged(tmp_path / "op")
     assert sorted(plain) == [1, 2, 3] and all(op[s] == pytest.approx(plain[s], rel=1e-5) for s in plain)
     tps, mfus = logged(tmp_path / "plain", "tokens_per_second_per_device"), logged(tmp_path / "plain", "mfu")
