@@ -50,8 +50,9 @@ class PatientDataset(Protocol):
     def where_patient(self, patient_id: str) -> str: ...
 
 
-def dropped_by_cap(counts: dict[str, int]) -> int:
-    """Samples the length cap dropped (``counts`` of a :class:`PatientDataset`)."""
+def dropped_by_cap(dataset) -> int:
+    """Samples the length cap dropped from a :class:`PatientDataset` (0 for another dataset)."""
+    counts = dataset.counts if isinstance(dataset, PatientDataset) else {}
     return sum(counts.get(s.name.lower(), 0) for s in Status if s.dropped)
 
 

@@ -44,7 +44,7 @@ from gdt_tune.eval.metrics import (
     softmax,
 )
 from gdt_tune.prompting import load_tokenizer, tokenizer_file_in
-from gdt_tune.training.checkpointing import is_interim_checkpoint, load_model_weights, shape_mismatch
+from gdt_tune.training.checkpointing import is_interim_checkpoint, load_model_weights, refuse_other_model
 
 log = logging.getLogger("gdt_tune")
 _HORIZON_RE = re.compile(r"Task (\d+) is time to event prediction:\n\tPredict whether the event \((.+?)\) was "
@@ -75,11 +75,8 @@ def load_model_and_tokenizer(checkpoint: Path, cfg, device: torch.device, dtype:
         load_model_weights(checkpoint, model, "pass the --config it was trained with")
     else:
         state = _hf_weights(checkpoint)
-        mismatch = shape_mismatch({k: tuple(v.shape) for k, v in state.items()},
-                                  {k: tuple(v.shape) for k, v in model.state_dict().items()})
-        if mismatch:
-            raise ValueError(f"--checkpoint {checkpoint} holds another model ({mismatch[0]}: saved {mismatch[1]}, "
-                             f"this config {mismatch[2]}); pass the --config it was trained with")
+        refuse_other_model(f"--checkpoint {checkpoint}", {k: tuple(v.shape) for k, v in state.items()},
+                           model.state_dict(), "pass the --config it was trained with")
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
     for m in model.modules():
         if hasattr(m, "rope_init"):

@@ -164,8 +164,7 @@ class FullFinetuneRecipe:
         self._train_ds = config.instantiate(cfg.dataset, self._tokenizer)
         self._val_ds = config.instantiate(cfg.dataset_val, self._tokenizer) if has_component(cfg, "dataset_val") else None
         if self._val_ds is not None and len(self._val_ds) == 0:
-            dropped = dropped_by_cap(self._val_ds.counts) if isinstance(self._val_ds, PatientDataset) else 0
-            raise ValueError(f"dataset_val: no samples ({dropped} dropped by the length cap); raise "
+            raise ValueError(f"dataset_val: no samples ({dropped_by_cap(self._val_ds)} dropped by the length cap); raise "
                              "dataset_val.max_seq_len, fix dataset_val.data_files, or set dataset_val=null")
         self._check_no_shared_patients()
         self._sampler, self._train_loader = self._setup_train_loader(self._train_ds)
@@ -174,7 +173,7 @@ class FullFinetuneRecipe:
         if self._train_cfg.max_steps_per_epoch is not None:
             self._steps_per_epoch = min(self._steps_per_epoch, self._train_cfg.max_steps_per_epoch)
         if self._steps_per_epoch == 0:
-            dropped = dropped_by_cap(self._train_ds.counts) if isinstance(self._train_ds, PatientDataset) else 0
+            dropped = dropped_by_cap(self._train_ds)
             why = f" ({dropped} dropped by the length cap: raise dataset.max_seq_len)" if dropped else ""
             raise ValueError(
                 f"dataset: {len(self._train_ds)} samples{why} make no optimizer step with batch_size={self._batch_size} x "

@@ -246,11 +246,16 @@ def check_model_shapes(path: Path, model_state: dict,
     prefix = f"{MODEL_OPTIM_KEY}.model."
     saved = {k[len(prefix):]: tuple(v.size) for k, v in dcp.FileSystemReader(str(path)).read_metadata()
              .state_dict_metadata.items() if k.startswith(prefix) and hasattr(v, "size")}
+    refuse_other_model(f"checkpoint {path}", saved, model_state, fix)
+
+
+def refuse_other_model(what: str, saved: dict[str, tuple], model_state: dict, fix: str) -> None:
+    """ValueError naming the first tensor whose saved shape (``{name: shape}``) differs from
+    ``model_state``'s: "{what} holds another model (...); {fix}"."""
     mismatch = shape_mismatch(saved, {k: tuple(v.shape) for k, v in model_state.items()})
     if mismatch:
         name, theirs, ours = mismatch
-        raise ValueError(f"checkpoint {path} holds another model ({name}: saved {theirs}, this config "
-                         f"{ours}); {fix}")
+        raise ValueError(f"{what} holds another model ({name}: saved {theirs}, this config {ours}); {fix}")
 
 
 def is_interim_checkpoint(path) -> bool:

@@ -250,14 +250,11 @@ def check_components(cfg: DictConfig) -> None:
                 close = difflib.get_close_matches(str(arg), list(params), n=1)
                 hint = f"did you mean '{close[0]}'?" if close else f"its arguments: {', '.join(params)}"
                 raise ValueError(f"config key '{key}.{arg}' is not an argument of {node._component_}; {hint}")
-    for arg, low, high, example in (("lr", 0, 1, "GDT: 1e-5"), ("weight_decay", 0, 10, "GDT: 0.1")):
+    for arg, in_range, expected in (("lr", lambda v: 0 < v < 1, "> 0 and < 1 (GDT: 1e-5)"),
+                                    ("weight_decay", lambda v: 0 <= v < 10, ">= 0 and < 10 (GDT: 0.1)")):
         value = cfg.optimizer.get(arg)
-        if value is None:
-            continue
-        ok = _is_number(value) and (low < value < high if arg == "lr" else low <= value < high)
-        if not ok:
-            bounds = "> 0 and < 1" if arg == "lr" else ">= 0"
-            raise ValueError(f"config key 'optimizer.{arg}': got {value!r}; expected a number {bounds} ({example})")
+        if value is not None and not (_is_number(value) and in_range(value)):
+            raise ValueError(f"config key 'optimizer.{arg}': got {value!r}; expected a number {expected}")
     model_len = cfg.model.get("max_seq_len")
     for key in ("dataset", "dataset_val"):
         cap = cfg.get(key).get("max_seq_len") if has_component(cfg, key) else None

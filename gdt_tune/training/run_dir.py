@@ -30,6 +30,8 @@ import socket
 import uuid
 from pathlib import Path
 
+from gdt_tune.training.checkpointing import COMPLETE_MARKER, list_checkpoints
+
 log = logging.getLogger("gdt_tune")
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
@@ -59,9 +61,10 @@ def _previous_checkpoints(output_dir: Path) -> list[str]:
     unfinished step_N is a crash leftover, removed by the next run's pruning)."""
     if not output_dir.is_dir():
         return []
-    found = [p for p in output_dir.iterdir() if p.is_dir() and "_" in p.name and p.name.split("_")[1].isdigit()]
-    return sorted((p.name for p in found if (p.name.startswith("step_") and (p / "COMPLETE").is_file())
-                   or p.name.startswith("epoch_")), key=lambda n: (n.split("_")[0], int(n.split("_")[1])))
+    epochs = sorted((p for p in output_dir.glob("epoch_*") if p.is_dir() and p.name[len("epoch_"):].isdigit()),
+                    key=lambda p: int(p.name[len("epoch_"):]))
+    steps = [p for _, p, _ in list_checkpoints(output_dir) if (p / COMPLETE_MARKER).is_file()]
+    return [p.name for p in epochs + steps]
 
 
 class OutputDirLock:
