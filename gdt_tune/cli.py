@@ -17,6 +17,15 @@ DEMO_CONFIG = CONFIGS / "tiny_gdt_cpu.yaml"
 _RENDEZVOUS = ("--nnodes", "--rdzv", "--master", "--node_rank", "--node-rank", "--standalone")
 
 
+TRAIN_EXAMPLES = """examples:
+  gdt-tune train --nproc_per_node 8 --config llama3_1_8b_gdt_full model_dir=/models/llama data_dir=/data/gdt \\
+      output_dir=/runs/gdt
+  gdt-tune train --nproc_per_node 8 --config llama3_1_8b_gdt_full output_dir=/runs/gdt resume_from_checkpoint=true
+  gdt-tune train --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HEAD:29500 --rdzv_id gdt \\
+      --config my.yaml
+torchrun options (python -m torch.distributed.run --help) go before --config, key=value overrides after it."""
+
+
 def shipped_configs() -> list[str]:
     return sorted(p.stem for p in CONFIGS.glob("*.yaml"))
 
@@ -36,6 +45,7 @@ def resolve_config(name: str) -> Path:
 def train_command(args: list[str]) -> list[str]:
     """``torchrun [launcher options] -m gdt_tune.recipes... --config FILE [key=value ...]`` for
     ``gdt-tune train [launcher options] --config NAME|FILE [key=value ...]``; runs from any folder."""
+    args = [part for a in args for part in (a.split("=", 1) if a.startswith("--config=") else [a])]
     if "--config" not in args or args.index("--config") == len(args) - 1:
         raise ValueError("train needs --config NAME|FILE (shipped: " + ", ".join(shipped_configs()) + ")")
     i = args.index("--config")
@@ -44,10 +54,25 @@ def train_command(args: list[str]) -> list[str]:
     if bad:
         raise ValueError(f"train: {bad[0]!r} after --config is not a key=value override; put launcher options "
                          "(--nproc_per_node, --nnodes, ...) before --config")
+    _check_torchrun_options(launcher)
     if not any(a.startswith(_RENDEZVOUS) for a in launcher):
         launcher = ["--standalone", *launcher]
     return [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", RECIPE_MODULE, "--config", str(config),
             *overrides]
+
+
+def _check_torchrun_options(launcher: list[str]) -> None:
+    """torchrun's own parser on the launcher options: a bad one is one line, not its usage block."""
+    from torch.distributed.run import get_args_parser
+
+    parser = get_args_parser()
+
+    def fail(message: str):
+        raise ValueError(f"train: torchrun options before --config: {message}; see python -m torch.distributed.run "
+                         "--help")
+
+    parser.error = fail
+    parser.parse_args([*launcher, "-m", RECIPE_MODULE])
 
 
 def _run_training(cmd: list[str]) -> int:
@@ -80,6 +105,9 @@ def _cp(args) -> int:
     dest = Path(args.dest)
     if dest.is_dir():
         dest = dest / source.name
+    if not dest.parent.is_dir():
+        print(f"error: cp: {dest.parent} is not a folder; create it first or give another DEST", file=sys.stderr)
+        return 2
     if dest.exists() and not args.force:
         print(f"error: {dest} exists; pass --force to overwrite", file=sys.stderr)
         return 2
@@ -156,7 +184,8 @@ def _export(args) -> int:
     from gdt_tune.export import export_checkpoint
 
     try:
-        out = export_checkpoint(args.checkpoint, args.out, _load_config(args.config, args.overrides))
+        out = export_checkpoint(args.checkpoint, args.out, _load_config(args.config, args.overrides),
+                                replace=args.replace)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -222,8 +251,9 @@ def main(argv=None) -> int:
     ap = _Parser(prog="gdt-tune", description="Train GDT-style clinical digital-twin models with torchtune.")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="run the recipe with torchrun from any folder: gdt-tune train [--nproc_per_node N "
-                       "--nnodes ...] --config NAME|FILE [key=value ...]", prefix_chars="\0",
-                       usage="gdt-tune train [torchrun options] --config NAME|FILE [key=value ...]")
+                       "--nnodes ...] --config NAME|FILE [key=value ...]", prefix_chars="\0", add_help=False,
+                       usage="gdt-tune train [torchrun options] --config NAME|FILE [key=value ...]",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EXAMPLES)
     t.add_argument("args", nargs=argparse.REMAINDER, help="torchrun options, then --config NAME|FILE, then key=value "
                    f"overrides; shipped configs: {', '.join(shipped_configs())}")
     t.set_defaults(func=_train, usage=t.format_help())
@@ -258,7 +288,9 @@ def main(argv=None) -> int:
     x = sub.add_parser("export", help="an HF folder that serves with the training prompt (tokenizer.json, chat "
                        "template, generation_config.json) from epoch_N or step_N")
     x.add_argument("--checkpoint", required=True, help="final epoch_N, or interim step_N (needs --config)")
-    x.add_argument("--out", required=True, help="output folder")
+    x.add_argument("--out", required=True, help="output folder: new or empty (or an earlier export, with --replace)")
+    x.add_argument("--replace", action="store_true", help="replace an earlier export in --out (only a folder "
+                   "that gdt-tune export wrote)")
     x.add_argument("--config", help="the training config (name or file): model, tokenizer, system prompt")
     x.add_argument("overrides", nargs="*", help="config overrides, key=value")
     x.set_defaults(func=_export)

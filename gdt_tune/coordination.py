@@ -3,6 +3,7 @@ it failed::
 
     node_first(lambda build: index_files(..., build=build))   # each node's first rank builds
     rank_zero_first(lambda first: claim(...) if first else read(...))
+    report_error("error: ...")   # one line for all ranks that fail the same way
 
 Without a process group (tools, tests, one process) the job simply runs. When the first rank
 fails, it raises its own error and the others raise :class:`FailedElsewhere`, which the recipe
@@ -12,6 +13,7 @@ ends without a message of its own (the first rank's line is the one to read).
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -67,3 +69,38 @@ def rank_zero_first(job: Callable[[bool], T], timeout: dt.timedelta = dt.timedel
     """``job(True)`` on global rank 0, then ``job(False)`` on the others."""
     first = not _distributed() or dist.get_rank() == 0
     return first_then_others(job, first, "rank 0", timeout)
+
+
+#: How long a rank > 0 waits to learn whether rank 0 already printed the same error.
+ERROR_WAIT = dt.timedelta(seconds=5)
+
+
+def _agent_store():
+    """A client of torchrun's agent store (it outlives every rank), or None outside torchrun."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    try:
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=ERROR_WAIT)
+    except (RuntimeError, KeyError, ValueError):
+        return None
+
+
+def report_error(line: str) -> None:
+    """Write ``line`` to stderr once for all ranks: under torchrun, rank 0 writes it and posts it in
+    the agent store; another rank writes its own line only when it differs from rank 0's (or rank
+    0 posted none within ``ERROR_WAIT``). One ``write`` call, so lines of ranks never interleave."""
+    rank = int(os.environ.get("RANK", "0"))
+    store = _agent_store()
+    key = f"gdt_tune/error/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if store is not None:
+        try:
+            if rank == 0:
+                store.set(key, line)
+            else:
+                store.wait([key], ERROR_WAIT)
+                if store.get(key).decode() == line:
+                    return
+        except RuntimeError:  # rank 0 posted nothing in time: speak for this rank
+            pass
+    os.write(2, (line.rstrip("\n") + "\n").encode())

@@ -107,50 +107,92 @@ def write_serving_files(folder, tokenizer_model: str | Path, tokenizer, system_p
         "pad_token_id": specials["<|finetune_right_pad_id|>"], **GENERATION}, indent=1))
 
 
-def export_checkpoint(checkpoint, out, cfg=None) -> Path:
+#: Written into every export: only a folder holding it may be replaced (``--replace``).
+EXPORT_MARKER = "gdt_export.json"
+
+
+def check_export_target(checkpoint: Path, out: Path, replace: bool) -> None:
+    """An export goes into a new or empty folder, or (``replace``) over an earlier export; anything
+    else (a run's epoch_N, a base model's snapshot, a folder of the user's files) is refused in one
+    line before any work, and nothing is touched."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a new or empty folder")
+    here, source = out.resolve(), checkpoint.resolve()
+    if here == source or source in here.parents or here in source.parents:
+        raise ValueError(f"--out {out} is or overlaps the checkpoint {checkpoint}; give a new or empty folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if (out / EXPORT_MARKER).is_file():
+        if not replace:
+            raise ValueError(f"--out {out} holds an earlier export; pass --replace to replace it, or give a new folder")
+        return
+    names = sorted(p.name for p in out.iterdir())
+    raise ValueError(f"--out {out} is not empty ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) and "
+                     "holds no earlier export; give a new or empty folder (nothing was written)")
+
+
+def export_checkpoint(checkpoint, out, cfg=None, replace: bool = False) -> Path:
     """``gdt-tune export``: an HF folder in ``out`` that serves like training, from a final
     ``epoch_N`` (copied; ``cfg`` gives the system prompt when it was not the default) or an
-    interim ``step_N`` (needs the training ``cfg``: model, tokenizer, base checkpoint)."""
+    interim ``step_N`` (needs the training ``cfg``: model, tokenizer, base checkpoint). ``out`` is
+    new or empty, or an earlier export with ``replace``: the export is written beside it and swapped
+    in at the end, so a failed export leaves ``out`` as it was."""
     import shutil
     import tempfile
 
     from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT
-
-    checkpoint, out = Path(checkpoint), Path(out)
-    prompt = (cfg.dataset.get("system_prompt") if cfg is not None else None) or DEFAULT_SYSTEM_PROMPT
     from gdt_tune.training.checkpointing import is_interim_checkpoint
 
-    if is_interim_checkpoint(checkpoint):  # interim step_N: load it, write HF weights
-        if cfg is None:
-            raise ValueError(f"--checkpoint {checkpoint} is an interim step_N checkpoint; pass the training --config too")
-        import torch
-        from torchtune import config as tt_config
-        from torchtune.training import FullModelHFCheckpointer
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not checkpoint.is_dir():
+        raise ValueError(f"--checkpoint {checkpoint} is not a folder; give a run's epoch_N or step_N")
+    interim = is_interim_checkpoint(checkpoint)
+    if interim and cfg is None:
+        raise ValueError(f"--checkpoint {checkpoint} is an interim step_N checkpoint; pass the training --config too")
+    if not interim and not (checkpoint / "config.json").is_file():
+        raise ValueError(f"--checkpoint {checkpoint} is neither an interim step_N nor a final epoch_N folder")
+    check_export_target(checkpoint, out, replace)
+    prompt = (cfg.dataset.get("system_prompt") if cfg is not None else None) or DEFAULT_SYSTEM_PROMPT
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        if interim:  # load it, write HF weights
+            import torch
+            from torchtune import config as tt_config
+            from torchtune.training import FullModelHFCheckpointer
 
-        from gdt_tune.eval.evaluate import load_model_and_tokenizer
-        from gdt_tune.training.hf_weights import prepare_for_save
+            from gdt_tune.eval.evaluate import load_model_and_tokenizer
+            from gdt_tune.training.hf_weights import prepare_for_save
 
-        dtype = torch.bfloat16 if cfg.get("dtype", "bf16") == "bf16" else torch.float32
-        model, tokenizer, _ = load_model_and_tokenizer(checkpoint, cfg, torch.device("cpu"), dtype)
-        with tempfile.TemporaryDirectory() as tmp:
-            hf = tt_config.instantiate(cfg.checkpointer, output_dir=tmp)
-            if not isinstance(hf, FullModelHFCheckpointer):
-                raise ValueError("config key 'checkpointer': export needs torchtune.training.FullModelHFCheckpointer")
-            prepare_for_save(hf)
-            hf.save_checkpoint({"model": {k: v.detach() for k, v in model.state_dict().items()}}, epoch=0)
-            out.mkdir(parents=True, exist_ok=True)
-            for item in (Path(tmp) / "epoch_0").iterdir():
-                shutil.move(str(item), out / item.name)
-        tokenizer_model = Path(cfg.tokenizer.path)
-    else:
-        if not (checkpoint / "config.json").is_file():
-            raise ValueError(f"--checkpoint {checkpoint} is neither an interim step_N nor a final epoch_N folder")
-        if out.resolve() != checkpoint.resolve():
-            shutil.copytree(checkpoint, out, dirs_exist_ok=True)
-        from gdt_tune.prompting import load_tokenizer, tokenizer_file_in
+            dtype = torch.bfloat16 if cfg.get("dtype", "bf16") == "bf16" else torch.float32
+            model, tokenizer, _ = load_model_and_tokenizer(checkpoint, cfg, torch.device("cpu"), dtype)
+            with tempfile.TemporaryDirectory() as tmp:
+                hf = tt_config.instantiate(cfg.checkpointer, output_dir=tmp)
+                if not isinstance(hf, FullModelHFCheckpointer):
+                    raise ValueError("config key 'checkpointer': export needs torchtune.training.FullModelHFCheckpointer")
+                prepare_for_save(hf)
+                hf.save_checkpoint({"model": {k: v.detach() for k, v in model.state_dict().items()}}, epoch=0)
+                for item in (Path(tmp) / "epoch_0").iterdir():
+                    shutil.move(str(item), staging / item.name)
+            tokenizer_model = Path(cfg.tokenizer.path)
+        else:
+            shutil.copytree(checkpoint, staging, dirs_exist_ok=True)
+            from gdt_tune.prompting import load_tokenizer, tokenizer_file_in
 
-        tokenizer_model = Path(cfg.tokenizer.path) if cfg is not None else tokenizer_file_in(checkpoint)
-        tokenizer = load_tokenizer(tokenizer_model)
-    max_seq_len = cfg.dataset.get("max_seq_len", 8000) if cfg is not None else 8000
-    write_serving_files(out, tokenizer_model, tokenizer, prompt, max_seq_len)
+            tokenizer_model = Path(cfg.tokenizer.path) if cfg is not None else tokenizer_file_in(checkpoint)
+            tokenizer = load_tokenizer(tokenizer_model)
+        max_seq_len = cfg.dataset.get("max_seq_len", 8000) if cfg is not None else 8000
+        write_serving_files(staging, tokenizer_model, tokenizer, prompt, max_seq_len)
+        (staging / EXPORT_MARKER).write_text(json.dumps({"checkpoint": str(checkpoint.resolve())}, indent=1) + "\n")
+        old = None
+        if out.is_dir() and any(out.iterdir()):  # an earlier export (checked above): swap it out
+            old = out.with_name(f".{out.name}.replaced-{staging.name.rsplit('-', 1)[-1]}")
+            out.rename(old)
+        elif out.is_dir():
+            out.rmdir()
+        staging.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -17,6 +17,7 @@ SCRIPTS = {
     # and fp32 on CPU: tests/test_evaluate.py)
     "gpu_check.py": (["--tiny-steps", "6", "--skip", "throughput,evaluate"],
                      ["| resume from step_3 | pass |", " passed, 0 failed"]),
+    "index_stamp.py": (["--mib", "8"], ["full hash / stamp:", "| stat stamp (the cache's check) |"]),
     "prune.py": (["--gib", "0.01", "--repeat", "1"], ["| inline |", "| background |"]),
 }
 

@@ -3,8 +3,10 @@
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import gdt_tune.data.records as records
@@ -258,12 +260,63 @@ def test_index_notices_a_same_size_edit_with_the_modification_time_kept(tmp_path
     assert len(before.patient_ids() - after.patient_ids()) == 1 and len(after.patient_ids()) == 5
 
 
-def test_big_files_are_checked_by_sampled_blocks(tmp_path, tokenizer, monkeypatch, caplog):
-    monkeypatch.setattr(index_mod, "SAMPLE_BYTES", 512)  # the file is bigger: 4 blocks of 128 bytes
-    monkeypatch.setattr(index_mod, "SAMPLE_BLOCKS", 4)
-    path = write(tmp_path / "d.jsonl", [row(i, f"p{i}") for i in range(1, 6)])
-    cgdb_instruct_dataset(tokenizer, data_files=path)
-    _edit_keeping_size_and_mtime(path, '[1, 2, 3]}}}\n', '[1, 2, 4]}}}\n')  # in the last block
+def test_an_edit_anywhere_in_a_file_of_any_size_is_seen_without_reading_it(tmp_path, tokenizer, monkeypatch, caplog):
+    """Size and modification time kept, the edit in the middle of the file: the inode's change time
+    differs, so the index is rebuilt (no sampled blocks: the stamp is one stat call)."""
+    path = write(tmp_path / "d.jsonl", [row(i, f"p{i}") for i in range(1, 8)])
+    before = cgdb_instruct_dataset(tokenizer, data_files=path)
+    _edit_keeping_size_and_mtime(path, '"patientid": "p4"', '"patientid": "q4"')
     with caplog.at_level(logging.WARNING, logger="gdt_tune"):
-        cgdb_instruct_dataset(tokenizer, data_files=path)
+        after = cgdb_instruct_dataset(tokenizer, data_files=path)
     assert f"{path}: changed since it was indexed" in caplog.text
+    assert len(before.patient_ids() - after.patient_ids()) == 1
+
+
+def test_a_file_reached_twice_is_refused_and_writes_no_index(tmp_path, tokenizer):
+    folder = tmp_path / "train"
+    path = write(folder / "d.jsonl", [row(1), row(2)])
+    cache = Path(os.environ["GDT_TUNE_CACHE_DIR"])
+    other = folder / ".." / "train" / "d.jsonl"  # the same file, spelled another way
+    for spec, words in (([path, path], f"the file {path} is listed twice"),
+                        ([folder, other], f"the file {other} is reached twice (through {folder} and {other})")):
+        with pytest.raises(ValueError, match=re.escape(f"dataset.data_files: {words}; give each file once")):
+            cgdb_instruct_dataset(tokenizer, data_files=spec)
+    assert not list(cache.glob("*.npz"))
+    assert len(cgdb_instruct_dataset(tokenizer, data_files=path)) == 2
+
+
+def test_a_cache_entry_that_does_not_fit_its_file_is_rebuilt(tmp_path, tokenizer, caplog):
+    """An index with every row twice (what main 3303921 cached for data_files=[F, F]) under the
+    file's current stamp is not trusted."""
+    from gdt_tune.datasets._index import FileIndex
+
+    path = write(tmp_path / "d.jsonl", [row(1), row(2), row(3)])
+    cgdb_instruct_dataset(tokenizer, data_files=path)
+    [entry] = Path(os.environ["GDT_TUNE_CACHE_DIR"]).glob("*.npz")
+    index, stamp = FileIndex.load(entry)
+    doubled = FileIndex(**{k: (np.concatenate([v, v]) if k not in ("patients", "lots") else v)
+                           for k, v in vars(index).items()})
+    np.savez(entry, stamp=np.asarray(stamp), **vars(doubled))
+    with caplog.at_level(logging.WARNING, logger="gdt_tune"):
+        ds = cgdb_instruct_dataset(tokenizer, data_files=path)
+    assert len(ds) == 3 and f"{path}: changed since it was indexed" in caplog.text
+    entry.write_bytes(b"not an npz")  # a damaged entry: rebuilt too
+    assert len(cgdb_instruct_dataset(tokenizer, data_files=path)) == 3
+
+
+def test_data_folder_entries_that_are_not_files_or_not_read_are_one_line(tmp_path, tokenizer):
+    folder = tmp_path / "train"
+    write(folder / "a.jsonl", [row(1)])
+    (folder / "x.jsonl").mkdir()
+    with pytest.raises(ValueError, match=re.escape(f"dataset.data_files: {folder / 'x.jsonl'} is a folder; remove it")):
+        cgdb_instruct_dataset(tokenizer, data_files=folder)
+    (folder / "x.jsonl").rmdir()
+    (folder / "gone.jsonl").symlink_to(tmp_path / "nowhere.jsonl")
+    with pytest.raises(ValueError, match=re.escape(f"{folder / 'gone.jsonl'} is a broken link; remove it")):
+        cgdb_instruct_dataset(tokenizer, data_files=folder)
+    (folder / "gone.jsonl").unlink()
+    write(folder / "more" / "b.jsonl", [row(2)])
+    with pytest.raises(ValueError, match=re.escape(f"directory {folder} also has .jsonl files in subfolders "
+                                                   f"({folder / 'more' / 'b.jsonl'}), which would not be read")):
+        cgdb_instruct_dataset(tokenizer, data_files=folder)
+    assert len(cgdb_instruct_dataset(tokenizer, data_files=str(folder / "*.jsonl"))) == 1

@@ -173,3 +173,37 @@ def test_failed_save_stops_with_the_directory_and_keeps_earlier_checkpoints(demo
     assert proc.returncode != 0
     assert f"checkpoint: saving {tmp_path / 'step_2'} failed" in proc.stdout + proc.stderr
     assert (tmp_path / "step_1" / "COMPLETE").is_file() and not (tmp_path / "epoch_0").exists()
+
+
+COSINE = ("lr_scheduler._component_=torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup",
+          "lr_scheduler.num_warmup_steps=2", "max_steps_per_epoch=6", "save_every_n_steps=3", *NO_VAL)
+
+
+def test_a_scheduled_run_resumes_exactly_and_a_stretched_schedule_is_refused(demo_dir, tmp_path, caplog):
+    """Cosine with warmup, 1 rank in process: resumed from step_3, the learning rates, losses and
+    final weights are the uninterrupted run's, bit for bit; a resume that would stretch the schedule
+    (max_steps_per_epoch 6 -> 8) is refused; a changed optimizer.lr scales the scheduled rate."""
+    base, out = tmp_path / "base", tmp_path / "resumed"
+    train_in_process(demo_dir, base, *COSINE)
+    out.mkdir()
+    shutil.copytree(base / "step_3", out / "step_3")
+    train_in_process(demo_dir, out, *COSINE, "resume_from_checkpoint=true")
+    for name in ("lr", "loss"):
+        expected, resumed = logged(base, name), logged(out, name)
+        assert sorted(resumed) == [4, 5, 6] and all(resumed[s] == expected[s] for s in resumed), name
+    assert logged(base, "lr")[3] != 3e-3  # step 4 runs at a scheduled rate, not the base rate
+    wa, wb = final_weights(base, 0), final_weights(out, 0)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    again = tmp_path / "stretched"
+    again.mkdir()
+    shutil.copytree(base / "step_3", again / "step_3")
+    longer = [a if not a.startswith("max_steps") else "max_steps_per_epoch=8" for a in COSINE]
+    with pytest.raises(ValueError, match=r"^resume: the LR schedule .* was '.*6 steps' when .* but is '.*8 steps' "
+                                         r"now; keep lr_scheduler, epochs, max_steps_per_epoch"):
+        train_in_process(demo_dir, again, *longer, "resume_from_checkpoint=true")
+    with caplog.at_level(logging.WARNING, logger="gdt_tune"):
+        train_in_process(demo_dir, again, *COSINE, "resume_from_checkpoint=true", "optimizer.lr=0.0015")
+    assert "resume: optimizer.lr 0.003 -> 0.0015" in caplog.text
+    halved = logged(again, "lr")
+    assert all(halved[s] == pytest.approx(logged(base, "lr")[s] / 2, rel=1e-9) for s in (4, 5, 6))

@@ -23,11 +23,28 @@ def test_train_command_single_node_and_multi_node(tmp_path):
     (["--nproc_per_node", "2"], "train needs --config NAME|FILE (shipped: llama3_1_8b_gdt_full, tiny_gdt_cpu)"),
     (["--config", "llama3_8b"], "--config llama3_8b: no such file and no shipped config of that name"),
     (["--config", "tiny_gdt_cpu", "--nproc_per_node", "2"], "'--nproc_per_node' after --config is not a key=value"),
+    (["--bogus", "2", "--config", "tiny_gdt_cpu"], "train: torchrun options before --config: unrecognized arguments: "
+                                                   "--bogus; see python -m torch.distributed.run --help"),
+    (["--config=llama3_8b"], "--config llama3_8b: no such file and no shipped config of that name"),
 ])
 def test_train_refuses_bad_arguments(args, message, capsys):
     assert main(["train", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_train_accepts_config_with_an_equals_sign_and_shows_readable_help(capsys):
+    assert train_command(["--nproc_per_node", "2", "--config=tiny_gdt_cpu", "a=1"])[-3:] == [
+        "--config", str(CONFIGS / "tiny_gdt_cpu.yaml"), "a=1"]
+    assert main(["train", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert "examples:" in help_text and " h,   help" not in help_text
+
+
+def test_cp_into_a_missing_folder_is_one_line(tmp_path, capsys):
+    assert main(["cp", "tiny_gdt_cpu", str(tmp_path / "missing" / "dir" / "x.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: cp: {tmp_path / 'missing' / 'dir'} is not a folder; create it first or give another DEST\n"
 
 
 @pytest.mark.parametrize("make_args, code, message", [
@@ -46,7 +63,13 @@ def test_train_refuses_bad_arguments(args, message, capsys):
     (lambda d, t: ["data-report", "--data", "x", "--tokenizer", "y", "--max-seq-len", "8"], 2,
      "error: argument --max-seq-len: '8' is not an integer >= 16"),
     (lambda d, t: ["export", "--checkpoint", str(t / "nope"), "--out", str(t / "x")], 1,
-     "error: --checkpoint {t}/nope is neither an interim step_N nor a final epoch_N folder"),
+     "error: --checkpoint {t}/nope is not a folder; give a run's epoch_N or step_N"),
+    (lambda d, t: ["export", "--checkpoint", str(d / "data"), "--out", str(t / "x")], 1,
+     "error: --checkpoint {d}/data is neither an interim step_N nor a final epoch_N folder"),
+    (lambda d, t: ["evaluate", "--checkpoint", str(d / "model"), "--data", str(d / "data" / "test"), "--out",
+                   str(d / "model" / "config.json")], 1, "error: --out {d}/model/config.json is a file; give a folder"),
+    (lambda d, t: ["evaluate", "--checkpoint", str(d / "model"), "--data", str(d / "data" / "test"), "--device",
+                   "cuda"], 1, "error: --device cuda: no CUDA device is visible here; give --device cpu"),
     (lambda d, t: ["plot-run", str(t)], 1, "error: {t}/logs holds no DiskLogger *.txt files"),
     (lambda d, t: ["demo", "--steps", "0"], 2, "error: argument --steps: '0' is not an integer >= 1"),
     (lambda d, t: ["bogus"], 2, "error: argument command: invalid choice: 'bogus'"),

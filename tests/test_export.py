@@ -90,6 +90,13 @@ def test_trained_epoch_and_exported_step_serve_like_training(demo_dir, tokenizer
                           cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, TIKTOKEN_CACHE_DIR=""))
     assert proc.returncode == 0, proc.stderr[-3000:]
     trained = final_weights(run, 0)
+    # pointed at the run's own epoch_0, export refuses and leaves the final weights as they are
+    proc = subprocess.run([sys.executable, "-m", "gdt_tune.cli", "export", "--checkpoint", str(run / "step_2"),
+                           "--out", str(run / "epoch_0"), "--config", "tiny_gdt_cpu", f"demo_dir={demo_dir}"],
+                          cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, TIKTOKEN_CACHE_DIR=""))
+    assert proc.returncode == 1 and proc.stderr.startswith(f"error: --out {run / 'epoch_0'} is not empty (")
+    assert len(proc.stderr.splitlines()) == 1
+    assert all(torch.equal(final_weights(run, 0)[k], v) for k, v in trained.items())
     weights = {}
     for f in exported.glob("*.safetensors"):
         weights.update(load_file(str(f)))
@@ -105,3 +112,37 @@ def test_trained_epoch_and_exported_step_serve_like_training(demo_dir, tokenizer
         assert _ids(hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)) == want
         model = transformers.AutoModelForCausalLM.from_pretrained(str(folder))
         assert model.generation_config.top_p == 0.85
+
+
+def test_export_writes_only_into_a_new_or_empty_folder_or_over_an_earlier_export(demo_dir, tmp_path):
+    from gdt_tune.export import EXPORT_MARKER, export_checkpoint
+
+    source = demo_dir / "model"  # an HF folder, like a run's epoch_N
+    files = lambda folder: {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}  # noqa: E731
+    snapshot = tmp_path / "base_snapshot"  # the base model's download: the same shard names
+    shutil.copytree(source, snapshot)
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "config.json").write_text("the user's own")
+    (tmp_path / "a_file").write_text("x")
+    for target, words in ((snapshot, "is not empty (config.json, "), (user, "is not empty (config.json) and holds no "
+                                                                              "earlier export"),
+                          (tmp_path / "a_file", "is a file"), (source, "is or overlaps the checkpoint")):
+        before = files(target) if target.is_dir() else target.read_bytes()
+        with pytest.raises(ValueError, match=r"^--out .*" + words.replace("(", r"\(").replace(")", r"\)")):
+            export_checkpoint(source, target)
+        assert (files(target) if target.is_dir() else target.read_bytes()) == before
+    out = tmp_path / "new" / "serve"
+    export_checkpoint(source, out)
+    assert (out / EXPORT_MARKER).is_file() and (out / "tokenizer.json").is_file()
+    assert (out / "config.json").read_bytes() == (source / "config.json").read_bytes()
+    with pytest.raises(ValueError, match="holds an earlier export; pass --replace"):
+        export_checkpoint(source, out)
+    (out / "stale.txt").write_text("from the earlier export")
+    export_checkpoint(source, out, replace=True)
+    assert not (out / "stale.txt").exists() and (out / EXPORT_MARKER).is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["serve"]  # no staging or replaced folder left
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_checkpoint(source, empty)
+    assert (empty / "tokenizer.json").is_file()

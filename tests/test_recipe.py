@@ -127,3 +127,12 @@ def test_validation_with_fewer_samples_than_ranks(demo_dir, tmp_path):
     one_rank = logged(tmp_path / "one", "val_loss")
     assert list(two_ranks) == list(one_rank) == [2]
     assert two_ranks[2] == pytest.approx(one_rank[2], rel=1e-5) and 0 < two_ranks[2] < 10
+
+
+def test_an_error_of_every_rank_is_printed_once(demo_dir, tmp_path):
+    """2 ranks under plain torchrun, both failing the same way (one after the process group started,
+    one before): rank 0 speaks for all; a line is never interleaved with another rank's."""
+    for override, words in (("batch_size=100000", "error: dataset: "), ("optimizer.lr=5", "error: config key 'optimizer.lr'")):
+        proc = run_recipe(demo_dir, tmp_path / "out", override, check=False)
+        errors = [line for line in proc.stderr.splitlines() if "error:" in line and "error_file" not in line]
+        assert proc.returncode != 0 and len(errors) == 1 and errors[0].startswith(words), proc.stderr[-3000:]

@@ -36,7 +36,11 @@ def test_a_fresh_start_over_another_run_is_refused_or_moves_it_aside(demo_dir, t
         "overwrite_output_dir=true to move it aside")
     assert sorted(p.name for p in out.iterdir()) == before  # nothing touched
 
+    (out / "data").mkdir()  # the user's own files in output_dir: not the run's, so they stay
+    (out / "data" / "train.jsonl").write_text("{}\n")
+    (out / "notes.txt").write_text("mine")
     _train(demo_dir, out, "overwrite_output_dir=true")
+    assert (out / "data" / "train.jsonl").is_file() and (out / "notes.txt").read_text() == "mine"
     second = json.loads((out / "run.json").read_text())
     aside = out / f"previous-{first['run_id']}"
     moved = [p for p in out.glob("previous-*")]

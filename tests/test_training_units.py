@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from recipe_utils import _free_port
 
+import gdt_tune.training.checkpointing as ckpt_mod
 from gdt_tune.training.checkpointing import COMPLETE_MARKER, CheckpointManager, Progress, find_resume, read_run
 from gdt_tune.training.sampling import EvalBatchSampler, GlobalOrderBatchSampler
 
@@ -111,6 +112,52 @@ def test_any_save_failure_is_one_line_and_keeps_earlier_checkpoints(tmp_path, wo
                             "inline_container.cc:672] . unexpected pos 64 vs 0); earlier checkpoints are intact; "
                             "free disk space or fix permissions, then resume")
     assert find_resume(tmp_path, True, rank=0) == tmp_path / "step_1"
+
+
+def test_a_timed_out_save_collective_is_one_line_naming_it(tmp_path, world_of_one, monkeypatch):
+    import gdt_tune.training.checkpointing as ckpt_mod
+
+    model, optimizer = _trainer()
+    progress = Progress(seed=0, world_size=1)
+    ckpt = _manager(tmp_path, model, optimizer, progress, save_every_n_steps=1)
+
+    def peer_hung(*args, **kwargs):  # what gloo raises in DCP's gather when a rank never joins
+        raise dist.DistBackendError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 600000ms for "
+                                    "recv operation to complete\nException raised from ...")
+
+    monkeypatch.setattr(ckpt_mod.dcp, "save", peer_hung)
+    _step(model, optimizer, progress)
+    with pytest.raises(ckpt_mod.SaveFailed) as e:
+        ckpt.save(1)
+    ckpt.close()
+    assert str(e.value) == (
+        f"checkpoint: saving {tmp_path / 'step_1'} timed out in a DCP collective on the checkpoint save group "
+        "(DistBackendError: [gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 600000ms for recv operation "
+        "to complete); another rank stopped or hung: read its log, then resume (raise checkpoint_timeout_minutes "
+        "for a slow file system)")
+
+
+def test_another_runs_complete_step_is_neither_resumed_nor_deleted(tmp_path, world_of_one):
+    """Run B reaches step 2, where run A's complete step_2 lies: refused at start and at the save,
+    and A's folder is left as it was."""
+    model, optimizer = _trainer()
+    progress = Progress(seed=0, world_size=1)
+    theirs = _manager(tmp_path, model, optimizer, progress, save_every_n_steps=2, run_id="run-a")
+    _step(model, optimizer, progress)
+    _step(model, optimizer, progress)
+    assert theirs.save(2)
+    theirs.close()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "step_2").iterdir()}
+    ours = _manager(tmp_path, model, optimizer, Progress(seed=0, world_size=1), save_every_n_steps=2, run_id="run-b")
+    with pytest.raises(ValueError, match=r"^output_dir: .*step_2 is a complete checkpoint of another run \(run-a\) "
+                                         r"and this run would save its step there; move it out of"):
+        ours.refuse_foreign_steps(1, 4)
+    ours.refuse_foreign_steps(3, 4)  # a run that starts after step 2 never writes there
+    with pytest.raises(ckpt_mod.SaveFailed, match=r"^checkpoint: .*step_2 is a complete checkpoint of another run"):
+        ours.save(2)
+    ours.close()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "step_2").iterdir()} == before
+    assert find_resume(tmp_path, True, rank=0, run_id="run-a") == tmp_path / "step_2"
 
 
 def test_progress_counts_and_round_trips():

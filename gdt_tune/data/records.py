@@ -34,14 +34,25 @@ def resolve_data_files(data_files, key: str = "dataset.data_files") -> list[Path
     if not specs:
         raise ValueError(f"{key} is empty: give a .jsonl file, a glob or a directory")
     files: list[Path] = []
+    reached: dict[tuple[int, int], tuple[str, Path]] = {}
     for spec in specs:
         spec = str(spec)
         if os.path.isdir(spec):
             found = sorted(Path(spec).glob("*.jsonl"))
+            for p in found:
+                if not p.is_file():
+                    what = "a folder" if p.is_dir() else "a broken link" if p.is_symlink() else "not a regular file"
+                    raise ValueError(f"{key}: {p} is {what}; remove it or rename it so that it does not end in .jsonl")
+            nested = sorted(Path(spec).glob("*/**/*.jsonl"))
             if not found:
                 packed = sorted(p.name for p in Path(spec).glob("*.jsonl.*"))
-                hint = f" (found {packed[0]}: decompress it; gdt_tune reads plain JSONL)" if packed else ""
+                hint = (f" (found {packed[0]}: decompress it; gdt_tune reads plain JSONL)" if packed else
+                        f" at its top (found {nested[0]}: point {key} at that folder)" if nested else "")
                 raise ValueError(f"{key}: directory {spec} holds no *.jsonl files{hint}")
+            if nested:
+                raise ValueError(f"{key}: directory {spec} also has .jsonl files in subfolders ({nested[0]}), which "
+                                 f"would not be read; move them up, list their folders too, or give the glob "
+                                 f"{os.path.join(spec, '*.jsonl')} to read only the top")
         elif os.path.isfile(spec):
             found = [Path(spec)]
         else:
@@ -57,6 +68,12 @@ def resolve_data_files(data_files, key: str = "dataset.data_files") -> list[Path
             if packed:
                 raise ValueError(f"{path}: the file is {packed}-compressed; decompress it (gdt_tune reads plain "
                                  "JSONL, one sample per line)")
+        for path in found:  # a file reached twice (listed twice, through a folder and by name, a link)
+            st = path.stat()
+            first = reached.setdefault((st.st_dev, st.st_ino), (spec, path))
+            if first[1] is not path:
+                how = "listed twice" if first[0] == spec else f"reached twice (through {first[0]} and {spec})"
+                raise ValueError(f"{key}: the file {path} is {how}; give each file once")
         files += found
     return files
 

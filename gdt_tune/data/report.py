@@ -9,6 +9,7 @@ in 32 MB pieces by all CPUs; memory grows with patients, not samples.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -36,6 +37,9 @@ def splits_of(data: list[str]) -> dict[str, list[Path]]:
     out: dict[str, list[Path]] = {}
     for spec in data:
         sub = [Path(spec) / s for s in ("train", "validation", "test") if (Path(spec) / s).is_dir()]
+        for empty in (s for s in sub if not any(s.glob("*.jsonl"))):
+            print(f"note: --data {spec}: {empty} holds no *.jsonl files; it is left out of the report",
+                  file=sys.stderr)
         named = [(s.name if len(data) == 1 else f"{spec.rstrip('/')}/{s.name}", str(s))
                  for s in sub if any(s.glob("*.jsonl"))] if sub else [(spec.rstrip("/") or spec, spec)]
         for name, files in named:

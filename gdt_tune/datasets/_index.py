@@ -21,9 +21,7 @@ from gdt_tune.data.records import default_index_workers, lot_of, map_chunks, pat
 
 log = logging.getLogger("gdt_tune")
 
-INDEX_VERSION = 4  # 3: patient ids and LoT dates stored as keyed hashes; 4: content digest
-#: Bytes of a file read for its content digest: all of a small file, evenly spaced blocks of a big one.
-SAMPLE_BYTES, SAMPLE_BLOCKS = 4 * 2**20, 256
+INDEX_VERSION = 5  # 3: patient ids and LoT dates stored as keyed hashes; 5: stat stamp (ctime, inode)
 
 
 _PROBE = "Probe: hemoglobin - 718-7 is 12.5,\n\tdrug X is administered. ÄÖü 123456 <|eot_id|>\n\n"
@@ -44,34 +42,37 @@ class FileIndex:
     patients: np.ndarray  # str
     lots: np.ndarray  # str
 
-    def save(self, path: Path, content: str) -> None:
-        """``content``: :func:`content_digest` of the file as it was indexed."""
+    def save(self, path: Path, stamp: str) -> None:
+        """``stamp``: :func:`file_stamp` of the file as it was indexed. An index that does not fit its
+        file is never written (see :meth:`fits`)."""
+        if not self.fits(int(stamp.split("|")[0])):
+            raise RuntimeError(f"internal error: the index of {path.name} does not fit its file; not cached")
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, content=np.asarray(content), **{f.name: getattr(self, f.name) for f in fields(self)})
+        np.savez(tmp, stamp=np.asarray(stamp), **{f.name: getattr(self, f.name) for f in fields(self)})
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> tuple[FileIndex, str]:
-        with np.load(path, allow_pickle=False) as z:
-            return cls(**{f.name: z[f.name] for f in fields(cls)}), str(z["content"])
+        """(index, stamp); ``(None, "")`` for an unreadable entry (it is rebuilt)."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return cls(**{f.name: z[f.name] for f in fields(cls)}), str(z["stamp"])
+        except (OSError, ValueError, KeyError, EOFError):
+            return None, ""
+
+    def fits(self, size: int) -> bool:
+        """Each line once, in file order, inside a file of ``size`` bytes: a file indexed twice, or
+        an index of another file, does not fit."""
+        ends = self.offsets + self.lengths
+        return bool(np.all(self.offsets[1:] >= ends[:-1]) and (len(ends) == 0 or ends[-1] <= size))
 
 
-def content_digest(path: Path) -> str:
-    """BLAKE2b of the whole file up to ``SAMPLE_BYTES``; of a bigger file, of ``SAMPLE_BLOCKS``
-    evenly spaced blocks (first and last included). Catches edits that keep the size and the
-    modification time (``cp -p``, ``rsync -t``) in small files always, in big ones when they touch
-    a sampled block; 4 MiB read per file on every start."""
-    size = path.stat().st_size
-    h = hashlib.blake2b(str(size).encode(), digest_size=16)
-    with open(path, "rb") as f:
-        if size <= SAMPLE_BYTES:
-            h.update(f.read())
-        else:
-            block = SAMPLE_BYTES // SAMPLE_BLOCKS
-            for i in range(SAMPLE_BLOCKS):
-                f.seek((size - block) * i // (SAMPLE_BLOCKS - 1))
-                h.update(f.read(block))
-    return h.hexdigest()
+def file_stamp(path: Path) -> str:
+    """What an edit of ``path`` cannot keep: size, modification time, and the inode and its change
+    time (ctime: set by the kernel on every write and on every ``touch``/``utime``, never by a user),
+    as git's index does. One ``stat`` call, whatever the file's size."""
+    st = path.stat()
+    return f"{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
 
 
 def sample_digest(record: dict) -> int:
@@ -177,27 +178,25 @@ def index_files(files: list[Path], layout: Layout, max_seq_len: int, truncation:
     key = id_key(cache_dir)
     settings = (f"v{INDEX_VERSION}|{tokenizer_fingerprint(layout)}|{max_seq_len}|{truncation}|{with_lot}|"
                 f"{key_fingerprint(key)}")
-    cached = []
-    for path in files:
-        st = path.stat()
-        name = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{settings}".encode()).hexdigest()
-        cached.append(cache_dir / f"{path.stem[:40]}-{name[:24]}.npz")
-    if not build:  # the node's builder has checked and written every index
-        missing = [path for path, c in zip(files, cached) if not c.exists()]
-        if missing:
-            raise ValueError(f"dataset.cache_dir: no index of {missing[0]} in {cache_dir} after the node's first rank "
-                             "built it; give every rank of a node the same cache_dir (a node-local or shared folder)")
-        return [FileIndex.load(c)[0] for c in cached]
+    # one entry per (file, settings), replaced when the file changes; trusted only when its stamp is
+    # the file's now and it fits the file
+    cached = [cache_dir / f"{path.stem[:40]}-{hashlib.sha256(f'{path.resolve()}|{settings}'.encode()).hexdigest()[:24]}.npz"
+              for path in files]
+    stamps = {path: file_stamp(path) for path in files}
     indexes: dict[Path, FileIndex] = {}
-    contents = {path: content_digest(path) for path in files}
     for path, c in zip(files, cached):
-        if c.exists():
-            index, content = FileIndex.load(c)
-            if content == contents[path]:
-                indexes[path] = index
-            else:
-                log.warning("%s: changed since it was indexed (same size and modification time); indexing it again",
-                            path)
+        index, stamp = FileIndex.load(c) if c.exists() else (None, "")
+        if index is not None and stamp == stamps[path] and index.fits(path.stat().st_size):
+            indexes[path] = index
+        elif index is not None and build:
+            log.warning("%s: changed since it was indexed; indexing it again", path)
+    if not build:  # the node's builder has checked and written every index
+        missing = [path for path in files if path not in indexes]
+        if missing:
+            raise ValueError(f"dataset.cache_dir: no current index of {missing[0]} in {cache_dir} after the node's "
+                             "first rank built it; give every rank of a node the same cache_dir (a node-local or "
+                             "shared folder), and do not edit the data while a run starts")
+        return [indexes[path] for path in files]
     todo = [(path, c) for path, c in zip(files, cached) if path not in indexes]
     if todo:
         built = _build([p for p, _ in todo], (layout, max_seq_len, truncation, with_lot, key),
@@ -205,7 +204,7 @@ def index_files(files: list[Path], layout: Layout, max_seq_len: int, truncation:
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
             for (path, c), index in zip(todo, built):
-                index.save(c, contents[path])
+                index.save(c, stamps[path])
                 indexes[path] = index
         except OSError as e:
             raise ValueError(f"dataset.cache_dir: cannot write the index cache in {cache_dir} ({e.strerror}); "

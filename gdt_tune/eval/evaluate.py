@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import tempfile
 from collections import Counter
@@ -247,15 +248,32 @@ def parsed_forecast(text: str) -> dict | None:
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+def check_output_folder(out: Path) -> None:
+    """``--out`` must be a folder this process can write (checked before any work)."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if existing == out and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot create or write it ({existing} is not a writable folder); give another")
+
+
 def evaluate(checkpoint, data, out, cfg=None, max_samples=None, train_data=None, samples=3, batch_size=4,
              device=None, dtype=None, seed=0) -> dict:
     """``dtype``: bf16 or fp32 (default: bf16 on CUDA, fp32 on CPU)."""
     torch.manual_seed(seed)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device; give cuda, cuda:N or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is visible here; give --device cpu or run on a GPU node")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"--device {device}: expected cuda, cuda:N or cpu")
     if dtype not in (None, *DTYPES):
         raise ValueError(f"--dtype {dtype}: expected bf16 or fp32")
     dtype = DTYPES[dtype or ("bf16" if device.type == "cuda" else "fp32")]
     checkpoint, out = Path(checkpoint), Path(out)
+    check_output_folder(out)
     model, tokenizer, prompt = load_model_and_tokenizer(checkpoint, cfg, device, dtype)
     layout = Layout.build(tokenizer, prompt)
     records = read_samples(data, max_samples)

@@ -29,7 +29,7 @@ from torchtune import config, training
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 from tqdm import tqdm
 
-from gdt_tune.coordination import FailedElsewhere, rank_zero_first
+from gdt_tune.coordination import FailedElsewhere, rank_zero_first, report_error
 from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT
 from gdt_tune.datasets import PatientDataset, dropped_by_cap
 from gdt_tune.export import write_serving_files
@@ -207,10 +207,12 @@ class FullFinetuneRecipe:
             progress=self._progress, rank=self._rank,
             run_info=partial(_run_record, contract, self._progress), run_id=identity["run_id"])
         self._ckpt.load(resume)
+        self._ckpt.refuse_foreign_steps(self._progress.global_step + 1,
+                                        self._progress.global_step + self._steps_left(self._progress))
         if resume is not None:
             if saved_run is None:  # a checkpoint without a run record: same world size (checked), same batch
                 self._progress.samples_in_epoch = self._progress.step_in_epoch * self._global_batch
-            self._apply_learning_rate()
+            self._apply_learning_rate(saved_run)
             for line in resume_warnings:
                 if self._is_rank_zero:
                     log.warning(line)
@@ -256,7 +258,16 @@ class FullFinetuneRecipe:
                 "truncation": ds.get("truncation", "gdt"), "splits_per_patient_therapy": ds.get("splits_per_patient_therapy"),
                 "world_size": self._world, "gradient_accumulation_steps": self._accum, "batch_size": self._batch_size,
                 "global_batch": self._global_batch, "lr": float(cfg.optimizer.get("lr", 0.0)),
-                "save_every_n_steps": self._ckpt_cfg.save_every_n_steps}
+                "save_every_n_steps": self._ckpt_cfg.save_every_n_steps, "lr_schedule": self._lr_schedule()}
+
+    def _lr_schedule(self) -> str | None:
+        """The LR schedule's shape (its component block and length in steps), or None for a
+        constant rate: a resume that would stretch or change it is refused (``training/resume.py``)."""
+        if not has_component(self._cfg, "lr_scheduler"):
+            return None
+        block = OmegaConf.to_container(self._cfg.lr_scheduler, resolve=True)
+        steps = self._steps_per_epoch * self._train_cfg.epochs
+        return f"{', '.join(f'{k}={v}' for k, v in sorted(block.items()))}, {steps} steps"
 
     def _check_resume(self, path, saved_world: int | None, saved_run: dict | None, contract: dict) -> list[str]:
         """Refuse a resume that would silently change the run; the warnings for allowed changes."""
@@ -269,16 +280,20 @@ class FullFinetuneRecipe:
             return []
         return compare(saved_run, contract, path)
 
-    def _apply_learning_rate(self) -> None:
-        """The optimizer state brings back the saved learning rate; use the config's (a changed
-        ``optimizer.lr`` is allowed on resume, with a warning)."""
-        lr = self._cfg.optimizer.get("lr")
-        if lr is None:
+    def _apply_learning_rate(self, saved_run: dict | None) -> None:
+        """The optimizer and scheduler states bring back the saved (scheduled) learning rate bit for
+        bit. A changed ``optimizer.lr`` (allowed on resume, with a warning) replaces the base rate:
+        a constant rate becomes it, a scheduled one is scaled by new / saved from this step on."""
+        lr, saved = self._cfg.optimizer.get("lr"), (saved_run or {}).get("lr")
+        if lr is None or saved is None or float(lr) == float(saved):
             return
+        ratio = float(lr) / float(saved)
+        scheduler = self._lr_scheduler
         for group in self._optimizer.param_groups:
-            group["lr"] = float(lr)
-        if self._lr_scheduler is not None and hasattr(self._lr_scheduler, "base_lrs"):
-            self._lr_scheduler.base_lrs = [float(lr)] * len(self._lr_scheduler.base_lrs)
+            group["lr"] = float(lr) if scheduler is None else group["lr"] * ratio
+        if scheduler is not None and hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [float(lr)] * len(scheduler.base_lrs)
+            scheduler._last_lr = [g["lr"] for g in self._optimizer.param_groups]
 
     def _setup_profiler(self, cfg_profiler: DictConfig | None):
         """torchtune's profiler (``torchtune.training.setup_torch_profiler``), traces in
@@ -614,7 +629,7 @@ def recipe_main(cfg: DictConfig) -> None:
         if recipe.interrupted:
             raise SystemExit(130)
     except (ValueError, SaveFailed) as e:  # bad config or data, a failed save: one line with the fix
-        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        report_error(f"error: {one_line(e)}")
         raise SystemExit(1) from None
     except FailedElsewhere:  # another rank failed and printed why
         raise SystemExit(1) from None

@@ -14,6 +14,7 @@ YAML::
     save_every_n_steps: 5000        # null: no interim checkpoints
     keep_last_n_checkpoints: 4      # >= 2 with async_checkpointing
     async_checkpointing: true       # training blocks only while the state is staged
+    checkpoint_timeout_minutes: 10  # a rank that waits longer for the others fails with one line
     resume_from_checkpoint: false   # true: newest usable step_N in output_dir; or a step_N path
 
 A ``step_N`` folder is a torch.distributed.checkpoint (each rank writes its own shards) of the
@@ -27,6 +28,7 @@ future) finished, and DCP writes ``.metadata`` only after every rank's shards ar
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import queue
 import random
@@ -213,6 +215,10 @@ def find_resume(output_dir, resume, rank: int, run_id: str | None = None) -> Pat
         return None
     if resume is not True:
         path = Path(resume)
+        if (path / "config.json").is_file() and not (path / METADATA).exists():
+            raise ValueError(f"config key 'resume_from_checkpoint': {path} is a final Hugging Face checkpoint "
+                             "(epoch_N), which holds no optimizer state or data position; pass a step_N folder, "
+                             "or fine-tune from it in a new run with checkpointer.checkpoint_dir=" + str(path))
         problem = checkpoint_problem(path) if path.is_dir() else "not a folder"
         if problem:
             raise ValueError(f"config key 'resume_from_checkpoint': {path} is not usable ({problem}); "
@@ -341,8 +347,16 @@ def _save_failed(path: Path, error: BaseException) -> SaveFailed:
         cause = next(iter(failures.values()))
         cause = cause[0] if isinstance(cause, tuple) else cause  # (exception, traceback summary)
     text = (str(cause).strip().splitlines() or [""])[0][:200]
+    if _timed_out(cause):
+        return SaveFailed(f"checkpoint: saving {path} timed out in a DCP collective on the checkpoint save group "
+                          f"({type(cause).__name__}: {text}); another rank stopped or hung: read its log, then "
+                          "resume (raise checkpoint_timeout_minutes for a slow file system)")
     return SaveFailed(f"checkpoint: saving {path} failed ({type(cause).__name__}: {text}); "
                       "earlier checkpoints are intact; free disk space or fix permissions, then resume")
+
+
+def _timed_out(error: BaseException) -> bool:
+    return "timed out" in str(error).lower() or "timeout" in str(error).lower()
 
 
 # ------------------------------------------------------------------ manager
@@ -351,7 +365,8 @@ class CheckpointManager:
 
     def __init__(self, output_dir, *, model, optimizer, lr_scheduler, progress: Progress, rank: int,
                  save_every_n_steps: int | None = None, keep_last_n_checkpoints: int = 2,
-                 async_checkpointing: bool = False, run_info=None, run_id: str = ""):
+                 async_checkpointing: bool = False, run_info=None, run_id: str = "",
+                 timeout: dt.timedelta = dt.timedelta(minutes=10)):
         self.output_dir = Path(output_dir)
         self.every, self.keep = save_every_n_steps, keep_last_n_checkpoints
         self.async_save = async_checkpointing
@@ -360,8 +375,14 @@ class CheckpointManager:
         self.run_id = run_id  # written in each COMPLETE marker: pruning and resume skip other runs
         self._state = {MODEL_OPTIM_KEY: _ModelOptimState(model, optimizer), LR_KEY: _Scheduler(lr_scheduler),
                        PROGRESS_KEY: progress}
-        # Async saves get their own gloo group: sharing the training group crashes gloo.
-        self._pg = dist.new_group(backend="gloo")
+        # Two gloo groups of our own (docs/architecture.md, "Process groups"). Collectives on one group
+        # must be issued in the same order on every rank, and an async save issues its collectives from
+        # a background thread: so DCP alone uses the save group, and what the training thread issues
+        # between saves (the per-step signal flags, the barrier before a save) uses the control group.
+        # Sharing one group let the two threads interleave differently on two ranks: a deadlock.
+        self.timeout = timeout
+        self._save_pg = dist.new_group(backend="gloo", timeout=timeout)
+        self._control_pg = dist.new_group(backend="gloo", timeout=timeout)
         self._in_flight: tuple[object, Path] | None = None
         self._remover = FolderRemover()
         self._last_saved = -1
@@ -375,7 +396,8 @@ class CheckpointManager:
         """From the typed ``gdt_tune.training.config.Checkpoints`` (checked at recipe start)."""
         return cls(checkpoints.output_dir, save_every_n_steps=checkpoints.save_every_n_steps,
                    keep_last_n_checkpoints=checkpoints.keep_last_n_checkpoints,
-                   async_checkpointing=checkpoints.async_checkpointing, **kwargs)
+                   async_checkpointing=checkpoints.async_checkpointing,
+                   timeout=dt.timedelta(minutes=checkpoints.checkpoint_timeout_minutes), **kwargs)
 
     def _on_signal(self, signum, frame) -> None:
         self._signals[int(signum == signal.SIGINT)] = 1
@@ -391,7 +413,7 @@ class CheckpointManager:
         check_model_shapes(path, self._state[MODEL_OPTIM_KEY].state_dict()["model"])
         world = dist.get_world_size()
         saved_world, run = read_run(path)
-        dcp.load(self._state, checkpoint_id=str(path), process_group=self._pg)
+        dcp.load(self._state, checkpoint_id=str(path), process_group=self._save_pg)
         p = self.progress
         if saved_world == world:
             set_rng_state(torch.load(path / f"rank_{self.rank}.pt", weights_only=False)["rng"])
@@ -414,7 +436,7 @@ class CheckpointManager:
         """Called after every optimizer step. Saves on the interval, and on SIGTERM or SIGINT (seen
         by any rank), after which ``stop_requested`` is set. Returns whether a save was started."""
         flags = self._signals.clone()
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._pg)
+        self._control("the per-step signal all-reduce", dist.all_reduce, flags, op=dist.ReduceOp.MAX)
         if flags.any():
             self.stop_requested = True
             self.stop_signal = "SIGINT" if flags[1] else "SIGTERM"
@@ -427,29 +449,61 @@ class CheckpointManager:
                         self.stop_signal, step)
         return True
 
+    def _control(self, what: str, collective, *args, **kwargs) -> None:
+        """A collective of the training thread, on the control group: a rank that does not join
+        within ``timeout`` is one line naming the collective, not a 30-minute hang."""
+        try:
+            collective(*args, group=self._control_pg, **kwargs)
+        except RuntimeError as e:  # gloo's timeout or a peer that died (DistBackendError)
+            text = (str(e).strip().splitlines() or [""])[0][:200]
+            raise SaveFailed(f"checkpoint: {what} on the checkpoint control group failed after up to "
+                             f"{self.timeout} ({type(e).__name__}: {text}); another rank stopped or hung: read its "
+                             "log, then resume with resume_from_checkpoint=true") from None
+
     def _write(self, step: int, wait: bool) -> None:
         self._wait_in_flight()
         path = self.output_dir / f"step_{step}"
+        if (problem := self._foreign(path)) is not None:
+            raise SaveFailed(f"checkpoint: {problem}")
         try:
             if self.rank == 0 and path.exists():  # a stale incomplete folder from a crash
                 shutil.rmtree(path)
-            dist.barrier(group=self._pg)
+            self._control("the barrier before a save", dist.barrier)
             path.mkdir(parents=True, exist_ok=True)
             record = {"rng": rng_state(), "world_size": dist.get_world_size()}
             if self.rank == 0 and self._run_info is not None:
                 record["run"] = self._run_info()
             torch.save(record, path / f"rank_{self.rank}.pt")
             if self.async_save:
-                future = dcp.async_save(self._state, checkpoint_id=str(path), process_group=self._pg)
+                future = dcp.async_save(self._state, checkpoint_id=str(path), process_group=self._save_pg)
                 self._in_flight = (future, path)
             else:
-                dcp.save(self._state, checkpoint_id=str(path), process_group=self._pg)
+                dcp.save(self._state, checkpoint_id=str(path), process_group=self._save_pg)
                 self._complete(path)
+        except SaveFailed:
+            raise
         except (Exception, CheckpointException) as e:
             raise _save_failed(path, e) from None
         self._last_saved = step
         if wait:
             self._wait_in_flight()
+
+    def _foreign(self, path: Path) -> str | None:
+        """Why this run may not write ``path``: a complete checkpoint of another run, which is
+        neither resumed nor deleted (docs/reliability.md)."""
+        owner = run_of(path) if is_complete(path) else None
+        if owner in (None, "", self.run_id):
+            return None
+        return (f"{path} is a complete checkpoint of another run ({owner}) and this run would save its step "
+                f"there; move it out of {self.output_dir} (it is neither resumed nor deleted) or use another "
+                "output_dir")
+
+    def refuse_foreign_steps(self, first: int, last: int) -> None:
+        """At start: ValueError when a step this run will save (``first``..``last``, on the
+        interval) is the folder of another run's complete checkpoint."""
+        for step, path, _ in list_checkpoints(self.output_dir):
+            if first <= step <= last and should_save(step, self.every) and (problem := self._foreign(path)):
+                raise ValueError(f"output_dir: {problem}")
 
     def _complete(self, path: Path) -> None:
         if self.rank == 0:

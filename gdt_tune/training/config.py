@@ -112,6 +112,9 @@ class Checkpoints:
     async_checkpointing: bool = flag(False, "write checkpoints in the background (training blocks while staging)")
     overwrite_output_dir: bool = flag(False, "start fresh in an output_dir holding another run: its files move to "
                                              "output_dir/previous-<run id>/ (never deleted)")
+    checkpoint_timeout_minutes: float = anything(
+        10, "how long a rank waits for the others in a checkpoint collective before failing with one line",
+        lambda v: _is_number(v) and v > 0, "a number of minutes > 0 (raise it for a slow file system)")
     resume_from_checkpoint: bool | str = anything(
         False, "true: the newest usable step_N in output_dir; a path: that step_N; false: start fresh",
         lambda v: isinstance(v, (bool, str)), "true, false or a step_N path")

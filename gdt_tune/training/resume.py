@@ -6,8 +6,10 @@ position in the data, counted in samples of the epoch's global order. On resume:
 
 - refused, with one line naming the key, both values and the fix: ``seed``, ``shuffle``, the
   dataset (files, sizes, modification times, samples after selection), ``dataset.max_seq_len``,
-  ``dataset.truncation``, ``dataset.splits_per_patient_therapy`` (and the model shape, checked
-  against the weights by ``checkpointing.check_model_shapes``);
+  ``dataset.truncation``, ``dataset.splits_per_patient_therapy``, the LR schedule when there is
+  one (``lr_scheduler`` and its length in steps: ``epochs``, ``max_steps_per_epoch`` and the global
+  batch may not change then) (and the model shape, checked against the weights by
+  ``checkpointing.check_model_shapes``);
 - allowed with a one-line warning: the world size (the sharded state is resharded),
   ``gradient_accumulation_steps``, ``batch_size`` and so the global batch, ``optimizer.lr`` (applied
   from the resumed step on) and ``save_every_n_steps``.
@@ -32,6 +34,9 @@ REFUSED = {
                                    "set dataset.splits_per_patient_therapy={saved}"),
     "dataset": ("the training data (files, sizes, modification times)", "restore the data it was trained on"),
     "samples": ("the number of training samples after selection", "restore the data and selection it was trained on"),
+    "lr_schedule": ("the LR schedule (lr_scheduler; its length: epochs x steps per epoch, which max_steps_per_epoch "
+                    "and the global batch set)", "keep lr_scheduler, epochs, max_steps_per_epoch and the global batch "
+                    "as they were"),
 }
 WARNED = {
     "world_size": "ranks",

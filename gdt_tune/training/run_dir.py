@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import uuid
 from pathlib import Path
@@ -36,6 +37,9 @@ log = logging.getLogger("gdt_tune")
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
 PREVIOUS_PREFIX = "previous-"
+#: What a run writes in output_dir (all that ``overwrite_output_dir`` moves aside; data, models and
+#: anything else of the user's stay where they are).
+RUN_OUTPUT = re.compile(r"^(run\.json|step_\d+|epoch_\d+|logs|profiling|recipe_state|wandb|\.deleting-.*)$")
 
 
 def _now() -> str:
@@ -134,10 +138,11 @@ def claim(output_dir, *, resuming: str | None, overwrite: bool, config_text: str
     if previous:
         aside = output_dir / f"{PREVIOUS_PREFIX}{identity['run_id'] if identity else 'run'}-{uuid.uuid4().hex[:6]}"
         aside.mkdir()
-        for name in os.listdir(output_dir):
-            if name not in (LOCK_FILE, aside.name) and not name.startswith(PREVIOUS_PREFIX):
+        for name in sorted(os.listdir(output_dir)):
+            if RUN_OUTPUT.match(name):
                 os.rename(output_dir / name, aside / name)
-        log.warning("output_dir: overwrite_output_dir=true moved the earlier run's files to %s", aside)
+        log.warning("output_dir: overwrite_output_dir=true moved the earlier run's files to %s (other files stay)",
+                    aside)
     identity = {"run_id": uuid.uuid4().hex[:12], "config_hash": config_hash(config_text), "started": _now()}
     _write(output_dir, identity)
     return identity
