@@ -7,7 +7,11 @@ the user sees short:
   out of the terminal (they are in the log); a rank's unexpected traceback is shown;
 - Ctrl-C and SIGTERM reach the ranks, which save the current step and stop; the launcher then
   exits 130 after Ctrl-C, 0 after SIGTERM once the step was saved (Slurm requeues it), without a
-  traceback of its own.
+  traceback of its own;
+- torchrun writes into the log files, which the launcher follows: a closed terminal (SIGHUP) or a
+  ``kill -9`` of the launcher never breaks the ranks' output. The ranks watch the launcher
+  (``GDT_LAUNCHER_PID``) and save and stop when it is gone, as on SIGTERM; a SIGHUP reaches them
+  too and does the same.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from pathlib import Path
 
 _TORCHRUN = re.compile(r"torch/distributed/(elastic|run\.py|launcher)|torch\.distributed\.elastic")
 _TORCHRUN_LOG = re.compile(r"^[WEI]\d{4} .*(torch/distributed/elastic|torch\.distributed\.elastic)")
-_SAVED = re.compile(r"checkpoint: SIG(TERM|INT) received; saved step \d+")
+_SAVED = re.compile(r"checkpoint: SIG(TERM|INT|HUP) received; saved step \d+")
+#: How often a log file is read again while torchrun runs (progress bars stay smooth).
+POLL_SECONDS = 0.05
 
 
 class StderrFilter:
@@ -69,11 +75,20 @@ class StderrFilter:
         return self._end_traceback() if self._traceback else []
 
 
-def segments(fd: int):
-    """``(text, whole line)`` from a pipe as soon as it arrives: complete lines, and the
-    ``\r``-ended updates of a progress bar (which never end a line) so that the bar moves."""
+def segments(fd: int, running=None):
+    """``(text, whole line)`` from a pipe or a growing file as soon as it arrives: complete lines,
+    and the ``\r``-ended updates of a progress bar (which never end a line) so that the bar moves.
+    ``running()``: whether the writer may still write (a file at its end is read again until not)."""
     pending = b""
-    while chunk := os.read(fd, 65536):
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            if running is None or not running():
+                if not (chunk := os.read(fd, 65536)):  # what was written just before the writer ended
+                    break
+            else:
+                time.sleep(POLL_SECONDS)
+                continue
         pending += chunk
         *lines, pending = pending.split(b"\n")
         for line in lines:
@@ -91,54 +106,70 @@ def log_path() -> Path:
     return folder / f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
+class Terminal:
+    """Writes to the terminal until it is gone (a closed terminal: EIO, a dead pipe: EPIPE)."""
+
+    def __init__(self) -> None:
+        self.gone = False
+
+    def write(self, stream, text: str) -> None:
+        if self.gone:
+            return
+        try:
+            stream.write(text)
+            stream.flush()
+        except OSError:
+            self.gone = True
+
+
 def run_training(cmd: list[str], env: dict) -> int:
     """Run ``cmd`` (torchrun), filtering its stderr as described above; returns the exit code."""
     path = log_path()
-    print("+ " + " ".join(cmd), flush=True)
+    terminal = Terminal()
+    terminal.write(sys.stdout, "+ " + " ".join(cmd) + "\n")
     received: list[int] = []
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with open(path, "wb") as err, open(path.with_suffix(".out"), "wb") as out:
+        proc = subprocess.Popen(cmd, env=dict(env, GDT_LAUNCHER_PID=str(os.getpid())), stdout=out, stderr=err)
     shown = StderrFilter()
+    running = lambda: proc.poll() is None  # noqa: E731
 
     def pass_stdout() -> None:  # unchanged, but watched for the ranks' "saved step N" on a signal
-        for text, _ in segments(proc.stdout.fileno()):
-            shown.saved_on_signal |= bool(_SAVED.search(text))
-            sys.stdout.write(text)
-            sys.stdout.flush()
+        with open(path.with_suffix(".out"), "rb") as f:
+            for text, _ in segments(f.fileno(), running):
+                shown.saved_on_signal |= bool(_SAVED.search(text))
+                terminal.write(sys.stdout, text)
 
     stdout = threading.Thread(target=pass_stdout, daemon=True)
     stdout.start()
 
-    def forward(signum, frame):  # the terminal sends Ctrl-C to the whole group; Slurm may signal only us
+    def forward(signum, frame):  # the terminal signals the whole group; Slurm may signal only us
         received.append(signum)
         if signum == signal.SIGTERM:
             proc.send_signal(signum)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        with open(path, "w") as log:
-            for text, whole_line in segments(proc.stderr.fileno()):
-                log.write(text)
-                log.flush()
-                for out in (shown.feed(text) if whole_line else shown.feed_partial(text)):
-                    sys.stderr.write(out)
-                sys.stderr.flush()
-            for out in shown.flush():
-                sys.stderr.write(out)
+        with open(path, "rb") as log:
+            for text, whole_line in segments(log.fileno(), running):
+                for line in (shown.feed(text) if whole_line else shown.feed_partial(text)):
+                    terminal.write(sys.stderr, line)
+            for line in shown.flush():
+                terminal.write(sys.stderr, line)
         rc = proc.wait()
         stdout.join()
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-    sys.stderr.flush()
     if signal.SIGINT in received:
-        print(f"stopped by Ctrl-C{' after saving the current step' if shown.saved_on_signal else ''}; "
-              f"full log: {path}", file=sys.stderr)
+        terminal.write(sys.stderr, f"stopped by Ctrl-C{' after saving the current step' if shown.saved_on_signal else ''}"
+                                   f"; full log: {path}\n")
         return 130
-    if signal.SIGTERM in received and shown.saved_on_signal:
-        print(f"stopped by SIGTERM after saving the current step; resume with resume_from_checkpoint=true; "
-              f"full log: {path}", file=sys.stderr)
+    if (signal.SIGTERM in received or signal.SIGHUP in received) and shown.saved_on_signal:
+        name = "SIGTERM" if signal.SIGTERM in received else "SIGHUP"
+        terminal.write(sys.stderr, f"stopped by {name} after saving the current step; resume with "
+                                   f"resume_from_checkpoint=true; full log: {path}\n")
         return 0
     if rc != 0:
         first = shown.errors[0] if shown.errors else f"error: training failed (exit code {rc})"
-        print(f"{first}\nfull log: {path}", file=sys.stderr)
+        terminal.write(sys.stderr, f"{first}\nfull log: {path}\n")
     return rc

@@ -76,13 +76,14 @@ def test_data_error_is_one_line_with_the_log_path(demo_dir, tmp_path):
 
 
 @pytest.mark.parametrize("how, code, said", [("ctrl-c", 130, "stopped by Ctrl-C after saving the current step"),
-                                             ("sigterm", 0, "stopped by SIGTERM after saving the current step")])
+                                             ("sigterm", 0, "stopped by SIGTERM after saving the current step"),
+                                             ("sighup", 0, "stopped by SIGHUP after saving the current step")])
 def test_ctrl_c_or_sigterm_saves_the_current_step_and_ends_cleanly(demo_dir, tmp_path, how, code, said):
     out = tmp_path / "out"
     proc = _train(out, demo_dir, "max_steps_per_epoch=400", "save_every_n_steps=null")
     _wait_for_steps(out, proc)
-    if how == "ctrl-c":
-        os.killpg(proc.pid, signal.SIGINT)  # the terminal signals the whole foreground group
+    if how in ("ctrl-c", "sighup"):  # the terminal signals the whole foreground group (closed: SIGHUP)
+        os.killpg(proc.pid, signal.SIGINT if how == "ctrl-c" else signal.SIGHUP)
     else:
         os.kill(proc.pid, signal.SIGTERM)  # Slurm may signal the launcher only
     _, err = proc.communicate(timeout=120)
@@ -114,6 +115,28 @@ def test_ranks_stop_when_their_launcher_is_killed(demo_dir, tmp_path):
         time.sleep(0.2)
     saved = list(out.glob("step_*"))
     assert len(saved) == 1 and (saved[0] / "COMPLETE").is_file()
+
+
+def test_kill_9_of_gdt_tune_saves_the_current_step_like_sigterm(demo_dir, tmp_path):
+    """torchrun writes into the log files, not into a pipe to the launcher: its ranks never hit a
+    broken pipe, see the launcher gone (GDT_LAUNCHER_PID), save and exit."""
+    out = tmp_path / "out"
+    proc = _train(out, demo_dir, "max_steps_per_epoch=400", "save_every_n_steps=null")
+    _wait_for_steps(out, proc)
+    torchrun = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(torchrun) == 1
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 90
+    while os.path.exists(f"/proc/{torchrun[0]}"):
+        assert time.time() < deadline, "torchrun and its ranks still running after gdt-tune was killed"
+        time.sleep(0.2)
+    saved = list(out.glob("step_*"))
+    assert len(saved) == 1 and (saved[0] / "COMPLETE").is_file()
+    assert int(saved[0].name.split("_")[1]) == max(logged(out)) >= 3
+    log = next((tmp_path / "launcher-logs").glob("train-*.log"))
+    said = log.read_text() + log.with_suffix(".out").read_text()
+    assert "BrokenPipeError" not in said and "is gone; stopping" in said and "SIGTERM received; saved step" in said
 
 
 def test_progress_bars_pass_through_as_they_update():

@@ -136,3 +136,22 @@ def test_an_error_of_every_rank_is_printed_once(demo_dir, tmp_path):
         proc = run_recipe(demo_dir, tmp_path / "out", override, check=False)
         errors = [line for line in proc.stderr.splitlines() if "error:" in line and "error_file" not in line]
         assert proc.returncode != 0 and len(errors) == 1 and errors[0].startswith(words), proc.stderr[-3000:]
+
+
+def test_validation_samples_without_patient_ids_are_named_in_a_warning(demo_dir, tmp_path, caplog):
+    """Copies of training lines without meta.patientid cannot be caught by the overlap check: the
+    run says so instead of skipping it silently."""
+    import json
+    import logging
+
+    from recipe_utils import load_config, setup_in_process
+
+    lines = (demo_dir / "data" / "train" / "part-00000.jsonl").read_text().splitlines()[:5]
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({k: v for k, v in json.loads(x).items() if k != "meta"}) + "\n" for x in lines))
+    cfg = load_config(f"demo_dir={demo_dir}", f"output_dir={tmp_path / 'out'}", f"dataset_val.data_files={val}",
+                      "max_steps_per_epoch=1")
+    with caplog.at_level(logging.WARNING, logger="gdt_tune"):
+        setup_in_process(cfg)
+    assert ("dataset_val: 5 of 5 samples have no meta.patientid, so whether their patients also appear in the other "
+            "split cannot be checked") in caplog.text

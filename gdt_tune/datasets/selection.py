@@ -99,4 +99,6 @@ def select(rows: Rows, where: Callable[[int], str], *, patients: set[str] | None
         keep = selected
     kept = np.flatnonzero(keep)
     counts["samples"] = len(kept)
+    if no_id := int((rows.patient[kept] == "").sum()):  # their patient overlap cannot be checked
+        counts["no_patient_id"] = no_id
     return kept, dict(counts)

@@ -71,17 +71,34 @@ def one_line(error: BaseException) -> str:
     return " ".join(text.split("\n"))
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
 def watch_launcher(poll_seconds: float = 2.0) -> None:
-    """Under torchrun: when the launcher dies (``kill -9``, a lost node), stop like on SIGTERM
-    (save and exit) instead of training on as an orphan."""
+    """Under torchrun: when the launcher dies (torchrun, or the ``gdt-tune train`` process in
+    ``GDT_LAUNCHER_PID``: ``kill -9``, a lost node), stop like on SIGTERM (save and exit) instead of
+    training on as an orphan."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return
     parent = os.getppid()
+    launcher = int(os.environ.get("GDT_LAUNCHER_PID") or 0)
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == parent and (not launcher or _alive(launcher)):
             time.sleep(poll_seconds)
-        log.warning("launcher (pid %d) is gone; stopping", parent)
+        log.warning("launcher (pid %d) is gone; stopping", parent if os.getppid() != parent else launcher)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="gdt-launcher-watch", daemon=True).start()
@@ -323,6 +340,10 @@ class FullFinetuneRecipe:
         if self._train_ds.id_key_fingerprint != self._val_ds.id_key_fingerprint:
             raise ValueError("dataset.cache_dir and dataset_val.cache_dir hold different id-hashing keys, so the "
                              "train/validation patient overlap cannot be checked; give both the same cache_dir")
+        for key, ds in (("dataset", self._train_ds), ("dataset_val", self._val_ds)):
+            if (missing := ds.counts.get("no_patient_id", 0)) and self._is_rank_zero:
+                log.warning("%s: %d of %d samples have no meta.patientid, so whether their patients also appear in "
+                            "the other split cannot be checked; give every sample meta.patientid", key, missing, len(ds))
         shared = self._train_ds.patient_ids() & self._val_ds.patient_ids()
         if shared:
             first = min(shared)  # named by where it is, not by its id

@@ -1,5 +1,5 @@
 """Interim sharded checkpoints: ``${output_dir}/step_{N}/`` every N optimizer steps, the K newest
-kept, exact resume, SIGTERM-safe. The recipe uses it like this::
+kept, exact resume, safe on SIGTERM, Ctrl-C and SIGHUP. The recipe uses it like this::
 
     path = find_resume(cfg.output_dir, cfg.resume_from_checkpoint, rank)  # before building the model
     world, run = read_run(path)   # the run record (gdt_tune.training.resume): refuse or warn before loading
@@ -53,6 +53,9 @@ COMPLETE_MARKER = "COMPLETE"
 METADATA = ".metadata"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 DELETING_PREFIX = ".deleting-"  # a pruned folder on its way out: not a checkpoint any more
+#: Signals that save the current step and stop: Slurm/kill, Ctrl-C, a closed terminal (first seen wins
+#: the name; Ctrl-C's exit code is 130).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Keys of the DCP state dict.
 MODEL_OPTIM_KEY, LR_KEY, PROGRESS_KEY = "train_state", "lr_scheduler", "progress"
 
@@ -387,9 +390,9 @@ class CheckpointManager:
         self._remover = FolderRemover()
         self._last_saved = -1
         self.stop_requested = False
-        self.stop_signal: str | None = None  # "SIGTERM" or "SIGINT" (Ctrl-C) once stop_requested
-        self._signals = torch.zeros(2, dtype=torch.int64)  # [SIGTERM seen, SIGINT seen]
-        self._old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.stop_signal: str | None = None  # "SIGTERM", "SIGINT" (Ctrl-C) or "SIGHUP" once stop_requested
+        self._signals = torch.zeros(len(STOP_SIGNALS), dtype=torch.int64)  # seen, in STOP_SIGNALS order
+        self._old_handlers = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
 
     @classmethod
     def from_config(cls, checkpoints, **kwargs) -> CheckpointManager:
@@ -400,7 +403,7 @@ class CheckpointManager:
                    timeout=dt.timedelta(minutes=checkpoints.checkpoint_timeout_minutes), **kwargs)
 
     def _on_signal(self, signum, frame) -> None:
-        self._signals[int(signum == signal.SIGINT)] = 1
+        self._signals[STOP_SIGNALS.index(signum)] = 1
 
     # ---------------------------------------------------------- resume
     def load(self, path: Path | None) -> None:
@@ -433,13 +436,13 @@ class CheckpointManager:
 
     # ---------------------------------------------------------- save
     def save(self, step: int) -> bool:
-        """Called after every optimizer step. Saves on the interval, and on SIGTERM or SIGINT (seen
+        """Called after every optimizer step. Saves on the interval, and on SIGTERM, SIGINT or SIGHUP (seen
         by any rank), after which ``stop_requested`` is set. Returns whether a save was started."""
         flags = self._signals.clone()
         self._control("the per-step signal all-reduce", dist.all_reduce, flags, op=dist.ReduceOp.MAX)
         if flags.any():
             self.stop_requested = True
-            self.stop_signal = "SIGINT" if flags[1] else "SIGTERM"
+            self.stop_signal = next(s.name for s, seen in zip(STOP_SIGNALS, flags.tolist()) if seen)
         self._finish_if_done()
         if not (self.stop_requested or should_save(step, self.every)) or step == self._last_saved:
             return False
