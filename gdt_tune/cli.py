@@ -8,6 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from gdt_tune.data.layout import DEFAULT_MAX_SEQ_LEN
+
 PACKAGE = Path(__file__).resolve().parent
 CONFIGS = PACKAGE / "configs"  # shipped inside the package; configs/ in a checkout links here
 RECIPE = PACKAGE / "recipes" / "full_finetune_fsdp_ckpt.py"
@@ -224,20 +226,16 @@ def _evaluate(args) -> int:
 
 
 def _data_report(args) -> int:
-    from torchtune.models.llama3 import llama3_tokenizer
+    from gdt_tune.eval.data_report import data_report
+    from gdt_tune.prompting import load_tokenizer
 
-    from gdt_tune.data.report import data_report
-
-    tok = Path(args.tokenizer)
-    special = Path(args.special_tokens) if args.special_tokens else tok.with_name("special_tokens.json")
     try:
-        if not tok.is_file():
-            raise ValueError(f"--tokenizer {tok} is not a file; give the model's tokenizer.model")
+        if not Path(args.tokenizer).is_file():
+            raise ValueError(f"--tokenizer {args.tokenizer} is not a file; give the model's tokenizer.model")
         try:
-            tokenizer = llama3_tokenizer(str(tok), special_tokens_path=str(special) if special.is_file() else None)
-        except Exception as e:
-            raise ValueError(f"--tokenizer {tok} is not a tiktoken tokenizer.model ({type(e).__name__}); give the "
-                             "model's original/tokenizer.model") from None
+            tokenizer = load_tokenizer(args.tokenizer, args.special_tokens)
+        except ValueError as e:
+            raise ValueError(f"--tokenizer {e}") from None
         data_report(args.data, tokenizer, args.out, max_seq_len=args.max_seq_len)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -303,7 +301,7 @@ def main(argv=None) -> int:
                    "or a folder with train/validation/test")
     r.add_argument("--tokenizer", required=True, help="tokenizer.model of the model to train")
     r.add_argument("--special-tokens", help="special_tokens.json (default: beside the tokenizer, if there)")
-    r.add_argument("--max-seq-len", type=_at_least(16), default=8000)
+    r.add_argument("--max-seq-len", type=_at_least(16), default=DEFAULT_MAX_SEQ_LEN)
     r.add_argument("--out", default="data_report", help="output folder (default data_report)")
     r.set_defaults(func=_data_report)
     args = ap.parse_args(argv)

@@ -24,9 +24,9 @@ import torch
 from safetensors.torch import save_file
 from torchtune.models.convert_weights import tune_to_hf
 from torchtune.models.llama3 import llama3
-from torchtune.models.llama3._tokenizer import CL100K_PATTERN
 
 from gdt_tune.data.synthetic import write_cohort
+from gdt_tune.serving import PATTERN
 
 log = logging.getLogger("gdt_tune")
 
@@ -50,7 +50,7 @@ DEMO_TOKEN_BUDGET = 1000  # generator estimate; about 1.5k tokens with the tiny 
 def train_bpe(texts, n_ranks: int) -> dict[bytes, int]:
     """Byte-level BPE ranks (tiktoken's mergeable_ranks) learned from ``texts`` with the Llama 3
     pre-tokenizer pattern; deterministic (ties broken by the pair's bytes)."""
-    pattern = regex.compile(CL100K_PATTERN)
+    pattern = regex.compile(PATTERN)
     word_counts = Counter(piece.encode("utf-8") for text in texts for piece in pattern.findall(text))
     words = [[bytes([b]) for b in w] for w in word_counts]
     freqs = list(word_counts.values())

@@ -1,17 +1,9 @@
-"""Serving files for a trained model: a Hugging Face folder whose tokenizer and chat template give
-exactly the token layout GDT trained on (docs/data-format.md §4), and GDT's sampling defaults.
-
-Written into every final ``epoch_N/`` by the recipe, and by ``gdt-tune export`` for any checkpoint::
+"""``gdt-tune export``: a Hugging Face folder that serves like training (``gdt_tune.serving``) from
+a final ``epoch_N`` or an interim ``step_N``::
 
     gdt-tune export --checkpoint RUN/epoch_0 --out serve/            # a final checkpoint
     gdt-tune export --checkpoint RUN/step_5000 --config my.yaml --out serve/   # an interim one
-
-Files: ``tokenizer.json`` (the tiktoken BPE as a Hugging Face fast tokenizer, every special token
-at its training id), ``tokenizer_config.json`` with a ``chat_template`` that renders
-``<|begin_of_text|>`` then each turn as ``<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>``
-(content stripped; the training system prompt when none is given; no "Cutting Knowledge Date"
-lines), ``special_tokens_map.json`` and ``generation_config.json`` (temperature 0.9, top-p 0.85,
-stop at ``<|eot_id|>``).
+    gdt-tune export --checkpoint RUN/step_6000 --config my.yaml --out serve/ --replace   # over an earlier export
 """
 
 from __future__ import annotations
@@ -19,93 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-#: torchtune's Llama 3 pre-tokenizer pattern (tiktoken cl100k).
-PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-           r"\s*[\r\n]+|\s+(?!\S)|\s+")
-#: GDT's sampling settings for forecasts.
-GENERATION = {"do_sample": True, "temperature": 0.9, "top_p": 0.85}
-
-
-def _byte_level_alphabet() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable characters (what ByteLevel BPE vocabularies use)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = list(printable), 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(printable, chars)}
-
-
-def hf_tokenizer(ranks: dict[bytes, int], special_tokens: dict[str, int]):
-    """A ``tokenizers.Tokenizer`` that encodes like torchtune's tiktoken Llama 3 tokenizer."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
-    from tokenizers.models import BPE
-
-    alphabet = _byte_level_alphabet()
-
-    def text(token: bytes) -> str:
-        return "".join(alphabet[b] for b in token)
-
-    vocab = {text(token): rank for token, rank in ranks.items()}
-    # tiktoken merges the adjacent pair whose concatenation has the lowest rank: every split of a
-    # token into two tokens is a merge, ordered by the rank of the result
-    merges = sorted((rank, ranks[token[:i]], ranks[token[i:]], text(token[:i]), text(token[i:]))
-                    for token, rank in ranks.items() for i in range(1, len(token))
-                    if token[:i] in ranks and token[i:] in ranks)
-    bpe = BPE(vocab, [(a, b) for *_, a, b in merges], fuse_unk=False, ignore_merges=True)
-    tok = Tokenizer(bpe)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    for name, token_id in sorted(special_tokens.items(), key=lambda kv: kv[1]):
-        if tok.get_vocab_size() != token_id:
-            raise ValueError(f"special token {name} has id {token_id} but would get {tok.get_vocab_size()}; "
-                             "the tokenizer's special tokens must follow its ranks")
-        tok.add_special_tokens([AddedToken(name, special=True, normalized=False)])
-    bos = "<|begin_of_text|>"
-    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                      special_tokens=[(bos, special_tokens[bos])])
-    return tok
-
-
-def chat_template(system_prompt: str) -> str:
-    """Jinja chat template of the training layout; without a system message, the training one."""
-    default = json.dumps(system_prompt.strip())  # a JSON string is a valid Jinja string literal
-    return ("{{- bos_token }}"
-            "{%- if messages[0]['role'] != 'system' %}"
-            "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' + " + default + " + '<|eot_id|>' }}"
-            "{%- endif %}"
-            "{%- for message in messages %}"
-            "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
-            " + '<|eot_id|>' }}"
-            "{%- endfor %}"
-            "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
-
-
-def write_serving_files(folder, tokenizer_model: str | Path, tokenizer, system_prompt: str, max_seq_len: int) -> None:
-    """Write the serving files into ``folder`` (an HF model folder), replacing any stock ones.
-    ``tokenizer`` is the torchtune tokenizer trained with (its special tokens and ids)."""
-    from tiktoken.load import load_tiktoken_bpe
-
-    folder = Path(folder)
-    specials = dict(tokenizer.special_tokens)
-    hf_tokenizer(load_tiktoken_bpe(str(tokenizer_model)), specials).save(str(folder / "tokenizer.json"))
-    names = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|finetune_right_pad_id|>"}
-    (folder / "special_tokens_map.json").write_text(json.dumps(names, indent=1))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", **names, "model_max_length": max_seq_len,
-        "clean_up_tokenization_spaces": False, "chat_template": chat_template(system_prompt),
-        "added_tokens_decoder": {str(i): {"content": n, "special": True, "normalized": False, "lstrip": False,
-                                          "rstrip": False, "single_word": False} for n, i in specials.items()},
-    }, indent=1))
-    (folder / "generation_config.json").write_text(json.dumps({
-        "bos_token_id": specials["<|begin_of_text|>"], "eos_token_id": [specials["<|eot_id|>"],
-                                                                         specials["<|end_of_text|>"]],
-        "pad_token_id": specials["<|finetune_right_pad_id|>"], **GENERATION}, indent=1))
-
+from gdt_tune.serving import write_serving_files
 
 #: Written into every export: only a folder holding it may be replaced (``--replace``).
 EXPORT_MARKER = "gdt_export.json"
@@ -140,7 +46,7 @@ def export_checkpoint(checkpoint, out, cfg=None, replace: bool = False) -> Path:
     import shutil
     import tempfile
 
-    from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT
+    from gdt_tune.data.layout import trained_with
     from gdt_tune.training.checkpointing import is_interim_checkpoint
 
     checkpoint, out = Path(checkpoint), Path(out)
@@ -152,7 +58,7 @@ def export_checkpoint(checkpoint, out, cfg=None, replace: bool = False) -> Path:
     if not interim and not (checkpoint / "config.json").is_file():
         raise ValueError(f"--checkpoint {checkpoint} is neither an interim step_N nor a final epoch_N folder")
     check_export_target(checkpoint, out, replace)
-    prompt = (cfg.dataset.get("system_prompt") if cfg is not None else None) or DEFAULT_SYSTEM_PROMPT
+    prompt, max_seq_len = trained_with(cfg.dataset if cfg is not None else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:
@@ -161,10 +67,12 @@ def export_checkpoint(checkpoint, out, cfg=None, replace: bool = False) -> Path:
             from torchtune import config as tt_config
             from torchtune.training import FullModelHFCheckpointer
 
-            from gdt_tune.eval.evaluate import load_model_and_tokenizer
+            from gdt_tune.trained import load_model_and_tokenizer
+            from gdt_tune.training.config import parse
             from gdt_tune.training.hf_weights import prepare_for_save
 
-            dtype = torch.bfloat16 if cfg.get("dtype", "bf16") == "bf16" else torch.float32
+            trained = parse(cfg, cuda_available=True).training  # the recipe's typed config: same keys, same defaults
+            dtype = torch.bfloat16 if trained.dtype == "bf16" else torch.float32
             model, tokenizer, _ = load_model_and_tokenizer(checkpoint, cfg, torch.device("cpu"), dtype)
             with tempfile.TemporaryDirectory() as tmp:
                 hf = tt_config.instantiate(cfg.checkpointer, output_dir=tmp)
@@ -181,7 +89,6 @@ def export_checkpoint(checkpoint, out, cfg=None, replace: bool = False) -> Path:
 
             tokenizer_model = Path(cfg.tokenizer.path) if cfg is not None else tokenizer_file_in(checkpoint)
             tokenizer = load_tokenizer(tokenizer_model)
-        max_seq_len = cfg.dataset.get("max_seq_len", 8000) if cfg is not None else 8000
         write_serving_files(staging, tokenizer_model, tokenizer, prompt, max_seq_len)
         (staging / EXPORT_MARKER).write_text(json.dumps({"checkpoint": str(checkpoint.resolve())}, indent=1) + "\n")
         old = None

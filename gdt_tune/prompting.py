@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT, Layout
+from gdt_tune.data.layout import Layout, system_prompt_or_default
 
 
 @dataclass(frozen=True)
@@ -23,17 +23,31 @@ class Prompt:
     ids: list[int] | None  # None without a tokenizer
 
 
-def load_tokenizer(path):
-    """torchtune's Llama 3 tokenizer from a ``tokenizer.model``, with the ``special_tokens.json``
-    beside it when there is one (the demo's; a Llama 3.1 snapshot has none)."""
+def load_tokenizer(path, special_tokens=None):
+    """torchtune's Llama 3 tokenizer from a ``tokenizer.model``, with ``special_tokens`` (a
+    ``special_tokens.json``; default: the one beside it when there is one, as the demo's; a Llama
+    3.1 snapshot has none)."""
     from torchtune.models.llama3 import llama3_tokenizer
 
-    special = Path(path).with_name("special_tokens.json")
+    special = Path(special_tokens) if special_tokens else Path(path).with_name("special_tokens.json")
     try:
         return llama3_tokenizer(str(path), special_tokens_path=str(special) if special.is_file() else None)
     except Exception as e:
         raise ValueError(f"{path} is not a tiktoken tokenizer.model ({type(e).__name__}); use the model's "
                          "original/tokenizer.model") from None
+
+
+def tokenizer_from_config(node):
+    """The config's ``tokenizer`` component; a file of another format (an HF tokenizer.json, a
+    SentencePiece model) is one line naming the key."""
+    from torchtune import config
+
+    try:
+        return config.instantiate(node)
+    except Exception as e:
+        raise ValueError(f"config key 'tokenizer.path': {node.get('path')} is not a {node._component_} "
+                         f"tokenizer file ({type(e).__name__}); point it at the model's original/tokenizer.model"
+                         ) from None
 
 
 def tokenizer_file_in(folder: Path) -> Path:
@@ -52,7 +66,7 @@ def prompt(instruction: str, system_prompt: str | None = None, tokenizer=None) -
     """The training prompt of ``instruction`` as text and, given a tokenizer (a torchtune Llama 3
     tokenizer, or the path of a ``tokenizer.model``; a ``special_tokens.json`` beside it is used),
     as ids."""
-    system = (DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt).strip()
+    system = system_prompt_or_default(system_prompt).strip()
     text = (f"<|begin_of_text|>{_header('system')}{system}<|eot_id|>{_header('user')}{instruction.strip()}"
             f"<|eot_id|>{_header('assistant')}")
     if tokenizer is None:

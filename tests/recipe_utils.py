@@ -55,12 +55,19 @@ def final_weights(output_dir, epoch):
 
 
 def load_config(*overrides, config=TINY):
-    """The DictConfig that ``tune run RECIPE --config CONFIG overrides...`` gives the recipe."""
-    from torchtune.config._parse import TuneRecipeArgumentParser
-    from torchtune.config._utils import _merge_yaml_and_cli_args
+    """The DictConfig that ``tune run RECIPE --config CONFIG overrides...`` gives the recipe: what
+    torchtune's public ``config.parse`` decorator hands a recipe's main for that command line."""
+    from torchtune.config import parse
 
-    yaml_args, cli_args = TuneRecipeArgumentParser().parse_known_args(["--config", str(config), *overrides])
-    return _merge_yaml_and_cli_args(yaml_args, cli_args)
+    parsed = []
+    argv, sys.argv = sys.argv, ["recipe", "--config", str(config), *overrides]
+    try:
+        parse(parsed.append)()
+    except SystemExit:  # the decorator exits with what the recipe's main returned
+        pass
+    finally:
+        sys.argv = argv
+    return parsed[0]
 
 
 def _free_port() -> int:
@@ -81,7 +88,7 @@ def setup_in_process(cfg, train=False):
 
     saved, threads = dict(os.environ), torch.get_num_threads()
     os.environ["MASTER_PORT"] = str(_free_port())
-    os.environ["LOCAL_WORLD_SIZE"] = str(os.cpu_count())  # the recipe then keeps to one CPU thread
+    os.environ["LOCAL_WORLD_SIZE"] = str(os.cpu_count() or 1)  # >= available_cpus(): one CPU thread
     recipe = None
     try:
         recipe = FullFinetuneRecipe(cfg)

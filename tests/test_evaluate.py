@@ -101,7 +101,7 @@ def test_evaluate_final_and_interim_checkpoints_of_a_demo_run(demo_dir, tmp_path
     # a config of another model shape is refused for step_N and epoch_N, naming the first tensor
     from recipe_utils import load_config
 
-    from gdt_tune.eval.evaluate import load_model_and_tokenizer
+    from gdt_tune.trained import load_model_and_tokenizer
 
     other = load_config(f"demo_dir={demo_dir}", "model.num_layers=3", "model.embed_dim=128")
     for folder in ("step_4", "epoch_0"):
@@ -138,7 +138,7 @@ def test_data_report_on_the_demo_data(demo_dir, tokenizer, tmp_path):
 def test_scores_equal_a_full_forward(demo_dir, tokenizer, dtype, tol):
     """Scores from the hidden states at the scored positions equal a full forward pass of the same
     model, in fp32 and in bf16 (the head runs in the model's dtype: bf16 used to crash)."""
-    from gdt_tune.eval.evaluate import load_model_and_tokenizer
+    from gdt_tune.trained import load_model_and_tokenizer
 
     model, _, _ = load_model_and_tokenizer(demo_dir / "model", None, torch.device("cpu"), dtype)
     assert model.output.weight.dtype == dtype
@@ -186,7 +186,7 @@ def test_data_report_keys_splits_by_argument_and_counts_every_overlap(demo_dir, 
     counted for every pair."""
     import shutil
 
-    from gdt_tune.data.report import data_report
+    from gdt_tune.eval.data_report import data_report
 
     for folder, split in (("a", "validation"), ("b", "validation"), ("c", "test")):
         (tmp_path / folder).mkdir()
@@ -198,3 +198,16 @@ def test_data_report_keys_splits_by_argument_and_counts_every_overlap(demo_dir, 
     assert report["overlap"] == {f"{args[0]}/{args[1]}": patients, f"{args[0]}/{args[2]}": 0,
                                  f"{args[1]}/{args[2]}": 0}
     assert len(list((tmp_path / "report").glob("lengths_*.png"))) == 3
+
+
+def test_data_report_says_when_a_split_folder_is_empty(demo_dir, tmp_path, capsys):
+    import shutil
+
+    from gdt_tune.eval.data_report import splits_of
+
+    root = tmp_path / "data"
+    (root / "train").mkdir(parents=True)
+    shutil.copytree(demo_dir / "data" / "validation", root / "validation")
+    assert list(splits_of([str(root)])) == ["validation"]
+    assert capsys.readouterr().err == (f"note: --data {root}: {root / 'train'} holds no *.jsonl files; it is left "
+                                       "out of the report\n")

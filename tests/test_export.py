@@ -10,7 +10,7 @@ import gdt_tune
 from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT, Layout
 from gdt_tune.datasets import cgdb_instruct_dataset
 from gdt_tune.eval.evaluate import read_samples
-from gdt_tune.export import write_serving_files
+from gdt_tune.serving import write_serving_files
 
 transformers = pytest.importorskip("transformers")
 

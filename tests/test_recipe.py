@@ -74,7 +74,7 @@ def test_one_process_bf16(demo_dir, tmp_path):
 
 @pytest.mark.parametrize("name", ["tiny_gdt_cpu.yaml", "llama3_1_8b_gdt_full.yaml"])
 def test_shipped_configs_validate(name):
-    from torchtune.config._validate import validate
+    from torchtune.config import validate
 
     cfg = OmegaConf.load(REPO / "configs" / name)
     validate(cfg)
@@ -155,3 +155,22 @@ def test_validation_samples_without_patient_ids_are_named_in_a_warning(demo_dir,
         setup_in_process(cfg)
     assert ("dataset_val: 5 of 5 samples have no meta.patientid, so whether their patients also appear in the other "
             "split cannot be checked") in caplog.text
+
+
+class _Changed(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise ValueError("/data/train/part-00000.jsonl:7: the file changed after it was indexed; restart to re-index it")
+
+
+def test_errors_from_dataloader_workers_become_their_one_line():
+    from gdt_tune.recipes.full_finetune_fsdp_ckpt import one_line
+
+    with pytest.raises(ValueError) as e:
+        next(iter(torch.utils.data.DataLoader(_Changed(), num_workers=1)))
+    assert "Caught ValueError in DataLoader worker process 0" in str(e.value)  # what torch raises
+    assert one_line(e.value) == ("/data/train/part-00000.jsonl:7: the file changed after it was indexed; "
+                                 "restart to re-index it")
+    assert one_line(ValueError("config key 'x': got 1")) == "config key 'x': got 1"

@@ -19,10 +19,25 @@ DEFAULT_SYSTEM_PROMPT = (
     "the patient's future course. Answer every requested task, in order and in the requested "
     "format."
 )
+#: GDT's token cap per sample (``dataset.max_seq_len``).
+DEFAULT_MAX_SEQ_LEN = 8000
 #: SHA-256 of the original GDT system prompt (docs/data-format.md §4).
 GDT_SYSTEM_PROMPT_SHA256 = "ba8b11af665571cc5f925b66f74d6f8b02dc0c321cbeee7d5418787c4d5dd98e"
 
 TRUNCATION_POLICIES = ("gdt", "drop", "history")
+
+
+def trained_with(dataset) -> tuple[str, int]:
+    """(system prompt, max_seq_len) that a ``dataset`` config block, or a dataset's ``settings``,
+    says a model was trained with; an unset key is gdt_tune's default (an empty system prompt is a
+    prompt, not unset). Used wherever a tool or the recipe needs the training prompt."""
+    dataset = dataset or {}
+    return system_prompt_or_default(dataset.get("system_prompt")), dataset.get("max_seq_len") or DEFAULT_MAX_SEQ_LEN
+
+
+def system_prompt_or_default(system_prompt: str | None) -> str:
+    """``system_prompt``, or gdt_tune's default when it is None (unset)."""
+    return DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
 
 
 class Status(IntEnum):

@@ -221,8 +221,10 @@ CHUNK_BYTES = 32 * 2**20
 
 
 def default_index_workers() -> int:
-    """All CPUs this process may use (only one process per node indexes)."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    """All CPUs this process may use (only one process per node indexes), quota included."""
+    from gdt_tune.cpus import available_cpus
+
+    return available_cpus()
 
 
 

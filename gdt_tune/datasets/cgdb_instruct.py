@@ -13,12 +13,13 @@ from torch.utils.data import Dataset
 
 from gdt_tune.coordination import node_first
 from gdt_tune.data.layout import (
-    DEFAULT_SYSTEM_PROMPT,
+    DEFAULT_MAX_SEQ_LEN,
     GDT_SYSTEM_PROMPT_SHA256,
     TRUNCATION_POLICIES,
     Layout,
     Status,
     apply_cap,
+    system_prompt_or_default,
     system_prompt_sha256,
     validate,
 )
@@ -123,7 +124,7 @@ def cgdb_instruct_dataset(
     *,
     data_files,
     system_prompt: str | None = None,
-    max_seq_len: int = 8000,
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
     truncation: str = "gdt",
     splits_per_patient_therapy: int | None = None,
     seed: int = 0,
@@ -162,7 +163,7 @@ def cgdb_instruct_dataset(
         data_files: a ``.jsonl`` file, a glob, a directory of ``*.jsonl`` shards, or a list.
         system_prompt: the system turn; None uses gdt_tune's own wording. The original GDT
             prompt is recognised by its SHA-256 and reported once.
-        max_seq_len: token cap (GDT: 8000).
+        max_seq_len: token cap (default ``DEFAULT_MAX_SEQ_LEN``, GDT's).
         truncation: over-length policy. ``"gdt"``: keep the first ``max_seq_len`` tokens, drop a
             sample whose assistant header does not fit; ``"drop"``: drop it; ``"history"``:
             remove the oldest visits (never the first) until it fits, drop if it cannot.
@@ -191,7 +192,6 @@ def cgdb_instruct_dataset(
         dataset:
           _component_: gdt_tune.datasets.cgdb_instruct_dataset
           data_files: /data/gdt/train
-          max_seq_len: 8000
           truncation: gdt
           splits_per_patient_therapy: null
     """
@@ -200,11 +200,11 @@ def cgdb_instruct_dataset(
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"dataset.truncation: {truncation!r} is not one of {', '.join(TRUNCATION_POLICIES)}")
     if not isinstance(max_seq_len, int) or max_seq_len < 16:
-        raise ValueError(f"dataset.max_seq_len: {max_seq_len!r}; expected an integer >= 16 (GDT: 8000)")
+        raise ValueError(f"dataset.max_seq_len: {max_seq_len!r}; expected an integer >= 16 (GDT: {DEFAULT_MAX_SEQ_LEN})")
     if splits_per_patient_therapy is not None and (
         not isinstance(splits_per_patient_therapy, int) or splits_per_patient_therapy < 1):
         raise ValueError(f"dataset.splits_per_patient_therapy: {splits_per_patient_therapy!r}; expected null or an integer >= 1")
-    prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+    prompt = system_prompt_or_default(system_prompt)
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("dataset.system_prompt: expected a non-empty string, or null for the default")
     quiet = dist.is_initialized() and dist.get_rank() != 0

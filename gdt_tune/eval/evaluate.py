@@ -9,7 +9,7 @@
   the AUROC of P(occurred) among uncensored tasks per event and horizon bucket with bootstrap 95%
   intervals (horizons read from the instruction's task list).
 - Forecasting tasks: the answer is generated greedily and ``--samples`` times sampled
-  (temperature 0.9, top-p 0.85, as GDT), parsed with ``parse_answer``; MAE and scaled MAE per
+  (GDT's temperature and top-p: ``gdt_tune.serving.GENERATION``), parsed with ``parse_answer``; MAE and scaled MAE per
   variable against the copy-forward baseline, and the share of unparseable outputs.
 
 Writes ``metrics.json``, ``forecast_mae.png`` and ``event_calibration.png``. No sample text is
@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from gdt_tune.data.answers import event_outcomes, parse_answer
-from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT, Layout
+from gdt_tune.data.layout import Layout
 from gdt_tune.data.records import read_lines, resolve_data_files
 from gdt_tune.data.text import EVENT, FORECASTING
 from gdt_tune.eval.metrics import (
@@ -44,77 +43,12 @@ from gdt_tune.eval.metrics import (
     outcome_index,
     softmax,
 )
-from gdt_tune.prompting import load_tokenizer, tokenizer_file_in
-from gdt_tune.training.checkpointing import is_interim_checkpoint, load_model_weights, refuse_other_model
+from gdt_tune.serving import TEMPERATURE, TOP_P
+from gdt_tune.trained import load_model_and_tokenizer
 
 log = logging.getLogger("gdt_tune")
 _HORIZON_RE = re.compile(r"Task (\d+) is time to event prediction:\n\tPredict whether the event \((.+?)\) was "
                          r"censored (\d+(?:\.\d+)?) weeks")
-
-
-# ---------------------------------------------------------------- loading
-def load_model_and_tokenizer(checkpoint: Path, cfg, device: torch.device, dtype: torch.dtype):
-    """(model, tokenizer, system prompt) from a final HF folder (``epoch_N``) or an interim
-    ``step_N`` (which needs the training config for the model and tokenizer)."""
-    from torchtune import config as tt_config
-
-    if not checkpoint.is_dir():
-        raise ValueError(f"--checkpoint {checkpoint} is not a folder; pass a step_N or epoch_N folder of a run")
-    is_interim = is_interim_checkpoint(checkpoint)
-    if cfg is None and is_interim:
-        raise ValueError(f"--checkpoint {checkpoint} is an interim step_N checkpoint; pass the training --config too")
-    if cfg is not None:
-        with torch.device("meta"):
-            model = tt_config.instantiate(cfg.model)
-        tokenizer = tt_config.instantiate(cfg.tokenizer)
-        prompt = cfg.dataset.get("system_prompt") or DEFAULT_SYSTEM_PROMPT
-    else:
-        model, tokenizer = _from_hf_folder(checkpoint)
-        prompt = DEFAULT_SYSTEM_PROMPT
-    model = model.to_empty(device=device).to(dtype)
-    if is_interim:
-        load_model_weights(checkpoint, model, "pass the --config it was trained with")
-    else:
-        state = _hf_weights(checkpoint)
-        refuse_other_model(f"--checkpoint {checkpoint}", {k: tuple(v.shape) for k, v in state.items()},
-                           model.state_dict(), "pass the --config it was trained with")
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
-    for m in model.modules():
-        if hasattr(m, "rope_init"):
-            with device:
-                m.rope_init()
-    return model.eval(), tokenizer, prompt
-
-
-def _from_hf_folder(folder: Path):
-    from torchtune.models.llama3 import llama3
-    from torchtune.models.llama3_1 import llama3_1
-
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"--checkpoint {folder} has no config.json; pass a final epoch_N folder or --config")
-    c = json.loads(config_file.read_text())
-    dims = dict(vocab_size=c["vocab_size"], num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
-                num_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]), embed_dim=c["hidden_size"],
-                max_seq_len=c["max_position_embeddings"], intermediate_dim=c["intermediate_size"],
-                norm_eps=c["rms_norm_eps"], rope_base=c.get("rope_theta", 500000.0))
-    scaling = c.get("rope_scaling") or {}
-    with torch.device("meta"):
-        model = (llama3_1(**dims, scale_factor=scaling.get("factor", 8)) if scaling.get("rope_type") == "llama3"
-                 else llama3(**dims))
-    return model, load_tokenizer(tokenizer_file_in(folder))
-
-
-def _hf_weights(folder: Path) -> dict:
-    from torchtune.training import FullModelHFCheckpointer
-
-    files = sorted(p.name for p in folder.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"--checkpoint {folder} holds no *.safetensors weights")
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = FullModelHFCheckpointer(checkpoint_dir=str(folder), checkpoint_files=files, model_type="LLAMA3",
-                                       output_dir=tmp)
-        return ckpt.load_checkpoint()["model"]
 
 
 def read_samples(data, max_samples: int | None) -> list[tuple[str, dict]]:
@@ -310,7 +244,7 @@ def evaluate(checkpoint, data, out, cfg=None, max_samples=None, train_data=None,
             items.append({"truth": forecast_points(truth[0].visits), "last": last_values(record["instruction"]),
                           "predictions": [], "max_new": len(layout.answer_tokens(record["answer"])) + 32})
             prompts.append([*layout.prompt_tokens(record["instruction"]), *layout.assistant_header])
-    runs = [(0.0, 1.0)] + [(0.9, 0.85)] * samples
+    runs = [(0.0, 1.0)] + [(TEMPERATURE, TOP_P)] * samples
     for start in tqdm(range(0, len(items), batch_size), desc="generating forecasts", unit="batch"):
         chunk = items[start:start + batch_size]
         max_new = max(i["max_new"] for i in chunk)
@@ -320,7 +254,8 @@ def evaluate(checkpoint, data, out, cfg=None, max_samples=None, train_data=None,
             for item, text in zip(chunk, texts):
                 item["predictions"].append(parsed_forecast(text))
     metrics["forecasting"] = forecast_metrics(items)
-    metrics["forecasting"]["generation"] = {"greedy": 1, "sampled": samples, "temperature": 0.9, "top_p": 0.85}
+    metrics["forecasting"]["generation"] = {"greedy": 1, "sampled": samples, "temperature": TEMPERATURE,
+                                            "top_p": TOP_P}
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     from gdt_tune.eval.plots import calibration_plot, forecast_mae_plot

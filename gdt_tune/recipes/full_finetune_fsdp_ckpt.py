@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -30,25 +29,19 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 from tqdm import tqdm
 
 from gdt_tune.coordination import FailedElsewhere, rank_zero_first, report_error
-from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT
+from gdt_tune.cpus import available_cpus
+from gdt_tune.data.layout import trained_with
 from gdt_tune.datasets import PatientDataset, dropped_by_cap
-from gdt_tune.export import write_serving_files
+from gdt_tune.prompting import tokenizer_from_config
+from gdt_tune.serving import write_serving_files
 from gdt_tune.training import float8
 from gdt_tune.training.activation_checkpointing import apply_activation_checkpointing
-from gdt_tune.training.checkpointing import (
-    CheckpointManager,
-    Progress,
-    SaveFailed,
-    find_resume,
-    read_run,
-    run_of,
-    shape_mismatch,
-)
+from gdt_tune.training.checkpointing import CheckpointManager, Progress, SaveFailed
 from gdt_tune.training.config import check_components, check_paths, has_component, parse
-from gdt_tune.training.hf_weights import prepare_for_save, tune_shapes
+from gdt_tune.training.hf_weights import check_weights_fit, init_rope_buffers, prepare_for_save, tune_shapes
 from gdt_tune.training.mfu import decoder_flops_per_token, mfu, peak_tflops
-from gdt_tune.training.resume import compare, dataset_fingerprint
-from gdt_tune.training.run_dir import OutputDirLock, claim, read_identity
+from gdt_tune.training.resume import ResumePlan, dataset_settings, lr_schedule, run_contract
+from gdt_tune.training.run_dir import OutputDirLock, take_output_dir
 from gdt_tune.training.sampling import EvalBatchSampler, GlobalOrderBatchSampler
 
 log = logging.getLogger("gdt_tune")
@@ -149,7 +142,7 @@ class FullFinetuneRecipe:
             self._device = torch.device("cuda", local_rank)
         else:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self._world))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+            torch.set_num_threads(max(1, available_cpus() // local_world))  # a cgroup quota included
         self._is_rank_zero = self._rank == 0
         self._float8 = rc.training.float8
         if self._float8 and (problem := float8.float8_problem(self._device)):
@@ -163,20 +156,28 @@ class FullFinetuneRecipe:
         self._batch_size = rc.training.batch_size
         self._accum = rc.training.gradient_accumulation_steps
         self._seed = training.set_seed(seed=rc.training.seed)
+        # built by setup()
+        self._tokenizer = self._train_ds = self._val_ds = self._settings = None
+        self._sampler = self._train_loader = None
+        self._global_batch = self._steps_per_epoch = 0
+        self._hf_checkpointer = None  # torchtune's FullModelHFCheckpointer: base weights in, epoch_N out
+        self._interim: CheckpointManager | None = None  # step_N checkpoints and resume
+        self._lock: OutputDirLock | None = None  # rank 0's hold on output_dir
+        self._metric_logger = self._profiler = None
+        self._model = self._optimizer = self._lr_scheduler = self._loss_fn = None
+        self._progress: Progress | None = None
+        self._flops_per_token = None  # (mean sequence length) -> FLOPs per token, for MFU
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg, out = self._cfg, self._ckpt_cfg.output_dir
-        self._metric_logger = self._ckpt = self._profiler = None
         # Everything is checked before anything is written to output_dir: a bad config or bad data
         # leaves an earlier run's folder as it was. The checkpoint first (its files only): a resumed
         # run with seed=null takes the saved seed. Only this output_dir's run is resumed (run.json).
-        run_id = (read_identity(out) or {}).get("run_id")
-        resume = find_resume(out, self._ckpt_cfg.resume_from_checkpoint, self._rank, run_id)
-        saved_world, saved_run = read_run(resume) if resume is not None else (None, None)
-        if saved_run is not None and self._train_cfg.seed is None:
-            self._seed = training.set_seed(seed=saved_run["seed"])
-        self._tokenizer = self._load_tokenizer()
+        plan = ResumePlan.find(out, self._ckpt_cfg.resume_from_checkpoint, self._rank)
+        if plan.seed is not None and self._train_cfg.seed is None:
+            self._seed = training.set_seed(seed=plan.seed)
+        self._tokenizer = tokenizer_from_config(cfg.tokenizer)
         # Datasets before the model: bad data fails in seconds, not after loading 16 GB of weights.
         self._train_ds = config.instantiate(cfg.dataset, self._tokenizer)
         self._val_ds = config.instantiate(cfg.dataset_val, self._tokenizer) if has_component(cfg, "dataset_val") else None
@@ -184,6 +185,7 @@ class FullFinetuneRecipe:
             raise ValueError(f"dataset_val: no samples ({dropped_by_cap(self._val_ds)} dropped by the length cap); raise "
                              "dataset_val.max_seq_len, fix dataset_val.data_files, or set dataset_val=null")
         self._check_no_shared_patients()
+        self._settings = dataset_settings(self._train_ds, cfg.dataset)
         self._sampler, self._train_loader = self._setup_train_loader(self._train_ds)
         self._global_batch = self._batch_size * self._world * self._accum
         self._steps_per_epoch = len(self._train_ds) // self._global_batch
@@ -195,122 +197,42 @@ class FullFinetuneRecipe:
             raise ValueError(
                 f"dataset: {len(self._train_ds)} samples{why} make no optimizer step with batch_size={self._batch_size} x "
                 f"{self._world} ranks x gradient_accumulation_steps={self._accum}; lower them or add data")
-        contract = self._run_contract()
-        resume_warnings = self._check_resume(resume, saved_world, saved_run, contract)
-        self._checkpointer = config.instantiate(cfg.checkpointer)
-        if resume is None and (shapes := tune_shapes(self._checkpointer)) is not None:
+        schedule_steps = self._steps_per_epoch * self._train_cfg.epochs
+        plan = plan.checked(run_contract(
+            seed=self._seed, shuffle=self._data_cfg.shuffle, dataset=self._train_ds, settings=self._settings,
+            world_size=self._world, accumulation=self._accum, batch_size=self._batch_size,
+            lr=float(cfg.optimizer.get("lr", 0.0)), save_every=self._ckpt_cfg.save_every_n_steps,
+            schedule=lr_schedule(cfg.lr_scheduler if has_component(cfg, "lr_scheduler") else None, schedule_steps)))
+        self._hf_checkpointer = config.instantiate(cfg.checkpointer)
+        if plan.path is None and (shapes := tune_shapes(self._hf_checkpointer)) is not None:
             with torch.device("meta"):  # the weights' shapes from their headers: no 16 GB read to find a typo
-                self._check_weights_fit(shapes, config.instantiate(cfg.model))
+                check_weights_fit(shapes, config.instantiate(cfg.model), cfg.checkpointer.checkpoint_dir)
         # Now this run takes output_dir: the lock, then the run identity (or a refusal).
         self._lock = OutputDirLock(out) if self._is_rank_zero else None
-        identity = rank_zero_first(partial(self._claim_output_dir, resume))
+        identity = rank_zero_first(partial(take_output_dir, out, self._lock, plan.path,
+                                           overwrite=self._ckpt_cfg.overwrite_output_dir,
+                                           config_text=OmegaConf.to_yaml(loggable_config(cfg))))
         if self._is_rank_zero and has_component(cfg, "metric_logger"):
             self._metric_logger = config.instantiate(cfg.metric_logger)
             # wandb: the resolved config as its config and as a file (patient id lists redacted)
             self._metric_logger.log_config(loggable_config(cfg))
         self._profiler = self._setup_profiler(cfg.get("profiler"))
-        self._model = self._setup_model(cfg.model, from_hf=resume is None)
+        self._model = self._setup_model(cfg.model, from_hf=plan.path is None)
         self._optimizer = config.instantiate(cfg.optimizer, self._model.parameters())
-        self._lr_scheduler = (config.instantiate(cfg.lr_scheduler, self._optimizer,
-                                                 num_training_steps=self._steps_per_epoch * self._train_cfg.epochs)
+        self._lr_scheduler = (config.instantiate(cfg.lr_scheduler, self._optimizer, num_training_steps=schedule_steps)
                               if has_component(cfg, "lr_scheduler") else None)
         self._loss_fn = config.instantiate(cfg.loss)
         if self._train_cfg.compile:
             training.compile_loss(self._loss_fn)
         self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
         self._progress = Progress(seed=self._seed, world_size=self._world)
-        self._ckpt = CheckpointManager.from_config(
+        self._interim = CheckpointManager.from_config(
             self._ckpt_cfg, model=self._model, optimizer=self._optimizer, lr_scheduler=self._lr_scheduler,
             progress=self._progress, rank=self._rank,
-            run_info=partial(_run_record, contract, self._progress), run_id=identity["run_id"])
-        self._ckpt.load(resume)
-        self._ckpt.refuse_foreign_steps(self._progress.global_step + 1,
-                                        self._progress.global_step + self._steps_left(self._progress))
-        if resume is not None:
-            if saved_run is None:  # a checkpoint without a run record: same world size (checked), same batch
-                self._progress.samples_in_epoch = self._progress.step_in_epoch * self._global_batch
-            self._apply_learning_rate(saved_run)
-            for line in resume_warnings:
-                if self._is_rank_zero:
-                    log.warning(line)
-
-    def _load_tokenizer(self):
-        """The tokenizer; a file of another format (an HF tokenizer.json, a SentencePiece model) is
-        one line naming the key."""
-        node = self._cfg.tokenizer
-        try:
-            return config.instantiate(node)
-        except Exception as e:
-            raise ValueError(f"config key 'tokenizer.path': {node.get('path')} is not a {node._component_} "
-                             f"tokenizer file ({type(e).__name__}); point it at the model's original/tokenizer.model"
-                             ) from None
-
-    def _dataset_settings(self) -> dict:
-        """What shaped the training samples (prompt, cap, selection): from the dataset itself, or
-        the config block for another kind of dataset."""
-        if isinstance(self._train_ds, PatientDataset):
-            return self._train_ds.settings
-        return dict(self._cfg.dataset)
-
-    def _claim_output_dir(self, resume: Path | None, first: bool) -> dict:
-        """Rank 0 (``first``): lock output_dir and write or keep its run identity; the other ranks
-        then read it (``gdt_tune.training.run_dir``)."""
-        out = Path(self._ckpt_cfg.output_dir)
-        if not first:
-            return read_identity(out)
-        self._lock.acquire()
-        here = resume is not None and resume.resolve().parent == out.resolve()
-        identity = claim(out, resuming=(run_of(resume) or "") if here else None,
-                         overwrite=self._ckpt_cfg.overwrite_output_dir,
-                         config_text=OmegaConf.to_yaml(loggable_config(self._cfg)))
-        log.info("run %s (config %s, started %s) in %s", identity["run_id"], identity["config_hash"],
-                 identity["started"], out)
-        return identity
-
-    def _run_contract(self) -> dict:
-        """What this run's data order and optimisation depend on (``gdt_tune.training.resume``)."""
-        cfg, ds = self._cfg, self._dataset_settings()
-        return {"seed": self._seed, "shuffle": self._data_cfg.shuffle, "dataset": dataset_fingerprint(self._train_ds),
-                "samples": len(self._train_ds), "max_seq_len": ds.get("max_seq_len", 8000),
-                "truncation": ds.get("truncation", "gdt"), "splits_per_patient_therapy": ds.get("splits_per_patient_therapy"),
-                "world_size": self._world, "gradient_accumulation_steps": self._accum, "batch_size": self._batch_size,
-                "global_batch": self._global_batch, "lr": float(cfg.optimizer.get("lr", 0.0)),
-                "save_every_n_steps": self._ckpt_cfg.save_every_n_steps, "lr_schedule": self._lr_schedule()}
-
-    def _lr_schedule(self) -> str | None:
-        """The LR schedule's shape (its component block and length in steps), or None for a
-        constant rate: a resume that would stretch or change it is refused (``training/resume.py``)."""
-        if not has_component(self._cfg, "lr_scheduler"):
-            return None
-        block = OmegaConf.to_container(self._cfg.lr_scheduler, resolve=True)
-        steps = self._steps_per_epoch * self._train_cfg.epochs
-        return f"{', '.join(f'{k}={v}' for k, v in sorted(block.items()))}, {steps} steps"
-
-    def _check_resume(self, path, saved_world: int | None, saved_run: dict | None, contract: dict) -> list[str]:
-        """Refuse a resume that would silently change the run; the warnings for allowed changes."""
-        if path is None:
-            return []
-        if saved_run is None:
-            if saved_world != self._world:
-                raise ValueError(f"checkpoint {path} holds no sample position (written by an older gdt_tune) and "
-                                 f"{saved_world} ranks; resume it with {saved_world} ranks")
-            return []
-        return compare(saved_run, contract, path)
-
-    def _apply_learning_rate(self, saved_run: dict | None) -> None:
-        """The optimizer and scheduler states bring back the saved (scheduled) learning rate bit for
-        bit. A changed ``optimizer.lr`` (allowed on resume, with a warning) replaces the base rate:
-        a constant rate becomes it, a scheduled one is scaled by new / saved from this step on."""
-        lr, saved = self._cfg.optimizer.get("lr"), (saved_run or {}).get("lr")
-        if lr is None or saved is None or float(lr) == float(saved):
-            return
-        ratio = float(lr) / float(saved)
-        scheduler = self._lr_scheduler
-        for group in self._optimizer.param_groups:
-            group["lr"] = float(lr) if scheduler is None else group["lr"] * ratio
-        if scheduler is not None and hasattr(scheduler, "base_lrs"):
-            scheduler.base_lrs = [float(lr)] * len(scheduler.base_lrs)
-            scheduler._last_lr = [g["lr"] for g in self._optimizer.param_groups]
+            run_info=partial(_run_record, plan.contract, self._progress), run_id=identity["run_id"])
+        self._interim.load(plan)
+        self._interim.refuse_foreign_steps(self._progress.global_step + 1,
+                                           self._progress.global_step + self._steps_left(self._progress))
 
     def _setup_profiler(self, cfg_profiler: DictConfig | None):
         """torchtune's profiler (``torchtune.training.setup_torch_profiler``), traces in
@@ -383,16 +305,13 @@ class FullFinetuneRecipe:
             cpu_offload=self._train_cfg.fsdp_cpu_offload,
             reshard_after_forward=self._train_cfg.fsdp_reshard_after_forward)
         if from_hf:
-            state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+            state = self._hf_checkpointer.load_checkpoint()[training.MODEL_KEY]
         else:
-            prepare_for_save(self._checkpointer)
+            prepare_for_save(self._hf_checkpointer)
             model.to_empty(device=self._device)
-        with training.set_default_dtype(self._dtype), self._device:
-            for m in model.modules():
-                if hasattr(m, "rope_init"):
-                    m.rope_init()  # rope caches are buffers, not in the checkpoint
+        init_rope_buffers(model, self._device, self._dtype)
         if from_hf:
-            self._check_weights_fit({k: tuple(v.shape) for k, v in state.items()}, model)
+            check_weights_fit({k: tuple(v.shape) for k, v in state.items()}, model, self._cfg.checkpointer.checkpoint_dir)
             training.load_from_full_model_state_dict(
                 model, state, self._device, strict=True, cpu_offload=self._train_cfg.fsdp_cpu_offload)
             del state
@@ -402,14 +321,6 @@ class FullFinetuneRecipe:
             log.info("model: %.1fM parameters, dtype %s, %d ranks on %s", n_params / 1e6, self._dtype,
                      self._world, self._device.type)
         return model
-
-    def _check_weights_fit(self, shapes: dict[str, tuple], model: torch.nn.Module) -> None:
-        mismatch = shape_mismatch(shapes, {k: tuple(v.shape) for k, v in model.state_dict().items()})
-        if mismatch:
-            name, theirs, ours = mismatch
-            raise ValueError(
-                f"checkpointer: weights do not match config key 'model' ({name}: checkpoint {theirs}, "
-                f"model {ours}); set model to the architecture of {self._cfg.checkpointer.checkpoint_dir}")
 
     # ---------------------------------------------------------------- steps
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -502,15 +413,30 @@ class FullFinetuneRecipe:
     # ---------------------------------------------------------------- loop
     def train(self) -> None:
         p = self._progress
-        total_steps = p.global_step + self._steps_left(p)
-        bar = tqdm(total=total_steps, initial=p.global_step, desc="training", unit="step",
+        bar = tqdm(total=p.global_step + self._steps_left(p), initial=p.global_step, desc="training", unit="step",
                    disable=not self._is_rank_zero, dynamic_ncols=True)
-        window = {"tokens": 0.0, "label_tokens": 0.0, "seq_len": 0.0, "steps": 0, "t0": time.perf_counter()}
         if self._device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self._device)
-        first_step_logged = False
         if self._profiler is not None:
             self._profiler.start()
+        try:
+            stopped = self._train_epochs(bar)
+        finally:
+            bar.close()
+            if self._profiler is not None:
+                self._profiler.stop()
+                self._profiler = None
+        if stopped:
+            return
+        if self._val_ds is not None and not self._validation_due(p.global_step):  # not just done
+            self._log({"val_loss": self.validate()})
+        self.save_final(self._train_cfg.epochs - 1)
+
+    def _train_epochs(self, bar) -> bool:
+        """The steps left, epoch by epoch; True when a signal stopped training (after saving)."""
+        p = self._progress
+        window = {"tokens": 0.0, "label_tokens": 0.0, "seq_len": 0.0, "steps": 0, "t0": time.perf_counter()}
+        first_step_logged = False
         while p.epoch < self._train_cfg.epochs:
             self._sampler.set_epoch(p.epoch, start_sample=p.samples_in_epoch)
             batches = iter(self._train_loader)
@@ -534,18 +460,12 @@ class FullFinetuneRecipe:
                 if self._validation_due(p.global_step):
                     self._log({"val_loss": self.validate()})
                 started = time.perf_counter()
-                if self._ckpt.save(p.global_step):
+                if self._interim.save(p.global_step):
                     self._log({"checkpoint_blocked_seconds": time.perf_counter() - started})
-                if self._ckpt.stop_requested:
-                    bar.close()
-                    self._stop_profiler()
-                    return
+                if self._interim.stop_requested:
+                    return True
             p.next_epoch()
-        bar.close()
-        self._stop_profiler()
-        if self._val_ds is not None and not self._validation_due(p.global_step):  # not just done
-            self._log({"val_loss": self.validate()})
-        self.save_final(self._train_cfg.epochs - 1)
+        return False
 
     def _steps_left_in_epoch(self, p: Progress) -> int:
         """Up to ``max_steps_per_epoch`` steps an epoch, while a whole global batch of the epoch's
@@ -556,11 +476,6 @@ class FullFinetuneRecipe:
 
     def _steps_left(self, p: Progress) -> int:
         return self._steps_left_in_epoch(p) + max(0, self._train_cfg.epochs - p.epoch - 1) * self._steps_per_epoch
-
-    def _stop_profiler(self) -> None:
-        if self._profiler is not None:
-            self._profiler.stop()
-            self._profiler = None
 
     def _validation_due(self, step: int) -> bool:
         return self._val_ds is not None and bool(self._log_cfg.run_val_every_n_steps) and step % self._log_cfg.run_val_every_n_steps == 0
@@ -603,14 +518,12 @@ class FullFinetuneRecipe:
 
     def save_final(self, epoch: int) -> None:
         """Consolidated Hugging Face checkpoint in ``${output_dir}/epoch_{epoch}/``, written by rank 0."""
-        self._ckpt.close()
+        self._interim.close()
         state = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
         if self._is_rank_zero:
-            self._checkpointer.save_checkpoint({training.MODEL_KEY: state}, epoch=epoch)
+            self._hf_checkpointer.save_checkpoint({training.MODEL_KEY: state}, epoch=epoch)
             folder = os.path.join(self._cfg.checkpointer.get("output_dir", self._ckpt_cfg.output_dir), f"epoch_{epoch}")
-            ds = self._dataset_settings()
-            write_serving_files(folder, self._cfg.tokenizer.path, self._tokenizer,
-                                ds.get("system_prompt") or DEFAULT_SYSTEM_PROMPT, ds.get("max_seq_len", 8000))
+            write_serving_files(folder, self._cfg.tokenizer.path, self._tokenizer, *trained_with(self._settings))
             log.info("final checkpoint: %s (serves with the training prompt: tokenizer.json, chat template, "
                      "generation_config.json)", folder)
         dist.barrier()
@@ -618,14 +531,14 @@ class FullFinetuneRecipe:
     @property
     def interrupted(self) -> bool:
         """Stopped by Ctrl-C (SIGINT) after saving: the process exits 130."""
-        return self._ckpt is not None and self._ckpt.stop_signal == "SIGINT"
+        return self._interim is not None and self._interim.stop_signal == "SIGINT"
 
     def cleanup(self) -> None:
-        if getattr(self, "_ckpt", None) is not None:
-            self._ckpt.close()
-        if getattr(self, "_lock", None) is not None:
+        if self._interim is not None:
+            self._interim.close()
+        if self._lock is not None:
             self._lock.release()
-        if getattr(self, "_metric_logger", None) is not None:
+        if self._metric_logger is not None:
             self._metric_logger.close()
         dist.destroy_process_group()
 

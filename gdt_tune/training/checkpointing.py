@@ -1,11 +1,10 @@
 """Interim sharded checkpoints: ``${output_dir}/step_{N}/`` every N optimizer steps, the K newest
 kept, exact resume, safe on SIGTERM, Ctrl-C and SIGHUP. The recipe uses it like this::
 
-    path = find_resume(cfg.output_dir, cfg.resume_from_checkpoint, rank)  # before building the model
-    world, run = read_run(path)   # the run record (gdt_tune.training.resume): refuse or warn before loading
+    plan = ResumePlan.find(...).checked(contract)   # gdt_tune.training.resume: before building the model
     ckpt = CheckpointManager.from_config(cfg, model=..., optimizer=..., lr_scheduler=..., progress=..., rank=...,
                                          run_info=lambda: {...})
-    ckpt.load(path)         # restore it (None: fresh start)
+    ckpt.load(plan)         # restore it (a plan without a path: fresh start)
     ckpt.save(step)         # after every optimizer step: the manager owns the policy
     ckpt.close()            # at the end: wait for an async save in flight
 
@@ -242,11 +241,14 @@ def find_resume(output_dir, resume, rank: int, run_id: str | None = None) -> Pat
     return path
 
 
-def read_run(path: Path) -> tuple[int, dict | None]:
+def read_run(path: Path) -> tuple[int, dict]:
     """(world size, run record) of a checkpoint: the record is what the recipe gave
-    ``CheckpointManager(run_info=...)`` at the save (None for checkpoints of gdt_tune before 0.2)."""
+    ``CheckpointManager(run_info=...)`` at the save (``gdt_tune.training.resume.ResumePlan``)."""
     saved = torch.load(path / "rank_0.pt", weights_only=False)
-    return saved["world_size"], saved.get("run")
+    if "run" not in saved:
+        raise ValueError(f"checkpoint {path} holds no run record (data position, resume contract); it was not "
+                         "written by this gdt_tune: resume it with the version that wrote it, or start fresh")
+    return saved["world_size"], saved["run"]
 
 
 def check_model_shapes(path: Path, model_state: dict,
@@ -368,7 +370,7 @@ class CheckpointManager:
 
     def __init__(self, output_dir, *, model, optimizer, lr_scheduler, progress: Progress, rank: int,
                  save_every_n_steps: int | None = None, keep_last_n_checkpoints: int = 2,
-                 async_checkpointing: bool = False, run_info=None, run_id: str = "",
+                 async_checkpointing: bool = False, run_info, run_id: str = "",
                  timeout: dt.timedelta = dt.timedelta(minutes=10)):
         self.output_dir = Path(output_dir)
         self.every, self.keep = save_every_n_steps, keep_last_n_checkpoints
@@ -406,19 +408,20 @@ class CheckpointManager:
         self._signals[STOP_SIGNALS.index(signum)] = 1
 
     # ---------------------------------------------------------- resume
-    def load(self, path: Path | None) -> None:
-        """Restore the state saved in ``path`` (from :func:`find_resume`); None: fresh start.
-        DCP reshards the model and optimizer state to this run's world size. The RNG states are per
-        rank: with the same world size each rank gets its own back; with another, every rank is
-        reseeded from (seed, step, rank), which changes nothing for a model without dropout."""
+    def load(self, plan) -> None:
+        """Restore the checkpoint of ``plan`` (a ``gdt_tune.training.resume.ResumePlan``; without a
+        path: fresh start). DCP reshards the model and optimizer state to this run's world size. The
+        RNG states are per rank: with the same world size each rank gets its own back; with another,
+        every rank is reseeded from (seed, step, rank), which changes nothing for a model without
+        dropout. The plan's warnings are logged, and a changed ``optimizer.lr`` is applied."""
+        path = plan.path
         if path is None:
             return
         check_model_shapes(path, self._state[MODEL_OPTIM_KEY].state_dict()["model"])
         world = dist.get_world_size()
-        saved_world, run = read_run(path)
         dcp.load(self._state, checkpoint_id=str(path), process_group=self._save_pg)
         p = self.progress
-        if saved_world == world:
+        if plan.world_size == world:
             set_rng_state(torch.load(path / f"rank_{self.rank}.pt", weights_only=False)["rng"])
         else:
             seed = (p.seed + 1_000_003 * p.global_step + self.rank) % 2**32
@@ -426,13 +429,29 @@ class CheckpointManager:
             np.random.seed(seed)
             torch.manual_seed(seed)  # also every CUDA device
         p.world_size = world
-        if run is not None:
-            p.samples_in_epoch = run["samples_in_epoch"]
+        p.samples_in_epoch = plan.record["samples_in_epoch"]
+        if plan.contract is not None:
+            self._apply_learning_rate(plan.record.get("lr"), plan.contract.get("lr"))
         self._last_saved = p.global_step
         if self.rank == 0:
             log.info("checkpoint: resumed from %s (step %d, epoch %d, %d samples of the epoch consumed, world size "
-                     "%d -> %d%s)", path, p.global_step, p.epoch, p.samples_in_epoch, saved_world, world,
-                     "" if saved_world == world else "; state resharded, RNG reseeded")
+                     "%d -> %d%s)", path, p.global_step, p.epoch, p.samples_in_epoch, plan.world_size, world,
+                     "" if plan.world_size == world else "; state resharded, RNG reseeded")
+            for line in plan.warnings:
+                log.warning(line)
+
+    def _apply_learning_rate(self, saved: float | None, new: float | None) -> None:
+        """The optimizer and scheduler states bring back the saved (scheduled) learning rate bit for
+        bit. A changed ``optimizer.lr`` (allowed, with a warning) replaces the base rate: a constant
+        rate becomes it, a scheduled one is scaled by new / saved from this step on."""
+        if saved is None or new is None or float(new) == float(saved):
+            return
+        optimizer, scheduler = self._state[MODEL_OPTIM_KEY].optimizer, self._state[LR_KEY].scheduler
+        for group in optimizer.param_groups:
+            group["lr"] = float(new) if scheduler is None else group["lr"] * float(new) / float(saved)
+        if scheduler is not None and hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [float(new)] * len(scheduler.base_lrs)
+            scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
     # ---------------------------------------------------------- save
     def save(self, step: int) -> bool:
@@ -474,7 +493,7 @@ class CheckpointManager:
             self._control("the barrier before a save", dist.barrier)
             path.mkdir(parents=True, exist_ok=True)
             record = {"rng": rng_state(), "world_size": dist.get_world_size()}
-            if self.rank == 0 and self._run_info is not None:
+            if self.rank == 0:
                 record["run"] = self._run_info()
             torch.save(record, path / f"rank_{self.rank}.pt")
             if self.async_save:

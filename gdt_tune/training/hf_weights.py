@@ -73,3 +73,25 @@ def tune_shapes(checkpointer) -> dict[str, tuple] | None:
                            num_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]), dim=c["hidden_size"],
                            head_dim=c.get("head_dim"))
     return {k: tuple(v.shape) for k, v in converted.items()}
+
+
+def init_rope_buffers(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Compute the rotary-embedding caches: buffers that no checkpoint holds (after ``to_empty``)."""
+    from torchtune.training import set_default_dtype
+
+    with set_default_dtype(dtype), device:
+        for m in model.modules():
+            if hasattr(m, "rope_init"):
+                m.rope_init()
+
+
+def check_weights_fit(shapes: dict[str, tuple], model: torch.nn.Module, checkpoint_dir) -> None:
+    """ValueError naming the first weight whose shape (``{name: shape}``, from the HF checkpoint in
+    ``checkpoint_dir``) differs from ``model``'s (config key ``model``)."""
+    from gdt_tune.training.checkpointing import shape_mismatch
+
+    mismatch = shape_mismatch(shapes, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    if mismatch:
+        name, theirs, ours = mismatch
+        raise ValueError(f"checkpointer: weights do not match config key 'model' ({name}: checkpoint {theirs}, "
+                         f"model {ours}); set model to the architecture of {checkpoint_dir}")

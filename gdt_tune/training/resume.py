@@ -17,12 +17,28 @@ position in the data, counted in samples of the epoch's global order. On resume:
 With the same global batch (``batch_size x ranks x gradient_accumulation_steps``) the resumed run
 takes the same samples in each step as the uninterrupted one; with another, it continues from the
 exact sample where the checkpoint stopped.
+
+The recipe asks one question, before the model exists, and hands the answer to the checkpoint
+manager::
+
+    plan = ResumePlan.find(output_dir, resume_from_checkpoint, rank)   # None path: a fresh start
+    seed = plan.seed                                   # the saved seed, for seed: null
+    plan = plan.checked(run_contract(...))             # ValueError for a refused difference
+    manager.load(plan)                                 # restore; warn; apply a changed optimizer.lr
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from gdt_tune.data.layout import trained_with
+from gdt_tune.training.checkpointing import find_resume, read_run
+from gdt_tune.training.run_dir import read_identity
 
 #: key -> (what to call it, the fix)
 REFUSED = {
@@ -72,3 +88,65 @@ def compare(saved: dict, current: dict, path) -> list[str]:
                         "(batch_size x ranks x gradient_accumulation_steps): the data continues from the same "
                         "sample, but the steps are not those of the uninterrupted run")
     return warnings
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """How this start continues a run: the ``step_N`` to load (None: a fresh start), its run record
+    and world size, output_dir's run id (``run.json``), and once :meth:`checked`, this run's
+    contract and the warnings for what changed."""
+
+    path: Path | None
+    world_size: int | None = None
+    record: dict | None = None
+    run_id: str | None = None
+    contract: dict | None = None
+    warnings: tuple[str, ...] = ()
+
+    @classmethod
+    def find(cls, output_dir, resume_from_checkpoint, rank: int) -> ResumePlan:
+        """The checkpoint of ``resume_from_checkpoint`` (false, true or a step_N path; with true
+        only this output_dir's run is resumed), read but not loaded."""
+        run_id = (read_identity(output_dir) or {}).get("run_id")
+        path = find_resume(output_dir, resume_from_checkpoint, rank, run_id)
+        if path is None:
+            return cls(None, run_id=run_id)
+        world, record = read_run(path)
+        return cls(path, world, record, run_id)
+
+    @property
+    def seed(self) -> int | None:
+        return self.record.get("seed") if self.record else None
+
+    def checked(self, contract: dict) -> ResumePlan:
+        """This plan with ``contract`` (:func:`run_contract`) and the warnings for allowed
+        differences; ValueError for the first refused one."""
+        warnings = compare(self.record, contract, self.path) if self.path is not None else []
+        return replace(self, contract=contract, warnings=tuple(warnings))
+
+
+def dataset_settings(dataset, block) -> dict:
+    """What shaped the training samples (system prompt, cap, selection): a gdt_tune dataset's
+    ``settings``, or the config block of another kind of dataset."""
+    settings = getattr(dataset, "settings", None)
+    return dict(settings) if isinstance(settings, dict) else dict(OmegaConf.to_container(block, resolve=True))
+
+
+def lr_schedule(block, steps: int) -> str | None:
+    """The LR schedule's shape (its component block and length in steps), or None for a constant
+    rate (``block`` None)."""
+    if block is None:
+        return None
+    items = OmegaConf.to_container(block, resolve=True)
+    return f"{', '.join(f'{k}={v}' for k, v in sorted(items.items()))}, {steps} steps"
+
+
+def run_contract(*, seed: int, shuffle: bool, dataset, settings: dict, world_size: int, accumulation: int,
+                 batch_size: int, lr: float, save_every: int | None, schedule: str | None) -> dict:
+    """What this run's data order and optimisation depend on (refused or warned by :func:`compare`)."""
+    return {"seed": seed, "shuffle": shuffle, "dataset": dataset_fingerprint(dataset), "samples": len(dataset),
+            "max_seq_len": trained_with(settings)[1], "truncation": settings.get("truncation", "gdt"),
+            "splits_per_patient_therapy": settings.get("splits_per_patient_therapy"), "world_size": world_size,
+            "gradient_accumulation_steps": accumulation, "batch_size": batch_size,
+            "global_batch": batch_size * world_size * accumulation, "lr": lr, "save_every_n_steps": save_every,
+            "lr_schedule": schedule}

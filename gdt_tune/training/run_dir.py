@@ -31,7 +31,7 @@ import socket
 import uuid
 from pathlib import Path
 
-from gdt_tune.training.checkpointing import COMPLETE_MARKER, list_checkpoints
+from gdt_tune.training.checkpointing import COMPLETE_MARKER, list_checkpoints, run_of
 
 log = logging.getLogger("gdt_tune")
 RUN_FILE = "run.json"
@@ -152,3 +152,20 @@ def _write(output_dir: Path, identity: dict) -> None:
     tmp = output_dir / f"{RUN_FILE}.tmp"
     tmp.write_text(json.dumps(identity, indent=1) + "\n")
     os.replace(tmp, output_dir / RUN_FILE)
+
+
+def take_output_dir(output_dir, lock: OutputDirLock | None, resume_path: Path | None, first: bool, *,
+                    overwrite: bool, config_text: str) -> dict:
+    """This run's identity in ``output_dir``. Rank 0 (``first``, holding ``lock``): take the lock,
+    then :func:`claim` (continuing the run of a resumed checkpoint of this folder); the other ranks
+    then read it. Use with ``coordination.rank_zero_first``."""
+    output_dir = Path(output_dir)
+    if not first:
+        return read_identity(output_dir)
+    lock.acquire()
+    here = resume_path is not None and Path(resume_path).resolve().parent == output_dir.resolve()
+    identity = claim(output_dir, resuming=(run_of(resume_path) or "") if here else None, overwrite=overwrite,
+                     config_text=config_text)
+    log.info("run %s (config %s, started %s) in %s", identity["run_id"], identity["config_hash"], identity["started"],
+             output_dir)
+    return identity

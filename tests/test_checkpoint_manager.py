@@ -1,5 +1,6 @@
-"""In-process tests of the training parts: the checkpoint manager in a 1-rank gloo group, the
-progress counters, the samplers and the HF weight map."""
+"""The checkpoint manager in process (a 1-rank gloo group): interval, keep-K, exact restore of
+weights, optimizer, progress and RNG, sync and async; SIGTERM, Ctrl-C and SIGHUP; failed and timed-out
+saves; another run's checkpoints. (2 ranks: tests/test_checkpoint_groups.py.)"""
 
 import os
 import signal
@@ -11,7 +12,7 @@ from recipe_utils import _free_port
 
 import gdt_tune.training.checkpointing as ckpt_mod
 from gdt_tune.training.checkpointing import COMPLETE_MARKER, CheckpointManager, Progress, find_resume, read_run
-from gdt_tune.training.sampling import EvalBatchSampler, GlobalOrderBatchSampler
+from gdt_tune.training.resume import ResumePlan
 
 
 @pytest.fixture
@@ -62,7 +63,7 @@ def test_saves_on_the_interval_keeps_k_and_restores_exactly(tmp_path, world_of_o
     model2, optimizer2 = _trainer(seed=1)
     progress2 = Progress(seed=0, world_size=1)
     ckpt2 = _manager(tmp_path, model2, optimizer2, progress2)
-    ckpt2.load(find_resume(tmp_path, str(tmp_path / "step_4"), rank=0))
+    ckpt2.load(ResumePlan.find(tmp_path, str(tmp_path / "step_4"), rank=0))
     ckpt2.close()
     assert all(torch.equal(saved[k], v) for k, v in model2.state_dict().items())
     assert (progress2.global_step, progress2.samples_in_epoch, progress2.tokens_seen, progress2.seed) == (4, 8, 40, 7)
@@ -70,7 +71,8 @@ def test_saves_on_the_interval_keeps_k_and_restores_exactly(tmp_path, world_of_o
     assert torch.equal(torch.rand(3), rng_after_4)  # the RNG state of the save is back
 
 
-@pytest.mark.parametrize("signum, name", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")])
+@pytest.mark.parametrize("signum, name", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT"),
+                                          (signal.SIGHUP, "SIGHUP")])
 def test_sigterm_or_ctrl_c_saves_the_current_step_and_requests_a_stop(tmp_path, world_of_one, signum, name):
     model, optimizer = _trainer()
     progress = Progress(seed=0, world_size=1)
@@ -170,69 +172,3 @@ def test_progress_counts_and_round_trips():
     q = Progress(seed=0, world_size=1)
     q.load_state_dict(p.state_dict())
     assert q.state_dict() == p.state_dict()
-
-
-@pytest.mark.parametrize("world, batch", [(1, 4), (2, 2), (4, 1), (3, 2)])
-def test_global_order_is_the_same_for_any_world_and_batch(world, batch):
-    """Micro-batch m of all ranks together is the same stretch of one seeded order."""
-    n = 50
-    samplers = [GlobalOrderBatchSampler(n, batch, r, world, seed=5, shuffle=True) for r in range(world)]
-    reference = GlobalOrderBatchSampler(n, 1, 0, 1, seed=5, shuffle=True)
-    for epoch, start in ((0, 0), (1, 6)):
-        for s in samplers + [reference]:
-            s.set_epoch(epoch, start_sample=start)
-        merged = [i for batches in zip(*(list(s) for s in samplers)) for b in batches for i in b]
-        assert merged == [i for b in reference for i in b][: len(merged)]
-        assert len(merged) == (n - start) // (batch * world) * batch * world
-    reference.set_epoch(0)
-    first = list(reference)
-    reference.set_epoch(1)
-    assert list(reference) != first and sorted(first) == sorted(list(reference)) == [[i] for i in range(n)]
-    unshuffled = GlobalOrderBatchSampler(6, 2, 0, 1, seed=5, shuffle=False)
-    assert list(unshuffled) == [[0, 1], [2, 3], [4, 5]]
-
-
-@pytest.mark.parametrize("n, world, batch", [(10, 3, 2), (2, 4, 1), (7, 2, 4), (1, 8, 1)])
-def test_eval_sampler_covers_every_sample_once(n, world, batch):
-    samplers = [EvalBatchSampler(n, batch, r, world) for r in range(world)]
-    seen = sorted(i for s in samplers for b in s for i in b)
-    assert seen == list(range(n))
-    assert all(len(s) <= s.num_batches_all_ranks for s in samplers)
-    assert max(len(s) for s in samplers) == samplers[0].num_batches_all_ranks
-
-
-def test_hf_weight_map_equals_what_torchtune_builds(demo_dir, tmp_path):
-    """If torchtune changes how FullModelHFCheckpointer maps weights to files, this fails."""
-    from torchtune.training import FullModelHFCheckpointer
-
-    from gdt_tune.training.hf_weights import prepare_for_save
-
-    def checkpointer():
-        return FullModelHFCheckpointer(checkpoint_dir=str(demo_dir / "model"), checkpoint_files=["model.safetensors"],
-                                       model_type="LLAMA3", output_dir=str(tmp_path))
-    loaded = checkpointer()
-    state = loaded.load_checkpoint()
-    ours = checkpointer()
-    prepare_for_save(ours)
-    assert ours._weight_map == loaded._weight_map and len(ours._weight_map) > 10
-    ours.save_checkpoint(state, epoch=0)
-    assert (tmp_path / "epoch_0" / "model-00001-of-00001.safetensors").is_file()
-
-
-class _Changed(torch.utils.data.Dataset):
-    def __len__(self):
-        return 2
-
-    def __getitem__(self, i):
-        raise ValueError("/data/train/part-00000.jsonl:7: the file changed after it was indexed; restart to re-index it")
-
-
-def test_errors_from_dataloader_workers_become_their_one_line():
-    from gdt_tune.recipes.full_finetune_fsdp_ckpt import one_line
-
-    with pytest.raises(ValueError) as e:
-        next(iter(torch.utils.data.DataLoader(_Changed(), num_workers=1)))
-    assert "Caught ValueError in DataLoader worker process 0" in str(e.value)  # what torch raises
-    assert one_line(e.value) == ("/data/train/part-00000.jsonl:7: the file changed after it was indexed; "
-                                 "restart to re-index it")
-    assert one_line(ValueError("config key 'x': got 1")) == "config key 'x': got 1"

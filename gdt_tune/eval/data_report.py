@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from gdt_tune.data.answers import parse_answer
-from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT, Layout, apply_cap
+from gdt_tune.data.layout import DEFAULT_MAX_SEQ_LEN, Layout, apply_cap, system_prompt_or_default
 from gdt_tune.data.records import (
     default_index_workers,
     lot_of,
@@ -99,14 +99,14 @@ def split_stats(files: list[Path], layout: Layout, cap: int, workers: int, desc:
     return _merge([st for _, st in map_chunks(files, _chunk_stats, (layout, cap), workers, desc)])
 
 
-def data_report(data: list[str], tokenizer, out, max_seq_len: int = 8000, system_prompt: str | None = None,
+def data_report(data: list[str], tokenizer, out, max_seq_len: int = DEFAULT_MAX_SEQ_LEN, system_prompt: str | None = None,
                 workers: int | None = None) -> dict:
     """Write ``report.md`` and PNGs under ``out``; returns the numbers."""
     from gdt_tune.eval.plots import bar_chart, length_histogram
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    layout = Layout.build(tokenizer, system_prompt or DEFAULT_SYSTEM_PROMPT)
+    layout = Layout.build(tokenizer, system_prompt_or_default(system_prompt))
     splits = splits_of(data)
     stats = {name: split_stats(files, layout, max_seq_len, workers or default_index_workers(), f"reading {name}")
              for name, files in splits.items()}

@@ -1,0 +1,109 @@
+"""Serving files for a trained model: a Hugging Face folder whose tokenizer and chat template give
+exactly the token layout GDT trained on (docs/data-format.md §4), and GDT's sampling defaults
+(``GENERATION``, also what ``gdt-tune evaluate`` samples forecasts with).
+
+Written into every final ``epoch_N/`` by the recipe, and by ``gdt-tune export`` for any checkpoint
+(``gdt_tune.export``)::
+
+    write_serving_files(folder, "model/original/tokenizer.model", tokenizer, system_prompt, max_seq_len)
+
+Files: ``tokenizer.json`` (the tiktoken BPE as a Hugging Face fast tokenizer, every special token
+at its training id), ``tokenizer_config.json`` with a ``chat_template`` that renders
+``<|begin_of_text|>`` then each turn as ``<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>``
+(content stripped; the training system prompt when none is given; no "Cutting Knowledge Date"
+lines), ``special_tokens_map.json`` and ``generation_config.json`` (temperature 0.9, top-p 0.85,
+stop at ``<|eot_id|>``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+#: torchtune's Llama 3 pre-tokenizer pattern (tiktoken cl100k); the demo tokenizer is trained with it too.
+PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+           r"\s*[\r\n]+|\s+(?!\S)|\s+")
+#: GDT's sampling settings for forecasts.
+TEMPERATURE, TOP_P = 0.9, 0.85
+GENERATION = {"do_sample": True, "temperature": TEMPERATURE, "top_p": TOP_P}
+
+
+def _byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (what ByteLevel BPE vocabularies use)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
+
+
+def hf_tokenizer(ranks: dict[bytes, int], special_tokens: dict[str, int]):
+    """A ``tokenizers.Tokenizer`` that encodes like torchtune's tiktoken Llama 3 tokenizer."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    alphabet = _byte_level_alphabet()
+
+    def text(token: bytes) -> str:
+        return "".join(alphabet[b] for b in token)
+
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    # tiktoken merges the adjacent pair whose concatenation has the lowest rank: every split of a
+    # token into two tokens is a merge, ordered by the rank of the result
+    merges = sorted((rank, ranks[token[:i]], ranks[token[i:]], text(token[:i]), text(token[i:]))
+                    for token, rank in ranks.items() for i in range(1, len(token))
+                    if token[:i] in ranks and token[i:] in ranks)
+    bpe = BPE(vocab, [(a, b) for *_, a, b in merges], fuse_unk=False, ignore_merges=True)
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    for name, token_id in sorted(special_tokens.items(), key=lambda kv: kv[1]):
+        if tok.get_vocab_size() != token_id:
+            raise ValueError(f"special token {name} has id {token_id} but would get {tok.get_vocab_size()}; "
+                             "the tokenizer's special tokens must follow its ranks")
+        tok.add_special_tokens([AddedToken(name, special=True, normalized=False)])
+    bos = "<|begin_of_text|>"
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                      special_tokens=[(bos, special_tokens[bos])])
+    return tok
+
+
+def chat_template(system_prompt: str) -> str:
+    """Jinja chat template of the training layout; without a system message, the training one."""
+    default = json.dumps(system_prompt.strip())  # a JSON string is a valid Jinja string literal
+    return ("{{- bos_token }}"
+            "{%- if messages[0]['role'] != 'system' %}"
+            "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' + " + default + " + '<|eot_id|>' }}"
+            "{%- endif %}"
+            "{%- for message in messages %}"
+            "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+            " + '<|eot_id|>' }}"
+            "{%- endfor %}"
+            "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
+
+
+def write_serving_files(folder, tokenizer_model: str | Path, tokenizer, system_prompt: str, max_seq_len: int) -> None:
+    """Write the serving files into ``folder`` (an HF model folder), replacing any stock ones.
+    ``tokenizer`` is the torchtune tokenizer trained with (its special tokens and ids)."""
+    from tiktoken.load import load_tiktoken_bpe
+
+    folder = Path(folder)
+    specials = dict(tokenizer.special_tokens)
+    hf_tokenizer(load_tiktoken_bpe(str(tokenizer_model)), specials).save(str(folder / "tokenizer.json"))
+    names = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|finetune_right_pad_id|>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(names, indent=1))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", **names, "model_max_length": max_seq_len,
+        "clean_up_tokenization_spaces": False, "chat_template": chat_template(system_prompt),
+        "added_tokens_decoder": {str(i): {"content": n, "special": True, "normalized": False, "lstrip": False,
+                                          "rstrip": False, "single_word": False} for n, i in specials.items()},
+    }, indent=1))
+    (folder / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": specials["<|begin_of_text|>"], "eos_token_id": [specials["<|eot_id|>"],
+                                                                         specials["<|end_of_text|>"]],
+        "pad_token_id": specials["<|finetune_right_pad_id|>"], **GENERATION}, indent=1))
