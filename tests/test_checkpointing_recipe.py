@@ -1,4 +1,4 @@
-"""Interim checkpoints through the recipe on 2 CPU processes: the folder, exact resume (mid-epoch
+"""Interim checkpoints through the recipe on 2 CPU processes: the files, exact resume (mid-epoch
 and across an epoch boundary), incomplete checkpoints, other world sizes and global batches,
 failed saves. (SIGTERM / Ctrl-C: tests/test_launcher.py; SIGKILL: tests/test_fault_injection.py.)"""
 
@@ -18,17 +18,6 @@ TWO_EPOCHS = ("epochs=2", "max_steps_per_epoch=3", "save_every_n_steps=2", "keep
 
 def steps(out):
     return sorted(int(p.name.split("_")[1]) for p in out.glob("step_*"))
-
-
-def test_folder_listing(demo_dir, tmp_path):
-    """Every (interval, keep) is tested in process (tests/test_training_units.py); here the files
-    of 2 ranks."""
-    run_recipe(demo_dir, tmp_path, "max_steps_per_epoch=6", "save_every_n_steps=2", "keep_last_n_checkpoints=2", *NO_VAL)
-    assert steps(tmp_path) == [4, 6]
-    for s in steps(tmp_path):
-        names = {p.name for p in (tmp_path / f"step_{s}").iterdir()}
-        assert {".metadata", "COMPLETE", "rank_0.pt", "rank_1.pt", "__0_0.distcp", "__1_0.distcp"} <= names
-    assert (tmp_path / "epoch_0").is_dir()
 
 
 def assert_same_weights(a, b):
@@ -51,7 +40,11 @@ def test_resume_is_exact(demo_dir, tmp_path, two_epochs):
     Sync saves here; async saves resume exactly in tests/test_training_units.py and in the
     fault-injection run (tests/test_fault_injection.py)."""
     base = two_epochs
-    assert steps(base) == [2, 4, 6]
+    assert steps(base) == [2, 4, 6]  # keep_last_n_checkpoints=3 (every (interval, keep): test_checkpoint_manager.py)
+    for s in steps(base):  # the files of 2 ranks
+        names = {p.name for p in (base / f"step_{s}").iterdir()}
+        assert {".metadata", "COMPLETE", "rank_0.pt", "rank_1.pt", "__0_0.distcp", "__1_0.distcp"} <= names
+    assert (base / "epoch_1").is_dir()
     expected = logged(base)
     assert sorted(expected) == [1, 2, 3, 4, 5, 6]
     for start in (4,):
@@ -167,11 +160,12 @@ def test_resume_with_another_global_batch_warns_and_refuses_a_changed_seed(demo_
 
 
 def test_failed_save_stops_with_the_directory_and_keeps_earlier_checkpoints(demo_dir, tmp_path):
-    tmp_path.mkdir(exist_ok=True)
+    """Through the recipe, in process (one line at the exit: tests/test_launcher.py)."""
+    from gdt_tune.training.checkpointing import SaveFailed
+
     (tmp_path / "step_2").write_text("not a directory")  # the save of step 2 cannot create its folder
-    proc = run_recipe(demo_dir, tmp_path, "max_steps_per_epoch=4", "save_every_n_steps=1", *NO_VAL, check=False)
-    assert proc.returncode != 0
-    assert f"checkpoint: saving {tmp_path / 'step_2'} failed" in proc.stdout + proc.stderr
+    with pytest.raises(SaveFailed, match=f"^checkpoint: saving {tmp_path / 'step_2'} failed"):
+        train_in_process(demo_dir, tmp_path, "max_steps_per_epoch=4", "save_every_n_steps=1", *NO_VAL)
     assert (tmp_path / "step_1" / "COMPLETE").is_file() and not (tmp_path / "epoch_0").exists()
 
 
