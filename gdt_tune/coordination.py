@@ -4,6 +4,7 @@ it failed::
     node_first(lambda build: index_files(..., build=build))   # each node's first rank builds
     rank_zero_first(lambda first: claim(...) if first else read(...))
     report_error("error: ...")   # one line for all ranks that fail the same way
+    watch_launcher()             # under torchrun: save and stop when the launcher dies
 
 Without a process group (tools, tests, one process) the job simply runs. When the first rank
 fails, it raises its own error and the others raise :class:`FailedElsewhere`, which the recipe
@@ -13,7 +14,11 @@ ends without a message of its own (the first rank's line is the one to read).
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
+import signal
+import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -104,3 +109,37 @@ def report_error(line: str) -> None:
         except RuntimeError:  # rank 0 posted nothing in time: speak for this rank
             pass
     os.write(2, (line.rstrip("\n") + "\n").encode())
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def watch_launcher(poll_seconds: float = 2.0) -> None:
+    """Under torchrun: when the launcher dies (torchrun, or the ``gdt-tune train`` process in
+    ``GDT_LAUNCHER_PID``: ``kill -9``, a lost node), stop like on SIGTERM (save and exit) instead of
+    training on as an orphan."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    parent = os.getppid()
+    launcher = int(os.environ.get("GDT_LAUNCHER_PID") or 0)
+
+    def watch() -> None:
+        while os.getppid() == parent and (not launcher or _alive(launcher)):
+            time.sleep(poll_seconds)
+        logging.getLogger("gdt_tune").warning("launcher (pid %d) is gone; stopping",
+                                              parent if os.getppid() != parent else launcher)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="gdt-launcher-watch", daemon=True).start()

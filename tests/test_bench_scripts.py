@@ -12,11 +12,11 @@ SCRIPTS = {
     "recipe_step.py": (["--steps", "14", "--repeat", "1"], ["ours / stock time per step:"]),
     "checkpoint.py": (["--tiny", "--steps", "4"], ["async blocked / sync blocked:", "resumed / fresh:",
                                                    "interim checkpoint step_4"]),
-    "gpu_throughput.py": (["--steps", "4", "--variants", "ours:op"], ["| ours:op |"]),  # stock: recipe_step.py
-    # on CPU: the tiny run with async saves and the step-by-step resume comparison (evaluate in bf16
-    # and fp32 on CPU: tests/test_evaluate.py)
-    "gpu_check.py": (["--tiny-steps", "6", "--skip", "throughput,evaluate"],
-                     ["| resume from step_3 | pass |", " passed, 0 failed"]),
+    # on CPU: the tiny run with async saves, the step-by-step resume comparison and one throughput
+    # variant through gpu_throughput.run_variants (stock: recipe_step.py; evaluate in bf16 and fp32 on
+    # CPU: tests/test_evaluate.py)
+    "gpu_check.py": (["--tiny-steps", "6", "--skip", "evaluate", "--steps", "4", "--variants", "ours:op"],
+                     ["| resume from step_3 | pass |", "| ours:op |", " passed, 0 failed"]),
     "index_stamp.py": (["--mib", "8"], ["full hash / stamp:", "| stat stamp (the cache's check) |"]),
     "prune.py": (["--gib", "0.01", "--repeat", "1"], ["| inline |", "| background |"]),
 }

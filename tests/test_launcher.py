@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from recipe_utils import RECIPE, REPO, TINY, TUNE, logged
+from recipe_utils import REPO, TINY, logged
 
 from gdt_tune.launcher import StderrFilter
 
@@ -94,27 +94,53 @@ def test_ctrl_c_or_sigterm_saves_the_current_step_and_ends_cleanly(demo_dir, tmp
     assert int(saved[0].split("_")[1]) == max(logged(out)) >= 3
 
 
-def test_ranks_stop_when_their_launcher_is_killed(demo_dir, tmp_path):
-    """kill -9 of the launcher (tune run runs torchrun in its own process): the ranks notice, save
-    and exit instead of training on as orphans that would hold the output_dir."""
-    out = tmp_path / "out"
-    cmd = [TUNE, "run", "--nproc_per_node", "2", RECIPE, "--config", TINY, f"demo_dir={demo_dir}",
-           f"output_dir={out}", "max_steps_per_epoch=400", "save_every_n_steps=null", "dataset_val=null",
-           "run_val_every_n_steps=null"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, TIKTOKEN_CACHE_DIR=""), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+def _kill_and_wait_for_children(out, proc, children: int, timeout: float = 90) -> None:
+    """After 3 steps, kill -9 ``proc``; its ``children`` must then save one step_N and exit."""
     _wait_for_steps(out, proc)
-    ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    assert len(ranks) == 2
+    pids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(pids) == children
     proc.kill()
     proc.wait()
-    deadline = time.time() + 60
+    deadline = time.time() + timeout
     while any(os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]
-              for pid in ranks):
-        assert time.time() < deadline, "ranks still running after their launcher died"
+              for pid in pids):
+        assert time.time() < deadline, f"{pids} still running after their launcher died"
         time.sleep(0.2)
     saved = list(out.glob("step_*"))
     assert len(saved) == 1 and (saved[0] / "COMPLETE").is_file()
+    assert int(saved[0].name.split("_")[1]) == max(logged(out)) >= 3
+
+
+WATCHED = """
+import os, signal, sys, time
+from gdt_tune.coordination import watch_launcher
+signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[1], "w").write("SIGTERM"), os._exit(0)))
+watch_launcher(poll_seconds=0.05)
+open(sys.argv[1] + ".ready", "w").close()
+time.sleep(60)
+"""
+PARENT = """
+import os, subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]])  # the 'rank'
+while not os.path.exists(sys.argv[2] + ".ready"):  # it watches this process: now this 'torchrun' dies
+    time.sleep(0.05)
+os._exit(9)
+"""
+
+
+def test_a_rank_whose_torchrun_dies_stops_like_on_sigterm(tmp_path):
+    """kill -9 of torchrun (or of `tune run`, which is torchrun in its own process): the rank sees its
+    parent gone and sends itself SIGTERM, which saves the current step and stops (the save:
+    test_kill_9_of_gdt_tune_saves_the_current_step_like_sigterm, the same path through the
+    launcher's pid)."""
+    said = tmp_path / "said"
+    env = dict(os.environ, TORCHELASTIC_RUN_ID="test")
+    subprocess.run([sys.executable, "-c", PARENT, WATCHED, str(said)], env=env, cwd=REPO, timeout=60)
+    deadline = time.time() + 60
+    while not said.exists():
+        assert time.time() < deadline, "the rank did not notice that its parent died"
+        time.sleep(0.05)
+    assert said.read_text() == "SIGTERM"
 
 
 def test_kill_9_of_gdt_tune_saves_the_current_step_like_sigterm(demo_dir, tmp_path):
@@ -122,18 +148,7 @@ def test_kill_9_of_gdt_tune_saves_the_current_step_like_sigterm(demo_dir, tmp_pa
     broken pipe, see the launcher gone (GDT_LAUNCHER_PID), save and exit."""
     out = tmp_path / "out"
     proc = _train(out, demo_dir, "max_steps_per_epoch=400", "save_every_n_steps=null")
-    _wait_for_steps(out, proc)
-    torchrun = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    assert len(torchrun) == 1
-    proc.kill()
-    proc.wait()
-    deadline = time.time() + 90
-    while os.path.exists(f"/proc/{torchrun[0]}"):
-        assert time.time() < deadline, "torchrun and its ranks still running after gdt-tune was killed"
-        time.sleep(0.2)
-    saved = list(out.glob("step_*"))
-    assert len(saved) == 1 and (saved[0] / "COMPLETE").is_file()
-    assert int(saved[0].name.split("_")[1]) == max(logged(out)) >= 3
+    _kill_and_wait_for_children(out, proc, children=1)  # torchrun, which waits for its ranks
     log = next((tmp_path / "launcher-logs").glob("train-*.log"))
     said = log.read_text() + log.with_suffix(".out").read_text()
     assert "BrokenPipeError" not in said and "is gone; stopping" in said and "SIGTERM received; saved step" in said

@@ -13,9 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from functools import partial
 
@@ -28,7 +26,7 @@ from torchtune import config, training
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 from tqdm import tqdm
 
-from gdt_tune.coordination import FailedElsewhere, rank_zero_first, report_error
+from gdt_tune.coordination import FailedElsewhere, rank_zero_first, report_error, watch_launcher
 from gdt_tune.cpus import available_cpus
 from gdt_tune.data.layout import trained_with
 from gdt_tune.datasets import PatientDataset, dropped_by_cap
@@ -62,39 +60,6 @@ def one_line(error: BaseException) -> str:
         last = text.splitlines()[-1]
         text = last.split(": ", 1)[1] if ": " in last else last
     return " ".join(text.split("\n"))
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie, killed but not yet reaped, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-
-
-def watch_launcher(poll_seconds: float = 2.0) -> None:
-    """Under torchrun: when the launcher dies (torchrun, or the ``gdt-tune train`` process in
-    ``GDT_LAUNCHER_PID``: ``kill -9``, a lost node), stop like on SIGTERM (save and exit) instead of
-    training on as an orphan."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
-        return
-    parent = os.getppid()
-    launcher = int(os.environ.get("GDT_LAUNCHER_PID") or 0)
-
-    def watch() -> None:
-        while os.getppid() == parent and (not launcher or _alive(launcher)):
-            time.sleep(poll_seconds)
-        log.warning("launcher (pid %d) is gone; stopping", parent if os.getppid() != parent else launcher)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="gdt-launcher-watch", daemon=True).start()
 
 
 def loggable_config(cfg: DictConfig) -> DictConfig:
