@@ -236,7 +236,7 @@ def _data_report(args) -> int:
             tokenizer = load_tokenizer(args.tokenizer, args.special_tokens)
         except ValueError as e:
             raise ValueError(f"--tokenizer {e}") from None
-        data_report(args.data, tokenizer, args.out, max_seq_len=args.max_seq_len)
+        data_report(args.data, tokenizer, args.out, max_seq_len=args.max_seq_len, world_size=args.world_size)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -303,6 +303,8 @@ def main(argv=None) -> int:
     r.add_argument("--special-tokens", help="special_tokens.json (default: beside the tokenizer, if there)")
     r.add_argument("--max-seq-len", type=_at_least(16), default=DEFAULT_MAX_SEQ_LEN)
     r.add_argument("--out", default="data_report", help="output folder (default data_report)")
+    r.add_argument("--world-size", type=_at_least(1), default=8, help="ranks of the expected rank balance, random vs "
+                   "length-balanced steps (default 8)")
     r.set_defaults(func=_data_report)
     args = ap.parse_args(argv)
     return args.func(args)

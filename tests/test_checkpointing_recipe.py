@@ -86,20 +86,24 @@ def reshard_base(demo_dir, tmp_path_factory):
     return base
 
 
-@pytest.mark.parametrize("before, after", [((2, 1), (1, 2)), ((1, 2), (2, 1))])
-def test_resume_on_another_world_size_with_the_same_global_batch(demo_dir, tmp_path, before, after, reshard_base,
-                                                                 caplog):
-    """(ranks, gradient_accumulation_steps) 2 x 1 -> 1 x 2 and back: the state is resharded and the
-    resumed losses and final weights are those of the uninterrupted run. (One rank runs in this
-    process.)"""
+BALANCED = ("balanced_steps=true", "balance_group=2")
+
+
+@pytest.mark.parametrize("before, after, order", [((2, 1), (1, 2), ()), ((1, 2), (2, 1), ()),
+                                                  ((1, 2), (2, 1), BALANCED)])
+def test_resume_on_another_world_size_with_the_same_global_batch(demo_dir, tmp_path, before, after, order,
+                                                                 reshard_base, caplog):
+    """(ranks, gradient_accumulation_steps) 2 x 1 -> 1 x 2 and back, and with length-balanced steps:
+    the state is resharded and the resumed losses and final weights are those of the uninterrupted
+    run. (One rank runs in this process.)"""
     base, out = tmp_path / "base", tmp_path / "resumed"
     if before == (2, 1):
         base = reshard_base
     else:
-        train_in_process(demo_dir, base, *RESHARD, f"gradient_accumulation_steps={before[1]}")
+        train_in_process(demo_dir, base, *RESHARD, *order, f"gradient_accumulation_steps={before[1]}")
     out.mkdir()
     shutil.copytree(base / "step_3", out / "step_3")
-    resume = (*RESHARD, f"gradient_accumulation_steps={after[1]}", "resume_from_checkpoint=true")
+    resume = (*RESHARD, *order, f"gradient_accumulation_steps={after[1]}", "resume_from_checkpoint=true")
     if after[0] == 1:
         with caplog.at_level(logging.INFO, logger="gdt_tune"):
             train_in_process(demo_dir, out, *resume)
@@ -117,6 +121,10 @@ def test_resume_on_another_world_size_with_the_same_global_batch(demo_dir, tmp_p
     wa, wb = final_weights(base, 0), final_weights(out, 0)
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
+    balance = logged(out, "rank_balance")
+    assert sorted(balance) == [4, 5, 6] and all(0 < b <= 1 for b in balance.values())
+    if order and after[0] == 2:  # a step's 2 samples are one group of similar length: both ranks busy
+        assert min(balance.values()) > 0.8
 
 
 def test_resume_with_half_the_global_batch_sees_every_sample_of_the_epoch_once(demo_dir, tokenizer, tmp_path):

@@ -132,6 +132,14 @@ def test_data_report_on_the_demo_data(demo_dir, tokenizer, tmp_path):
     for name in ("lengths_train.png", "task_mix.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert "SYN0" not in report and "Here is the prediction" not in report
+    # the expected rank balance, computed from the same lengths as the training split's samples
+    from gdt_tune.training.sampling import expected_rank_balance
+
+    capped = [min(len(ds._layout.prompt_tokens(r["instruction"])) + len(ds._layout.answer_tokens(r["answer"])), 1200)
+              for _, r in read_samples(demo_dir / "data" / "train", None)]
+    random_order, balanced = expected_rank_balance(capped, 8)
+    line = f"rank balance at 8 ranks: random {random_order:.2f}, balanced {balanced:.2f}"
+    assert line in report.splitlines() and line in proc.stdout and balanced > random_order
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

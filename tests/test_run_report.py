@@ -9,8 +9,10 @@ def _log(path, lines):
 
 
 def test_plot_run_merges_resumed_logs_and_summarises(tmp_path):
-    _log(tmp_path / "logs" / "log_1.txt", [(1, {"loss": 4.0, "tokens_seen": 100, "tokens_per_second_per_device": 10}),
-                                           (2, {"loss": 3.0, "tokens_seen": 200, "tokens_per_second_per_device": 30}),
+    _log(tmp_path / "logs" / "log_1.txt", [(1, {"loss": 4.0, "tokens_seen": 100, "tokens_per_second_per_device": 10,
+                                                 "rank_balance": 0.5}),
+                                           (2, {"loss": 3.0, "tokens_seen": 200, "tokens_per_second_per_device": 30,
+                                                "rank_balance": 0.7}),
                                            (2, {"val_loss": 3.5})])
     _log(tmp_path / "logs" / "log_2.txt", [(3, {"loss": 2.0, "tokens_seen": 300, "tokens_per_second_per_device": 20}),
                                            (3, {"checkpoint_blocked_seconds": 0.1})])
@@ -24,6 +26,7 @@ def test_plot_run_merges_resumed_logs_and_summarises(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG" and (tmp_path / "summary.md").read_text().strip() == text
     for row in ("| steps logged | 1..3 (3 values) |", "| tokens seen | 300 |", "| tokens/s per device (mean) | 20 |",
                 "| train loss, first -> mean of last 10 | 4.0000 -> 3.0000 |", "| validation loss, last | 3.5000 at step 2 |",
+                "| rank balance (mean; 1.0: no rank waits) | 0.600 |",
                 "| interim checkpoints | step_3 |", "| final checkpoints | epoch_0 |"):
         assert row in text, text
 

@@ -11,7 +11,8 @@ def rows(patients, lots=None, status=None, digest=None):
     n = len(patients)
     return Rows(file=np.zeros(n, np.int32), offset=np.arange(n, dtype=np.int64) * 100,
                 length=np.full(n, 100, np.int32), line=np.arange(1, n + 1, dtype=np.int32),
-                status=np.asarray(status or [0] * n, np.int8), digest=np.asarray(digest or range(n), np.int64),
+                status=np.asarray(status or [0] * n, np.int8), tokens=np.full(n, 50, np.int32),
+                digest=np.asarray(digest or range(n), np.int64),
                 patient=np.asarray(patients), lot=np.asarray(lots or [""] * n))
 
 

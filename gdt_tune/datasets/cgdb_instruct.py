@@ -50,6 +50,8 @@ class PatientDataset(Protocol):
 
     def where_patient(self, patient_id: str) -> str: ...
 
+    def lengths(self): ...  #: tokens of each sample after the cap (balanced_steps)
+
 
 def dropped_by_cap(dataset) -> int:
     """Samples the length cap dropped from a :class:`PatientDataset` (0 for another dataset)."""
@@ -82,6 +84,10 @@ class CGDBInstructDataset(Dataset):
     def where_patient(self, patient_id: str) -> str:
         """``file:line`` of the first sample of a patient (by the hash from :meth:`patient_ids`)."""
         return self.where(int(np.flatnonzero(self._rows.patient == patient_id)[0]))
+
+    def lengths(self) -> np.ndarray:
+        """Tokens of each sample after the length cap, from the index (no sample is read)."""
+        return self._rows.tokens
 
     def patient_ids(self) -> set[str]:
         """The distinct ``meta.patientid`` values of the samples as keyed hashes (see

@@ -28,6 +28,7 @@ class Rows:
     length: np.ndarray  # int32: byte length of the line
     line: np.ndarray  # int32: 1-based line number
     status: np.ndarray  # int8: layout.Status after the length cap
+    tokens: np.ndarray  # int32: tokens after the length cap (0 when dropped)
     digest: np.ndarray  # int64: hash of instruction + answer
     patient: np.ndarray  # str
     lot: np.ndarray  # str
@@ -45,9 +46,10 @@ class Rows:
             parts = [np.append(getattr(ix, vocab).astype(str), "")[getattr(ix, codes)] for ix in indexes]
             return np.concatenate(parts) if parts else np.zeros(0, dtype=str)  # code -1 -> ""
         cat = {name: np.concatenate([getattr(ix, name) for ix in indexes])
-               for name in ("offsets", "lengths", "lines", "status", "digest")}
+               for name in ("offsets", "lengths", "lines", "status", "num_tokens", "digest")}
         return cls(file=np.concatenate([np.full(len(ix.offsets), i, dtype=np.int32) for i, ix in enumerate(indexes)]),
                    offset=cat["offsets"], length=cat["lengths"], line=cat["lines"], status=cat["status"],
+                   tokens=cat["num_tokens"],
                    digest=cat["digest"], patient=decode("patient", "patients"), lot=decode("lot", "lots"))
 
 

@@ -25,6 +25,7 @@ from gdt_tune.data.records import (
     read_chunk,
     resolve_data_files,
 )
+from gdt_tune.training.sampling import expected_rank_balance
 
 BINS = 40
 
@@ -53,12 +54,13 @@ def _chunk_stats(path: Path, start: int, end: int, first_line: int, layout: Layo
     edges = np.linspace(0, 2 * cap, BINS + 1)
     st = {"samples": 0, "lengths": np.zeros(BINS + 1, dtype=np.int64), "tasks": Counter(), "events": Counter(),
           "policy": Counter(), "groups": Counter(), "patients": set(), "no_patient": 0, "no_lot": 0,
-          "unparseable": 0, "tokens": 0}
+          "unparseable": 0, "tokens": 0, "sample_lengths": []}
     for _, _, _, where, record in read_chunk(path, start, end, first_line):
         st["samples"] += 1
         prompt, answer = layout.prompt_tokens(record["instruction"]), layout.answer_tokens(record["answer"])
         n = len(prompt) + len(answer)
         st["tokens"] += n
+        st["sample_lengths"].append(min(n, cap))
         st["lengths"][min(np.searchsorted(edges, n, side="right") - 1, BINS)] += 1
         if n > cap:
             for policy in ("gdt", "drop", "history"):
@@ -100,8 +102,9 @@ def split_stats(files: list[Path], layout: Layout, cap: int, workers: int, desc:
 
 
 def data_report(data: list[str], tokenizer, out, max_seq_len: int = DEFAULT_MAX_SEQ_LEN, system_prompt: str | None = None,
-                workers: int | None = None) -> dict:
-    """Write ``report.md`` and PNGs under ``out``; returns the numbers."""
+                workers: int | None = None, world_size: int = 8) -> dict:
+    """Write ``report.md`` and PNGs under ``out``; returns the numbers. ``world_size``: the ranks
+    of the expected rank balance (random vs length-balanced steps, on the training split)."""
     from gdt_tune.eval.plots import bar_chart, length_histogram
 
     out = Path(out)
@@ -156,6 +159,13 @@ def data_report(data: list[str], tokenizer, out, max_seq_len: int = DEFAULT_MAX_
             shared = len(stats[a]["patients"] & stats[b]["patients"])
             overlap[f"{a}/{b}"] = shared
             lines.append(f"| {a} / {b} | {shared:,}{'  **NOT ZERO**' if shared else ''} |")
+    train = "train" if "train" in stats else names[0]
+    random_order, balanced = expected_rank_balance(stats[train]["sample_lengths"], world_size)
+    balance_line = f"rank balance at {world_size} ranks: random {random_order:.2f}, balanced {balanced:.2f}"
+    lines += ["", f"## Rank balance ({train})", "", "The expected mean over steps of (each rank's work / the busiest "
+              "rank's), one sample per rank, work = training FLOPs at the Llama-3.1-8B shape: in a random order, and "
+              f"with `balanced_steps: true` (`balance_group: {world_size}`).", "", balance_line]
     lines += ["", "Plots: " + ", ".join(f"`lengths_{_file_name(n)}.png`" for n in names) + ", `task_mix.png`."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    return {"splits": numbers, "overlap": overlap}
+    return {"splits": numbers, "overlap": overlap,
+            "rank_balance": {"world_size": world_size, "random": random_order, "balanced": balanced}}

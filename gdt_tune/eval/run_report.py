@@ -47,7 +47,7 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
 def summary(run_dir: Path, metrics: dict[str, dict[int, float]]) -> list[tuple[str, str]]:
     loss, val = metrics.get("loss", {}), metrics.get("val_loss", {})
     last = sorted(loss)[-10:]
-    tps = metrics.get("tokens_per_second_per_device", {})
+    tps, balance = metrics.get("tokens_per_second_per_device", {}), metrics.get("rank_balance", {})
     steps = sorted(p for p in run_dir.glob("step_*") if (p / "COMPLETE").is_file())
     rows = [("steps logged", f"{min(loss)}..{max(loss)} ({len(loss)} values)" if loss else "none"),
             ("tokens seen", f"{int(max(metrics['tokens_seen'].values())):,}" if metrics.get("tokens_seen") else "n/a"),
@@ -55,6 +55,7 @@ def summary(run_dir: Path, metrics: dict[str, dict[int, float]]) -> list[tuple[s
             ("train loss, first -> mean of last 10", f"{loss[min(loss)]:.4f} -> {sum(loss[s] for s in last) / len(last):.4f}"
              if loss else "n/a"),
             ("validation loss, last", f"{val[max(val)]:.4f} at step {max(val)}" if val else "n/a"),
+            ("rank balance (mean; 1.0: no rank waits)", f"{sum(balance.values()) / len(balance):.3f}" if balance else "n/a"),
             ("interim checkpoints", ", ".join(p.name for p in steps) or "none"),
             ("final checkpoints", ", ".join(p.name for p in sorted(run_dir.glob("epoch_*"))) or "none")]
     return rows

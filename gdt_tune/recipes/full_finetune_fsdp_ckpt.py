@@ -37,10 +37,11 @@ from gdt_tune.training.activation_checkpointing import apply_activation_checkpoi
 from gdt_tune.training.checkpointing import CheckpointManager, Progress, SaveFailed
 from gdt_tune.training.config import check_components, check_paths, has_component, parse
 from gdt_tune.training.hf_weights import check_weights_fit, init_rope_buffers, prepare_for_save, tune_shapes
+from gdt_tune.training.loss_head import LossOnlyHead
 from gdt_tune.training.mfu import decoder_flops_per_token, mfu, peak_tflops
 from gdt_tune.training.resume import ResumePlan, dataset_settings, lr_schedule, run_contract
 from gdt_tune.training.run_dir import OutputDirLock, take_output_dir
-from gdt_tune.training.sampling import EvalBatchSampler, GlobalOrderBatchSampler
+from gdt_tune.training.sampling import EvalBatchSampler, GlobalOrderBatchSampler, rank_balance
 
 log = logging.getLogger("gdt_tune")
 
@@ -129,7 +130,7 @@ class FullFinetuneRecipe:
         self._interim: CheckpointManager | None = None  # step_N checkpoints and resume
         self._lock: OutputDirLock | None = None  # rank 0's hold on output_dir
         self._metric_logger = self._profiler = None
-        self._model = self._optimizer = self._lr_scheduler = self._loss_fn = None
+        self._model = self._optimizer = self._lr_scheduler = self._head = None
         self._progress: Progress | None = None
         self._flops_per_token = None  # (mean sequence length) -> FLOPs per token, for MFU
 
@@ -167,7 +168,9 @@ class FullFinetuneRecipe:
             seed=self._seed, shuffle=self._data_cfg.shuffle, dataset=self._train_ds, settings=self._settings,
             world_size=self._world, accumulation=self._accum, batch_size=self._batch_size,
             lr=float(cfg.optimizer.get("lr", 0.0)), save_every=self._ckpt_cfg.save_every_n_steps,
-            schedule=lr_schedule(cfg.lr_scheduler if has_component(cfg, "lr_scheduler") else None, schedule_steps)))
+            schedule=lr_schedule(cfg.lr_scheduler if has_component(cfg, "lr_scheduler") else None, schedule_steps),
+            balanced_order=(f"balance_group={self._data_cfg.balance_group}, balance_window={self._data_cfg.balance_window}"
+                            if self._data_cfg.balanced_steps else "off")))
         self._hf_checkpointer = config.instantiate(cfg.checkpointer)
         if plan.path is None and (shapes := tune_shapes(self._hf_checkpointer)) is not None:
             with torch.device("meta"):  # the weights' shapes from their headers: no 16 GB read to find a typo
@@ -186,10 +189,9 @@ class FullFinetuneRecipe:
         self._optimizer = config.instantiate(cfg.optimizer, self._model.parameters())
         self._lr_scheduler = (config.instantiate(cfg.lr_scheduler, self._optimizer, num_training_steps=schedule_steps)
                               if has_component(cfg, "lr_scheduler") else None)
-        self._loss_fn = config.instantiate(cfg.loss)
-        if self._train_cfg.compile:
-            training.compile_loss(self._loss_fn)
-        self._model.set_num_output_chunks(self._loss_fn.num_output_chunks)
+        # the projection and cross-entropy of labelled positions only, in loss.num_output_chunks chunks
+        self._head = LossOnlyHead(self._model, config.instantiate(cfg.loss).num_output_chunks,
+                                  compile=self._train_cfg.compile)
         self._progress = Progress(seed=self._seed, world_size=self._world)
         self._interim = CheckpointManager.from_config(
             self._ckpt_cfg, model=self._model, optimizer=self._optimizer, lr_scheduler=self._lr_scheduler,
@@ -242,8 +244,20 @@ class FullFinetuneRecipe:
         return partial(padded_collate_sft, padding_idx=self._tokenizer.pad_id, ignore_idx=CROSS_ENTROPY_IGNORE_IDX)
 
     def _setup_train_loader(self, ds) -> tuple[GlobalOrderBatchSampler, DataLoader]:
-        sampler = GlobalOrderBatchSampler(len(ds), self._batch_size, self._rank, self._world,
-                                          seed=self._seed, shuffle=self._data_cfg.shuffle)
+        d, lengths = self._data_cfg, None
+        if d.balanced_steps:
+            if not isinstance(ds, PatientDataset):
+                raise ValueError("config key 'balanced_steps': needs a dataset that knows its sample lengths "
+                                 "(gdt_tune.datasets.cgdb_instruct_dataset); set balanced_steps=false")
+            lengths = ds.lengths()
+            across_ranks = self._batch_size * self._world
+            if d.balance_group % across_ranks and self._is_rank_zero:
+                log.warning("balanced_steps: balance_group=%d is not a multiple of batch_size x ranks = %d, so a "
+                            "micro-batch spans two groups of different lengths; set balance_group to the global "
+                            "batch (%d)", d.balance_group, across_ranks, across_ranks * self._accum)
+        sampler = GlobalOrderBatchSampler(len(ds), self._batch_size, self._rank, self._world, seed=self._seed,
+                                          shuffle=d.shuffle, lengths=lengths, group=d.balance_group or 0,
+                                          window=d.balance_window)
         workers = self._data_cfg.num_workers
         loader = DataLoader(ds, batch_sampler=sampler, collate_fn=self._collate(), num_workers=workers,
                             persistent_workers=False, prefetch_factor=2 if workers else None,
@@ -296,21 +310,17 @@ class FullFinetuneRecipe:
         shifted[:, :-1] = labels[:, 1:]
         return tokens, shifted
 
-    def _ce_sum(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Summed cross-entropy over label tokens, one output chunk at a time (128k vocab)."""
-        logits = self._model(tokens)
-        chunks = labels.chunk(self._loss_fn.num_output_chunks, dim=1)
-        return sum(self._loss_fn.compute_cross_entropy(lc.reshape(-1, lc.size(-1)), lab.reshape(-1))
-                   for lc, lab in zip(logits, chunks))
-
-    def _global_counts(self, batches: list[dict]) -> tuple[float, float]:
-        """Label tokens (after the shift) and non-pad tokens of this step on all ranks, counted on
-        the CPU batches: a CPU all-reduce (gloo), so the GPU never waits for the host."""
-        counts = torch.tensor([sum(float((b["labels"][:, 1:] != CROSS_ENTROPY_IGNORE_IDX).sum()) for b in batches),
-                               sum(float((b["tokens"] != self._tokenizer.pad_id).sum()) for b in batches)],
-                              dtype=torch.float64)
+    def _global_counts(self, batches: list[dict]) -> tuple[float, float, float]:
+        """Label tokens (after the shift) and non-pad tokens of this step on all ranks, and the
+        step's ``rank_balance`` (each rank's work: the FLOPs of its padded micro-batches,
+        ``training.mfu``), counted on the CPU batches: a CPU all-reduce (gloo), so the GPU never
+        waits for the host."""
+        counts = torch.zeros(2 + self._world, dtype=torch.float64)
+        counts[0] = sum(float((b["labels"][:, 1:] != CROSS_ENTROPY_IGNORE_IDX).sum()) for b in batches)
+        counts[1] = sum(float((b["tokens"] != self._tokenizer.pad_id).sum()) for b in batches)
+        counts[2 + self._rank] = sum(b["tokens"].numel() * self._flops_per_token(b["tokens"].shape[1]) for b in batches)
         dist.all_reduce(counts)
-        return counts[0].item(), counts[1].item()
+        return counts[0].item(), counts[1].item(), rank_balance(counts[2:].tolist())
 
     def _train_step(self, batches: list[dict]) -> dict:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches. The loss is
@@ -318,12 +328,12 @@ class FullFinetuneRecipe:
         that of the mean over the global batch (FSDP averages gradients over ranks, hence x world).
         Loss and grad norm stay on the device (``loss_sum``, ``grad_norm``): read them only when
         logging (:meth:`_read_step`), so steps queue up without host syncs."""
-        n_labels, n_tokens = self._global_counts(batches)
+        n_labels, n_tokens, balance = self._global_counts(batches)
         scale = self._world / max(n_labels, 1.0)
         moved = [self._to_device(b) for b in batches]
         loss_sum = torch.zeros((), dtype=torch.float64, device=self._device)
         for tokens, labels in moved:
-            ce = self._ce_sum(tokens, labels)
+            ce = self._head(tokens, labels)
             (ce * scale).backward()
             loss_sum += ce.detach().double()
         grad_norm = None
@@ -338,6 +348,7 @@ class FullFinetuneRecipe:
         if self._lr_scheduler is not None:
             self._lr_scheduler.step()
         return {"loss_sum": loss_sum, "grad_norm": grad_norm, "tokens": n_tokens, "label_tokens": n_labels,
+                "rank_balance": balance,
                 "seq_len": n_tokens / (len(batches) * self._batch_size * self._world)}
 
     def _read_step(self, stats: dict) -> dict[str, float]:
@@ -368,7 +379,7 @@ class FullFinetuneRecipe:
                 batch = dict(last, labels=torch.full_like(last["labels"], CROSS_ENTROPY_IGNORE_IDX))
             n_total += int((batch["labels"][:, 1:] != CROSS_ENTROPY_IGNORE_IDX).sum())
             tokens, labels = self._to_device(batch)
-            ce_total += self._ce_sum(tokens, labels).double()
+            ce_total += self._head(tokens, labels).double()
             last = batch
         self._model.train()
         totals = torch.stack([ce_total, torch.tensor(float(n_total), dtype=torch.float64, device=self._device)])
@@ -400,7 +411,8 @@ class FullFinetuneRecipe:
     def _train_epochs(self, bar) -> bool:
         """The steps left, epoch by epoch; True when a signal stopped training (after saving)."""
         p = self._progress
-        window = {"tokens": 0.0, "label_tokens": 0.0, "seq_len": 0.0, "steps": 0, "t0": time.perf_counter()}
+        window = {"tokens": 0.0, "label_tokens": 0.0, "seq_len": 0.0, "rank_balance": 0.0, "steps": 0,
+                  "t0": time.perf_counter()}
         first_step_logged = False
         while p.epoch < self._train_cfg.epochs:
             self._sampler.set_epoch(p.epoch, start_sample=p.samples_in_epoch)
@@ -415,7 +427,7 @@ class FullFinetuneRecipe:
                     self._log_first_step(started)
                     first_step_logged = True
                 bar.update(1)
-                for k in ("tokens", "label_tokens", "seq_len"):
+                for k in ("tokens", "label_tokens", "seq_len", "rank_balance"):
                     window[k] += stats[k]
                 window["steps"] += 1
                 if p.global_step % self._log_cfg.log_every_n_steps == 0:
@@ -468,6 +480,7 @@ class FullFinetuneRecipe:
             "tokens_per_second_per_device": per_device,
             "label_tokens_per_second_per_device": window["label_tokens"] / self._world / elapsed,
             "tokens_seen": self._progress.tokens_seen,
+            "rank_balance": window["rank_balance"] / window["steps"],
         }
         if "grad_norm" in stats:
             payload["grad_norm"] = stats["grad_norm"]
@@ -479,7 +492,7 @@ class FullFinetuneRecipe:
                 payload["peak_memory_alloc_gib"] = torch.cuda.max_memory_allocated(self._device) / 2**30
                 payload["peak_memory_reserved_gib"] = torch.cuda.max_memory_reserved(self._device) / 2**30
         self._log(payload)
-        window.update(tokens=0.0, label_tokens=0.0, seq_len=0.0, steps=0, t0=time.perf_counter())
+        window.update(tokens=0.0, label_tokens=0.0, seq_len=0.0, rank_balance=0.0, steps=0, t0=time.perf_counter())
 
     def save_final(self, epoch: int) -> None:
         """Consolidated Hugging Face checkpoint in ``${output_dir}/epoch_{epoch}/``, written by rank 0."""

@@ -55,6 +55,10 @@ def flops_per_token(params_without_embedding: int, num_layers: int, dim: int, se
     return 6.0 * params_without_embedding + 12.0 * num_layers * dim * seq_len
 
 
+#: Llama-3.1-8B: parameters without the input embedding, layers, width (data-report's work estimate).
+LLAMA3_1_8B = (8_030_261_248 - 128_256 * 4096, 32, 4096)
+
+
 def decoder_flops_per_token(model) -> Callable[[float], float]:
     """:func:`flops_per_token` of a torchtune ``TransformerDecoder`` (also on the meta device), as
     a function of the sequence length."""

@@ -8,7 +8,7 @@ position in the data, counted in samples of the epoch's global order. On resume:
   dataset (files, sizes, modification times, samples after selection), ``dataset.max_seq_len``,
   ``dataset.truncation``, ``dataset.splits_per_patient_therapy``, the LR schedule when there is
   one (``lr_scheduler`` and its length in steps: ``epochs``, ``max_steps_per_epoch`` and the global
-  batch may not change then) (and the model shape, checked against the weights by
+  batch may not change then), the step order (``balanced_steps``, ``balance_group``, ``balance_window``) (and the model shape, checked against the weights by
   ``checkpointing.check_model_shapes``);
 - allowed with a one-line warning: the world size (the sharded state is resharded),
   ``gradient_accumulation_steps``, ``batch_size`` and so the global batch, ``optimizer.lr`` (applied
@@ -50,6 +50,8 @@ REFUSED = {
                                    "set dataset.splits_per_patient_therapy={saved}"),
     "dataset": ("the training data (files, sizes, modification times)", "restore the data it was trained on"),
     "samples": ("the number of training samples after selection", "restore the data and selection it was trained on"),
+    "balanced_order": ("the step order (balanced_steps, balance_group, balance_window)",
+                       "set them as they were ({saved})"),
     "lr_schedule": ("the LR schedule (lr_scheduler; its length: epochs x steps per epoch, which max_steps_per_epoch "
                     "and the global batch set)", "keep lr_scheduler, epochs, max_steps_per_epoch and the global batch "
                     "as they were"),
@@ -142,11 +144,12 @@ def lr_schedule(block, steps: int) -> str | None:
 
 
 def run_contract(*, seed: int, shuffle: bool, dataset, settings: dict, world_size: int, accumulation: int,
-                 batch_size: int, lr: float, save_every: int | None, schedule: str | None) -> dict:
+                 batch_size: int, lr: float, save_every: int | None, schedule: str | None,
+                 balanced_order: str = "off") -> dict:
     """What this run's data order and optimisation depend on (refused or warned by :func:`compare`)."""
     return {"seed": seed, "shuffle": shuffle, "dataset": dataset_fingerprint(dataset), "samples": len(dataset),
             "max_seq_len": trained_with(settings)[1], "truncation": settings.get("truncation", "gdt"),
             "splits_per_patient_therapy": settings.get("splits_per_patient_therapy"), "world_size": world_size,
             "gradient_accumulation_steps": accumulation, "batch_size": batch_size,
             "global_batch": batch_size * world_size * accumulation, "lr": lr, "save_every_n_steps": save_every,
-            "lr_schedule": schedule}
+            "lr_schedule": schedule, "balanced_order": balanced_order}

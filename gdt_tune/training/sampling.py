@@ -5,8 +5,57 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+
+def balanced_order(order: list[int], lengths, group: int, window: int, seed: int) -> list[int]:
+    """``order`` rearranged so that each run of ``group`` consecutive samples has similar lengths:
+    the order is cut into windows of ``group x window`` samples, each window sorted by length
+    (stable), cut into groups of ``group``, and all groups of the epoch shuffled (seeded by
+    ``seed``); a last partial group stays last. A permutation of ``order`` that depends only on it,
+    the lengths, ``group``, ``window`` and ``seed``: not on world size, batch size or accumulation.
+
+    YAML (the recipe; docs/performance.md, "Length-balanced steps")::
+
+        balanced_steps: true
+        balance_group: 8        # samples per group: the run's global batch (batch_size x ranks x accumulation)
+        balance_window: 64      # groups sorted together: larger balances better, shuffles less
+    """
+    order, span = np.asarray(order, dtype=np.int64), group * window
+    by_length = np.asarray(lengths)[order]
+    ranked = np.concatenate([order[s:s + span][np.argsort(by_length[s:s + span], kind="stable")]
+                             for s in range(0, len(order), span)] or [order])
+    full = len(ranked) // group * group
+    groups = ranked[:full].reshape(-1, group)
+    shuffled = groups[torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).numpy()]
+    return np.concatenate([shuffled.reshape(-1), ranked[full:]]).tolist()
+
+
+def rank_balance(works) -> float:
+    """Mean over ranks of a step's per-rank work divided by the largest (1.0: no rank waits)."""
+    works = [float(w) for w in works]
+    return sum(works) / len(works) / max(works) if max(works) > 0 else 1.0
+
+
+def expected_rank_balance(lengths, world_size: int, window: int = 64, seed: int = 0) -> tuple[float, float]:
+    """(random, balanced): the mean :func:`rank_balance` over the steps of one epoch at
+    ``world_size`` ranks with one sample per rank, in a random order and in :func:`balanced_order`
+    (groups of ``world_size``), a sample's work being its training FLOPs at the Llama-3.1-8B shape
+    (``training.mfu``, attention included)."""
+    from gdt_tune.training.mfu import LLAMA3_1_8B, flops_per_token
+
+    lengths = np.asarray(lengths, dtype=np.float64)
+    work = lengths * flops_per_token(*LLAMA3_1_8B, lengths)
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    steps = len(lengths) // world_size * world_size
+
+    def mean_balance(o) -> float:
+        per_step = work[np.asarray(o[:steps], dtype=np.int64)].reshape(-1, world_size)
+        return float(np.mean(per_step.mean(axis=1) / per_step.max(axis=1))) if steps else 1.0
+
+    return mean_balance(order), mean_balance(balanced_order(order, lengths, world_size, window, seed + 1))
 
 
 class GlobalOrderBatchSampler(Sampler[list[int]]):
@@ -18,13 +67,16 @@ class GlobalOrderBatchSampler(Sampler[list[int]]):
     for rank ``r`` of ``W`` with ``B`` samples per rank; an incomplete last global micro-batch is
     dropped, so every rank yields the same number of batches. A step of ``a`` accumulated
     micro-batches thus takes samples ``S .. S + B*W*a`` of the order, whatever ``B``, ``W`` and
-    ``a`` are, which is what lets a run resume on another number of ranks.
+    ``a`` are, which is what lets a run resume on another number of ranks. With ``lengths`` (the
+    samples' token counts) the order is :func:`balanced_order` of it, in groups of ``group``.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool):
+    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool,
+                 lengths=None, group: int = 0, window: int = 64):
         self.num_samples, self.batch_size = num_samples, batch_size
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle = seed, shuffle
+        self.lengths, self.group, self.window = lengths, group, window
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
@@ -33,9 +85,13 @@ class GlobalOrderBatchSampler(Sampler[list[int]]):
 
     def order(self) -> list[int]:
         if not self.shuffle:
-            return list(range(self.num_samples))
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return torch.randperm(self.num_samples, generator=g).tolist()
+            order = list(range(self.num_samples))
+        else:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_samples, generator=g).tolist()
+        if self.lengths is None:
+            return order
+        return balanced_order(order, self.lengths, self.group, self.window, seed=self.seed + self.epoch + 7919)
 
     def __len__(self) -> int:
         return max(0, self.num_samples - self.start) // (self.batch_size * self.world_size)

@@ -1,0 +1,54 @@
+"""The output head only where there is a loss: a GDT sample is ~90% prompt, whose positions carry
+no label (-100), yet a decoder projects every position onto the 128k vocabulary (~5% of the 8B
+model's FLOPs per token, and ~3 GiB of chunked logits at 8k tokens). :class:`LossOnlyHead` takes
+the decoder's ``unembed`` (final norm + output projection): the decoder then returns the summed
+cross-entropy of the labelled positions, computed in chunks of those positions only. The math is
+the same as projecting everything and ignoring -100 (tests/test_loss_head.py: loss and every
+gradient within 1e-6 relative in fp32). It runs inside the decoder's forward, so FSDP2's
+unsharding of the root and of a separately sharded ``output`` works as for the stock head::
+
+    head = LossOnlyHead(model, num_chunks=8)       # the recipe: loss.num_output_chunks
+    ce_sum = head(tokens, labels)                  # labels already shifted (position t predicts t+1)
+"""
+
+from __future__ import annotations
+
+import os
+import types
+
+import torch
+import torch.nn.functional as F
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
+
+
+def _chunk_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), target, reduction="sum")
+
+
+class LossOnlyHead:
+    """``compile``: compile the per-chunk cross-entropy (dynamic shapes: the labelled positions vary)."""
+
+    def __init__(self, model, num_chunks: int, compile: bool = False):
+        self.model, self.num_chunks = model, max(1, num_chunks)
+        self._labels: torch.Tensor | None = None
+        backend = os.environ.get("TORCH_COMPILE_BACKEND", "inductor")  # as the recipe compiles the layers
+        self._chunk_loss = torch.compile(_chunk_loss, dynamic=True, backend=backend) if compile else _chunk_loss
+        model.unembed = types.MethodType(self._unembed, model)
+
+    def __call__(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy over the positions of ``labels`` that are not -100."""
+        self._labels = labels
+        try:
+            return self.model(tokens)
+        finally:
+            self._labels = None
+
+    def _unembed(self, model, h: torch.Tensor) -> torch.Tensor:
+        keep = self._labels != CROSS_ENTROPY_IGNORE_IDX
+        hidden, targets = model.norm(h)[keep], self._labels[keep]
+        total = h.new_zeros((), dtype=torch.float32)
+        # exactly num_chunks calls of the output layer on every rank (some may be empty): with a
+        # separately sharded output, each call is an FSDP all-gather that all ranks must join
+        for part, target in zip(torch.tensor_split(hidden, self.num_chunks), torch.tensor_split(targets, self.num_chunks)):
+            total = total + self._chunk_loss(model.output(part), target)
+        return total
