@@ -33,3 +33,17 @@ def tokenizer(demo_dir):
 
     return llama3_tokenizer(str(demo_dir / "model" / "tokenizer.model"),
                             special_tokens_path=str(demo_dir / "model" / "special_tokens.json"))
+
+
+def pytest_configure(config):
+    """Under ``-n 2 --dist loadgroup`` one worker runs each ``xdist_group`` and computes its shared
+    2-rank runs once. pytest 9 with pytest-xdist <= 3.8 silently ignores the groups (the shared runs
+    then run on both workers: minutes more, and suite times that differ from machine to machine):
+    stop with one line instead."""
+    import xdist
+
+    major = int(pytest.__version__.split(".")[0])
+    xdist_version = tuple(int(x) for x in xdist.__version__.split(".")[:2])
+    if config.getoption("dist", "no") == "loadgroup" and major >= 9 and xdist_version <= (3, 8):
+        pytest.exit(f"pytest {pytest.__version__} with pytest-xdist {xdist.__version__} ignores xdist_group; install "
+                    "the versions of constraints.txt (pip install -c constraints.txt -e '.[dev]')", returncode=3)
