@@ -3,7 +3,7 @@ saves, async saves and pruning), resume until it finishes, and compare the final
 uninterrupted run, bit for bit.
 
     python bench/fault_injection.py                  # 20 points, about 8 min
-    python bench/fault_injection.py --points 3       # the CI version (tests/test_fault_injection.py): every kind that writes
+    python bench/fault_injection.py --points 3       # the CI version (bench/smoke.py): every kind that writes
 
 Run: 2 epochs x 15 steps, a checkpoint every 5 steps, the 2 newest kept. The kill comes from
 bench/fault_hook/sitecustomize.py inside rank 0 (GDT_FAULT), so it lands exactly where asked;

@@ -2,7 +2,7 @@
 the index cache uses (size, mtime, ctime, inode: one ``stat``) against hashing the whole content.
 
     python bench/index_stamp.py              # a 1 GiB file in --work
-    python bench/index_stamp.py --mib 8      # the CI version (tests/test_bench_scripts.py)
+    python bench/index_stamp.py --mib 8      # the CI version (bench/smoke.py)
 """
 
 from __future__ import annotations

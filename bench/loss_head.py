@@ -4,7 +4,7 @@ ignored) vs ``gdt_tune.training.loss_head.LossOnlyHead`` (labelled positions onl
 share (an answer of ~10% of the tokens), as a ratio in one run.
 
     python bench/loss_head.py                       # vocab 65,536, 2 x 2,048 tokens, 10% labels
-    python bench/loss_head.py --vocab 8192 --repeat 2   # the CI version (tests/test_bench_scripts.py)
+    python bench/loss_head.py --vocab 8192 --repeat 2   # the CI version (bench/smoke.py)
 """
 
 from __future__ import annotations

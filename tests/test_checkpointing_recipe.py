@@ -1,6 +1,7 @@
 """Interim checkpoints through the recipe on 2 CPU processes: the files, exact resume (mid-epoch
 and across an epoch boundary), incomplete checkpoints, other world sizes and global batches,
-failed saves. (SIGTERM / Ctrl-C: tests/test_launcher.py; SIGKILL: tests/test_fault_injection.py.)"""
+failed saves. (SIGTERM / Ctrl-C / SIGHUP: tests/test_launcher.py; SIGKILL: bench/fault_injection.py, run by CI's
+bench/smoke.py.)"""
 
 import logging
 import shutil
@@ -37,8 +38,8 @@ def two_epochs(demo_dir, tmp_path_factory):
 
 def test_resume_is_exact(demo_dir, tmp_path, two_epochs):
     """From step_4, inside the second epoch (from step_2, across the epoch boundary: the next test).
-    Sync saves here; async saves resume exactly in tests/test_training_units.py and in the
-    fault-injection run (tests/test_fault_injection.py)."""
+    Sync saves here; async saves resume exactly in tests/test_checkpoint_manager.py and in the
+    fault-injection run (bench/fault_injection.py)."""
     base = two_epochs
     assert steps(base) == [2, 4, 6]  # keep_last_n_checkpoints=3 (every (interval, keep): test_checkpoint_manager.py)
     for s in steps(base):  # the files of 2 ranks
