@@ -2,7 +2,8 @@
 CUDA in bf16 with async checkpoints, a resume compared step by step with the uninterrupted run,
 ``gdt-tune evaluate`` on CUDA in bf16 and fp32, and the Llama-3.1-8B-shape throughput of our recipe
 against torchtune's stock recipe (and our activation-checkpointing and float8 options), with
-peak memory, printed as tables::
+peak memory, on 8,192-token samples and on GDT-shaped ones (lengths 1k-8k, answer-only labels:
+stock vs ours with balanced steps and the loss-only head), printed as tables::
 
     bash bench/gpu_check.sh                        # = python bench/gpu_check.py
     python bench/gpu_check.py --layers 16 --variants stock:compile+ac,ours:compile+ac
@@ -26,6 +27,8 @@ from _common import RECIPE, REPO, TINY_CONFIG, command_line, launch, machine, ta
 from gpu_throughput import HEADERS, run_variants  # noqa: E402
 
 GPU_VARIANTS = "stock:compile,ours:compile,ours:compile+f8"  # add ours:compile+op, ...: about 70 s each
+#: the real job's shape (lengths 1k-8k, answer-only labels): stock's random order vs our balanced steps
+SPREAD_VARIANTS = {True: "stock:compile,ours:compile+bal", False: "stock:plain,ours:bal"}
 
 
 def losses(rows: list[dict]) -> dict[int, float]:
@@ -106,7 +109,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="steps of each throughput run")
     ap.add_argument("--tiny-steps", type=int, default=40)
     ap.add_argument("--variants", default=None, help=f"throughput variants (default on GPU: {GPU_VARIANTS})")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: tiny, evaluate, throughput")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: tiny, evaluate, throughput, spread")
     args = ap.parse_args()
     import torch
 
@@ -128,6 +131,14 @@ def main() -> None:
                                     args.steps, nproc=1, layers=args.layers if cuda else None, lr=1e-6)
         print(f"## throughput\n\n{header}; learning rate 1e-6\n\n{table(HEADERS, rows)}\n", flush=True)
         checks += [[f"throughput {r[0]}", "FAIL" if r[1] == "failed" else "pass", r[-1] if r[1] == "failed" else ""]
+                   for r in rows]
+    if "spread" not in skip:
+        header, rows = run_variants("8b" if cuda else "tiny", SPREAD_VARIANTS[cuda].split(","), work / "throughput",
+                                    8192 if cuda else 2048, args.steps, nproc=1, layers=args.layers if cuda else None,
+                                    lr=1e-6, lengths="spread")
+        print(f"## throughput on GDT-shaped samples\n\n{header}; learning rate 1e-6\n\n{table(HEADERS, rows)}\n",
+              flush=True)
+        checks += [[f"spread {r[0]}", "FAIL" if r[1] == "failed" else "pass", r[-1] if r[1] == "failed" else ""]
                    for r in rows]
     failed = [c[0] for c in checks if c[1] != "pass"]
     print(f"## summary\n\n{table(['check', 'result', 'detail'], checks)}\n\n"

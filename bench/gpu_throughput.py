@@ -1,16 +1,22 @@
 """Training throughput and MFU on GDT-shaped 8k-token samples: our recipe with compile,
-activation checkpointing (full, op-level selective) and float8 on/off, against torchtune's stock
-``full_finetune_distributed`` in the same call. Random weights of the real architecture (no download).
+activation checkpointing (full, op-level selective), float8 and length-balanced steps on/off, against torchtune's
+stock ``full_finetune_distributed`` in the same call. Random weights of the real architecture (no download).
 
     python bench/gpu_throughput.py                    # GPU: Llama-3.2-3B shape on each GPU of the node
     python bench/gpu_throughput.py --model 8b         # Llama-3.1-8B shape (one GPU: needs AC, ~63 GiB)
     python bench/gpu_throughput.py --model 8b --layers 8 --variants stock:compile,ours:compile
     python bench/gpu_throughput.py --model tiny       # CPU: the pipeline end to end with the demo model
+    python bench/gpu_throughput.py --model 8b --layers 8 --lengths spread --variants stock:compile,ours:compile+bal
 
 A variant is ``recipe:options`` with options joined by ``+``: ``compile``, ``ac`` (full activation
-checkpointing), ``op`` (op-level selective), ``every2`` (every 2nd layer), ``f8`` (float8), or ``plain``.
+checkpointing), ``op`` (op-level selective), ``every2`` (every 2nd layer), ``f8`` (float8), ``bal``
+(``balanced_steps``, groups of one sample per process), or ``plain``.
 MFU: ``gdt_tune.training.mfu`` (PaLM appendix B FLOPs; the GPU's dense bf16 peak looked up by its name).
-Every sample is exactly ``--seq-len`` tokens, so both recipes process the same tokens per step.
+``--lengths fixed``: every sample is exactly ``--seq-len`` tokens, so both recipes process the same
+tokens per step. ``--lengths spread`` (the real job's shape): lengths drawn evenly from
+``--seq-len``/8 to ``--seq-len`` (1k-8k at 8,192), answer-only labels, and exactly one epoch of
+``steps x processes`` samples, so every variant trains the same samples; throughput is then
+tokens of the epoch / (mean step time x steps), the first step (compile) left out of the mean.
 """
 
 from __future__ import annotations
@@ -76,17 +82,18 @@ def random_hf_checkpoint(folder: Path, dims: dict, dtype, demo: Path) -> None:
     (folder / "DONE").write_text("")
 
 
-def fixed_length_samples(tokenizer, n: int, total: int) -> list[dict]:
-    """``n`` GDT samples cut (oldest history kept) to exactly ``total`` tokens in the spec layout."""
+def samples_of_lengths(tokenizer, targets: list[int]) -> list[dict]:
+    """GDT samples cut (oldest history kept) to exactly ``targets[i]`` tokens in the spec layout."""
     from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT, Layout
     from gdt_tune.data.synthetic import generate_cohort
 
     layout = Layout.build(tokenizer, DEFAULT_SYSTEM_PROMPT)
+    fixed = len(layout.prompt_tokens(""))
     out, seed = [], 0
-    while len(out) < n:
+    while len(out) < len(targets):
         for _, s in generate_cohort(20, seed, 2, token_budget=40_000):
+            total = targets[len(out)]
             answer = len(layout.answer_tokens(s["answer"]))
-            fixed = len(layout.prompt_tokens(""))
             ids = tokenizer.encode(s["instruction"].strip(), add_bos=False, add_eos=False)
             k = total - answer - fixed
             if k <= 0 or len(ids) < k + 50:
@@ -96,30 +103,45 @@ def fixed_length_samples(tokenizer, n: int, total: int) -> list[dict]:
                 if len(layout.prompt_tokens(text)) + answer == total:
                     out.append({"instruction": text, "answer": s["answer"]})
                     break
-            if len(out) == n:
+            if len(out) == len(targets):
                 break
         seed += 1
     return out
 
 
-def variant_overrides(who: str, opts: str, cuda: bool) -> list[str]:
+def fixed_length_samples(tokenizer, n: int, total: int) -> list[dict]:
+    """``n`` GDT samples of exactly ``total`` tokens."""
+    return samples_of_lengths(tokenizer, [total] * n)
+
+
+def spread_samples(tokenizer, n: int, low: int, high: int, seed: int = 0) -> list[dict]:
+    """``n`` GDT samples of lengths drawn evenly from ``low``..``high`` tokens (seeded)."""
+    import random
+
+    rng = random.Random(seed)
+    return samples_of_lengths(tokenizer, [rng.randint(low, high) for _ in range(n)])
+
+
+def variant_overrides(who: str, opts: str, cuda: bool, nproc: int = 1) -> list[str]:
     """Config overrides of one variant (see the module docstring)."""
     parts = set(opts.split("+"))
     ac = bool(parts & {"ac", "op", "every2"})
     out = [f"compile={'compile' in parts}", f"enable_activation_checkpointing={ac}", f"log_peak_memory_stats={cuda}"]
     if who == "stock":
-        if parts & {"op", "every2", "f8"}:
+        if parts & {"op", "every2", "f8", "bal"}:
             raise SystemExit(f"variant stock:{opts}: the stock recipe runs only plain, compile and ac")
         return out + ["optimizer_in_bwd=false", "enable_activation_offloading=false"]
     if "op" in parts:
         out += ["ac_mode=selective", "ac_option=op"]
     if "every2" in parts:
         out += ["ac_mode=selective", "ac_option=2"]
+    if "bal" in parts:
+        out += ["balanced_steps=true", f"balance_group={nproc}"]
     return out + [f"float8={'f8' in parts}"]
 
 
 def run_variants(model: str, variants: list[str], work: Path, seq: int, steps: int, nproc: int,
-                 layers: int | None = None, lr: float | None = None) -> tuple[str, list[list]]:
+                 layers: int | None = None, lr: float | None = None, lengths: str = "fixed") -> tuple[str, list[list]]:
     """Run each variant; returns (a header describing the setup, table rows)."""
     import torch
 
@@ -133,21 +155,34 @@ def run_variants(model: str, variants: list[str], work: Path, seq: int, steps: i
         dims["num_layers"] = layers
     ckpt = work / f"model_{model}_{dims['num_layers']}"
     random_hf_checkpoint(ckpt, dims, torch.bfloat16 if cuda else torch.float32, work / "demo")
-    data = work / f"data_{seq}.jsonl"
+    from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT, Layout
+
+    spread = lengths == "spread"
+    data = work / (f"data_spread_{seq}_{nproc * steps}.jsonl" if spread else f"data_{seq}.jsonl")
     if not data.exists():
-        n = max(64, 2 * nproc * (steps + 2))
-        data.write_text("".join(json.dumps(s) + "\n" for s in fixed_length_samples(tokenizer, n, seq)))
+        samples = (spread_samples(tokenizer, nproc * steps, seq // 8, seq) if spread
+                   else fixed_length_samples(tokenizer, max(64, 2 * nproc * (steps + 2)), seq))
+        data.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    layout = Layout.build(tokenizer, DEFAULT_SYSTEM_PROMPT)
+    sample_lengths = [len(layout.prompt_tokens(r["instruction"])) + len(layout.answer_tokens(r["answer"]))
+                      for r in map(json.loads, data.read_text().splitlines())]
     with torch.device("meta"):
         from torchtune.models.llama3 import llama3
 
         m = llama3(**dims)
         n_params = sum(p.numel() for p in m.parameters())
-        flops_per_token = decoder_flops_per_token(m)(seq)
+        per_token = decoder_flops_per_token(m)
+        flops_per_token = (sum(n * per_token(n) for n in sample_lengths) / sum(sample_lengths) if spread
+                           else per_token(seq))
     peak = peak_tflops(torch.cuda.get_device_name()) if cuda else None
     every = 5 if steps >= 20 else 1  # as a real run: the loss is read (a host sync) only when logged
     header = (f"model: {model} shape, {dims['num_layers']} layers, {n_params / 1e6:,.1f}M parameters, random weights; "
-              f"{nproc} processes; samples of exactly {seq} tokens, batch 1 per GPU; {steps} steps, logged every "
-              f"{every}; step time: median over the logging windows after the first; FLOPs per token "
+              f"{nproc} processes; " + (f"one epoch of {len(sample_lengths)} samples of {seq // 8}-{seq} tokens "
+                                        f"(mean {sum(sample_lengths) / len(sample_lengths):,.0f}), answer-only labels"
+                                        if spread else f"samples of exactly {seq} tokens") +
+              f", batch 1 per GPU; {steps} steps, logged every "
+              f"{every}; step time: {'mean' if spread else 'median'} over the logging windows after the first; "
+              "FLOPs per token "
               f"{flops_per_token / 1e9:.4g} GFLOP (gdt_tune.training.mfu); peak {peak or 'n/a'} TFLOP/s")
     base = [f"demo_dir={work / 'demo'}", f"checkpointer.checkpoint_dir={ckpt}",
             f"checkpointer.checkpoint_files={json.dumps(json.loads((ckpt / 'files.json').read_text()))}",
@@ -164,7 +199,7 @@ def run_variants(model: str, variants: list[str], work: Path, seq: int, steps: i
         out = work / "runs" / variant.replace(":", "_").replace("+", "_")
         shutil.rmtree(out, ignore_errors=True)
         try:
-            res = launch(recipe, TINY_CONFIG, [*base, f"output_dir={out}", *variant_overrides(who, opts, cuda)],
+            res = launch(recipe, TINY_CONFIG, [*base, f"output_dir={out}", *variant_overrides(who, opts, cuda, nproc)],
                          out / "logs", nproc=nproc)
         except RuntimeError as e:
             print(f"{variant} failed:\n{str(e)[-3000:]}", file=sys.stderr, flush=True)
@@ -174,8 +209,9 @@ def run_variants(model: str, variants: list[str], work: Path, seq: int, steps: i
         logged = sorted(s for s in times if s > min(times, default=0))
         gaps = [(times[b] - times[a]) / (b - a) for a, b in zip([min(times, default=0), *logged], logged)
                 if a >= max(2, every)]
-        step = median(gaps)
-        tps = seq / step  # batch 1 per GPU, every sample exactly seq tokens
+        step = sum(gaps) / len(gaps) if spread else median(gaps)
+        # batch 1 per GPU: fixed, every sample is seq tokens; spread, the epoch's tokens over its steps
+        tps = sum(sample_lengths) / nproc / steps / step if spread else seq / step
         peak_mem = max((r.get("peak_memory_alloc_gib", r.get("peak_memory_alloc", 0.0)) for r in res["rows"]),
                        default=0.0)
         losses = [r["loss"] for r in res["rows"] if "loss" in r]
@@ -185,7 +221,7 @@ def run_variants(model: str, variants: list[str], work: Path, seq: int, steps: i
     return header, rows
 
 
-HEADERS = ["recipe:variant", "s/step (median)", "tokens/s/GPU", "MFU", "peak alloc GiB", "first step s",
+HEADERS = ["recipe:variant", "s/step (median; spread: mean)", "tokens/s/GPU", "MFU", "peak alloc GiB", "first step s",
            "mean loss of the last 10 logged steps"]
 
 
@@ -197,6 +233,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the tiny config's)")
+    ap.add_argument("--lengths", choices=["fixed", "spread"], default="fixed",
+                    help="fixed: every sample --seq-len tokens; spread: --seq-len/8 to --seq-len, one epoch")
     ap.add_argument("--nproc", type=int, default=None, help="processes (default: GPUs, or 2 on CPU)")
     ap.add_argument("--variants", default=None,
                     help="comma list, e.g. ours:compile+ac,ours:compile+op,ours:compile,stock:compile+ac "
@@ -210,7 +248,8 @@ def main() -> None:
     seq = args.seq_len if model != "tiny" else min(args.seq_len, 2048)
     variants = (args.variants or ("ours:compile+ac,ours:compile+op,ours:compile,stock:compile+ac" if cuda
                                   else "ours:plain,ours:ac,stock:plain")).split(",")
-    header, rows = run_variants(model, variants, Path(args.work), seq, args.steps, nproc, args.layers, args.lr)
+    header, rows = run_variants(model, variants, Path(args.work), seq, args.steps, nproc, args.layers, args.lr,
+                                args.lengths)
     print(f"# GPU throughput benchmark\n\nmachine: {machine()}\ncommand: `{command_line()}`\n{header}\n")
     print(table(HEADERS, rows))
     if not cuda:

@@ -29,8 +29,9 @@ SCRIPTS = {
     # on CPU: the tiny run with async saves, the step-by-step resume comparison and one throughput
     # variant through gpu_throughput.run_variants (stock: recipe_step.py; evaluate in bf16 and fp32 on
     # CPU: tests/test_evaluate.py)
-    "gpu_check.py": (["--tiny-steps", "6", "--skip", "evaluate", "--steps", "4", "--variants", "ours:op"],
-                     ["| resume from step_3 | pass |", "| ours:op |", " passed, 0 failed"]),
+    "gpu_check.py": (["--tiny-steps", "6", "--skip", "evaluate", "--steps", "4", "--variants", "ours:op"],  # + spread
+                     ["| resume from step_3 | pass |", "| ours:op |", "| spread ours:bal | pass |",
+                      " passed, 0 failed"]),
     "index_stamp.py": (["--mib", "8"], ["full hash / stamp:", "| stat stamp (the cache's check) |"]),
     "loss_head.py": (["--vocab", "8192", "--tokens", "512", "--repeat", "2"], ["loss-only / stock time:"]),
     "balanced_steps.py": (["--steps", "10", "--repeat", "1"], ["balanced / random time per step:", "| balanced |"]),
