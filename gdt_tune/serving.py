@@ -11,7 +11,7 @@ Files: ``tokenizer.json`` (the tiktoken BPE as a Hugging Face fast tokenizer, ev
 at its training id), ``tokenizer_config.json`` with a ``chat_template`` that renders
 ``<|begin_of_text|>`` then each turn as ``<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>``
 (content stripped; the training system prompt when none is given; no "Cutting Knowledge Date"
-lines), ``special_tokens_map.json`` and ``generation_config.json`` (temperature 0.9, top-p 0.85,
+lines), ``special_tokens_map.json`` and ``generation_config.json`` (GDT's sampling, ``GENERATION``;
 stop at ``<|eot_id|>``).
 """
 
