@@ -12,6 +12,7 @@ first logged step (so it includes that step; the step time is shown beside it).
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -104,6 +105,15 @@ def main() -> None:
                 [["fresh (HF weights)", fresh_first, runs["sync"]["step"]],
                  [f"resumed from step_{start}", resumed_first, runs["sync"]["step"]]]))
     print(f"\nresumed / fresh: {resumed_first / fresh_first:.2f}x (target <= 1.2x)\n")
+
+    read = re.search(r"weights: read ([\d.]+) MB of HF weights on rank 0 only", runs["sync"]["res"]["stdout"])
+    size = du(model) / 2**20
+    print("## HF weights read at a fresh start\n")
+    print(table(["what", "MB"], [["HF checkpoint on disk (safetensors + config + tokenizer)", size],
+                                 ["bytes read from the checkpoint per node (2 ranks; rank 0 reads, the shards are "
+                                  "scattered)", float(read.group(1)) if read else "not logged"],
+                                 ["before: every rank read it", 2 * float(read.group(1)) if read else "n/a"]]))
+    print()
 
     step_dir = runs["sync"]["out"] / f"step_{args.steps}"
     hf = du(runs["sync"]["out"] / "epoch_0")

@@ -25,7 +25,7 @@ SCRIPTS = {
     "data_pipeline.py": (["--sizes", "300", "--items", "4"], ["ours / stock:", "| 300 |", "samples/s"]),
     "recipe_step.py": (["--steps", "14", "--repeat", "1"], ["ours / stock time per step:"]),
     "checkpoint.py": (["--tiny", "--steps", "4"], ["async blocked / sync blocked:", "resumed / fresh:",
-                                                   "interim checkpoint step_4"]),
+                                                   "interim checkpoint step_4", "bytes read from the checkpoint per node"]),
     # on CPU: the tiny run with async saves, the step-by-step resume comparison and one throughput
     # variant through gpu_throughput.run_variants (stock: recipe_step.py; evaluate in bf16 and fp32 on
     # CPU: tests/test_evaluate.py)

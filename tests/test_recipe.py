@@ -173,3 +173,16 @@ def test_errors_from_dataloader_workers_become_their_one_line():
     assert one_line(e.value) == ("/data/train/part-00000.jsonl:7: the file changed after it was indexed; "
                                  "restart to re-index it")
     assert one_line(ValueError("config key 'x': got 1")) == "config key 'x': got 1"
+
+
+def test_balanced_steps_warn_when_a_micro_batch_spans_two_groups(demo_dir, tmp_path, caplog):
+    import logging
+
+    from recipe_utils import load_config, setup_in_process
+
+    cfg = load_config(f"demo_dir={demo_dir}", f"output_dir={tmp_path / 'out'}", "batch_size=2", "balanced_steps=true",
+                      "balance_group=3", "max_steps_per_epoch=1", "dataset_val=null", "run_val_every_n_steps=null")
+    with caplog.at_level(logging.WARNING, logger="gdt_tune"):
+        setup_in_process(cfg)
+    assert ("balanced_steps: balance_group=3 is not a multiple of batch_size x ranks = 2, so a micro-batch spans two "
+            "groups of different lengths; set balance_group to the global batch (2)") in caplog.text

@@ -36,7 +36,14 @@ from gdt_tune.training import float8
 from gdt_tune.training.activation_checkpointing import apply_activation_checkpointing
 from gdt_tune.training.checkpointing import CheckpointManager, Progress, SaveFailed
 from gdt_tune.training.config import check_components, check_paths, has_component, parse
-from gdt_tune.training.hf_weights import check_weights_fit, init_rope_buffers, prepare_for_save, tune_shapes
+from gdt_tune.training.hf_weights import (
+    Placeholders,
+    check_weights_fit,
+    init_rope_buffers,
+    prepare_for_save,
+    tune_shapes,
+    weights_for_rank,
+)
 from gdt_tune.training.loss_head import LossOnlyHead
 from gdt_tune.training.mfu import decoder_flops_per_token, mfu, peak_tflops
 from gdt_tune.training.resume import ResumePlan, dataset_settings, lr_schedule, run_contract
@@ -127,6 +134,7 @@ class FullFinetuneRecipe:
         self._sampler = self._train_loader = None
         self._global_batch = self._steps_per_epoch = 0
         self._hf_checkpointer = None  # torchtune's FullModelHFCheckpointer: base weights in, epoch_N out
+        self._hf_shapes = None  # {name: shape} of the base weights, from their headers (fresh start)
         self._interim: CheckpointManager | None = None  # step_N checkpoints and resume
         self._lock: OutputDirLock | None = None  # rank 0's hold on output_dir
         self._metric_logger = self._profiler = None
@@ -172,9 +180,10 @@ class FullFinetuneRecipe:
             balanced_order=(f"balance_group={self._data_cfg.balance_group}, balance_window={self._data_cfg.balance_window}"
                             if self._data_cfg.balanced_steps else "off")))
         self._hf_checkpointer = config.instantiate(cfg.checkpointer)
-        if plan.path is None and (shapes := tune_shapes(self._hf_checkpointer)) is not None:
+        self._hf_shapes = tune_shapes(self._hf_checkpointer) if plan.path is None else None
+        if self._hf_shapes is not None:
             with torch.device("meta"):  # the weights' shapes from their headers: no 16 GB read to find a typo
-                check_weights_fit(shapes, config.instantiate(cfg.model), cfg.checkpointer.checkpoint_dir)
+                check_weights_fit(self._hf_shapes, config.instantiate(cfg.model), cfg.checkpointer.checkpoint_dir)
         # Now this run takes output_dir: the lock, then the run identity (or a refusal).
         self._lock = OutputDirLock(out) if self._is_rank_zero else None
         identity = rank_zero_first(partial(take_output_dir, out, self._lock, plan.path,
@@ -283,14 +292,21 @@ class FullFinetuneRecipe:
             model, [partial(training.get_shard_conditions, names_to_match=custom)],
             cpu_offload=self._train_cfg.fsdp_cpu_offload,
             reshard_after_forward=self._train_cfg.fsdp_reshard_after_forward)
-        if from_hf:
-            state = self._hf_checkpointer.load_checkpoint()[training.MODEL_KEY]
+        if from_hf:  # rank 0 reads the weights; the loader scatters each rank's shards from it
+            state, read = weights_for_rank(self._hf_checkpointer, self._rank, self._hf_shapes, self._dtype,
+                                           self._device)
+            if self._is_rank_zero:
+                log.info("weights: read %.1f MB of HF weights on rank 0 only (%s)", read / 2**20,
+                         "the other ranks' shards are scattered from it" if self._hf_shapes is not None
+                         else "and on every rank: shapes not known from the file headers")
         else:
             prepare_for_save(self._hf_checkpointer)
             model.to_empty(device=self._device)
         init_rope_buffers(model, self._device, self._dtype)
         if from_hf:
-            check_weights_fit({k: tuple(v.shape) for k, v in state.items()}, model, self._cfg.checkpointer.checkpoint_dir)
+            if not isinstance(state, Placeholders):
+                check_weights_fit({k: tuple(v.shape) for k, v in state.items()}, model,
+                                  self._cfg.checkpointer.checkpoint_dir)
             training.load_from_full_model_state_dict(
                 model, state, self._device, strict=True, cpu_offload=self._train_cfg.fsdp_cpu_offload)
             del state

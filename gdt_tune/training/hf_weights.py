@@ -95,3 +95,31 @@ def check_weights_fit(shapes: dict[str, tuple], model: torch.nn.Module, checkpoi
         name, theirs, ours = mismatch
         raise ValueError(f"checkpointer: weights do not match config key 'model' ({name}: checkpoint {theirs}, "
                          f"model {ours}); set model to the architecture of {checkpoint_dir}")
+
+
+class Placeholders(dict):
+    """``{torchtune name: shape}`` standing in for the full HF weights on the ranks that do not read
+    them. torchtune's ``load_from_full_model_state_dict`` shards each weight with
+    ``distribute_tensor``, which takes the values of the first rank of the mesh (global rank 0) and
+    scatters its shards, so the other ranks need only tensors of the right shape: each is made
+    (uninitialised, on the device, in the model's dtype) when the loader reaches it, so no rank
+    holds them all and none reads the checkpoint."""
+
+    def __init__(self, shapes: dict[str, tuple], dtype: torch.dtype, device: torch.device):
+        super().__init__(shapes)
+        self.dtype, self.device = dtype, device
+
+    def items(self):
+        for name, shape in super().items():
+            yield name, torch.empty(shape, dtype=self.dtype, device=self.device)
+
+
+def weights_for_rank(checkpointer, rank: int, shapes: dict[str, tuple] | None, dtype: torch.dtype,
+                     device: torch.device) -> tuple[dict, int]:
+    """(the weights to give ``load_from_full_model_state_dict``, bytes this rank read): rank 0 reads
+    the HF checkpoint, the others get :class:`Placeholders` (one read per job, so at most one per
+    node). With ``shapes`` None (a checkpoint whose shapes the headers do not give) every rank reads."""
+    if rank == 0 or shapes is None:
+        state = checkpointer.load_checkpoint()["model"]
+        return state, sum(t.numel() * t.element_size() for t in state.values())
+    return Placeholders(shapes, dtype, device), 0
