@@ -101,6 +101,12 @@ def step_times(rows: list[dict], key: str = "loss") -> dict[int, float]:
     return {r["step"]: r["time"] for r in rows if key in r}
 
 
+def step_gaps(rows: list[dict], after: int) -> list[float]:
+    """Wall-clock seconds between consecutive logged steps, for the steps after step ``after``."""
+    times = step_times(rows)
+    return [times[s] - times[s - 1] for s in sorted(times) if s > after and s - 1 in times]
+
+
 def median(xs):
     xs = sorted(xs)
     return xs[len(xs) // 2] if xs else float("nan")

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RECIPE, TINY_CONFIG, command_line, demo_tokenizer, launch, machine, median, step_times, table  # noqa: E402
+from _common import RECIPE, TINY_CONFIG, command_line, demo_tokenizer, launch, machine, median, step_gaps, table  # noqa: E402
 
 #: The synthetic generator's token budgets (its estimate): histories from short to the tiny model's cap.
 BUDGETS = (150, 450, 900, 1400, 1900)
@@ -43,8 +43,7 @@ def run(work: Path, name: str, folders: list[str], steps: int, r: int, *order: s
                  "run_val_every_n_steps=null", "dataset_val=null", "save_every_n_steps=null",
                  "overwrite_output_dir=true", f"dataset.data_files=[{','.join(folders)}]", *order]
     res = launch(RECIPE, TINY_CONFIG, overrides, out / f"logs_{r}")
-    times = step_times(res["rows"])
-    gaps = [times[s] - times[s - 1] for s in sorted(times) if s > 4 and s - 1 in times]
+    gaps = step_gaps(res["rows"], after=4)
     balance = [row["rank_balance"] for row in res["rows"] if "rank_balance" in row]
     return {"step_s": median(gaps), "balance": sum(balance) / len(balance)}
 

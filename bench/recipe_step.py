@@ -24,7 +24,7 @@ from _common import (  # noqa: E402
     launch,
     machine,
     median,
-    step_times,
+    step_gaps,
     table,
 )
 
@@ -38,8 +38,7 @@ def run(recipe: str, work: Path, name: str, steps: int, r: int) -> dict:
     if recipe == STOCK:  # it ignores our checkpoint and validation keys
         common += ["optimizer_in_bwd=false", "enable_activation_offloading=false"]
     res = launch(recipe, TINY_CONFIG, common, out / f"logs_{r}")
-    times = step_times(res["rows"])
-    gaps = [times[s] - times[s - 1] for s in sorted(times) if s > 10 and s - 1 in times]
+    gaps = step_gaps(res["rows"], after=10)
     tps = [row.get("tokens_per_second_per_device", row.get("tokens_per_second_per_gpu")) for row in res["rows"]
            if row["step"] > 10 and "loss" in row]
     return {"step_s": median(gaps), "tokens_per_s": median([t for t in tps if t is not None]),

@@ -45,7 +45,7 @@ class FileIndex:
     def save(self, path: Path, stamp: str) -> None:
         """``stamp``: :func:`file_stamp` of the file as it was indexed. An index that does not fit its
         file is never written (see :meth:`fits`)."""
-        if not self.fits(int(stamp.split("|")[0])):
+        if not self.fits(stamp_size(stamp)):
             raise RuntimeError(f"internal error: the index of {path.name} does not fit its file; not cached")
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
         np.savez(tmp, stamp=np.asarray(stamp), **{f.name: getattr(self, f.name) for f in fields(self)})
@@ -73,6 +73,11 @@ def file_stamp(path: Path) -> str:
     as git's index does. One ``stat`` call, whatever the file's size."""
     st = path.stat()
     return f"{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+
+
+def stamp_size(stamp: str) -> int:
+    """The file size in a :func:`file_stamp`."""
+    return int(stamp.split("|", 1)[0])
 
 
 def sample_digest(record: dict) -> int:
@@ -186,7 +191,7 @@ def index_files(files: list[Path], layout: Layout, max_seq_len: int, truncation:
     indexes: dict[Path, FileIndex] = {}
     for path, c in zip(files, cached):
         index, stamp = FileIndex.load(c) if c.exists() else (None, "")
-        if index is not None and stamp == stamps[path] and index.fits(path.stat().st_size):
+        if index is not None and stamp == stamps[path] and index.fits(stamp_size(stamp)):
             indexes[path] = index
         elif index is not None and build:
             log.warning("%s: changed since it was indexed; indexing it again", path)

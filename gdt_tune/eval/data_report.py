@@ -4,7 +4,8 @@ expensive run. Counts only: no sample text and no patient ids in the report.
     gdt-tune data-report --data DATA/train --data DATA/validation --tokenizer MODEL/original/tokenizer.model --out report/
 
 ``--data`` may repeat, or be a folder with train/validation/test subfolders. The files are read
-in 32 MB pieces by all CPUs; memory grows with patients, not samples.
+in 32 MB pieces by all CPUs; memory grows with patients and, by a few tens of bytes, with samples
+(their lengths, for the expected rank balance).
 """
 
 from __future__ import annotations

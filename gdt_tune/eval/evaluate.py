@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -45,6 +44,7 @@ from gdt_tune.eval.metrics import (
 )
 from gdt_tune.serving import TEMPERATURE, TOP_P
 from gdt_tune.trained import load_model_and_tokenizer
+from gdt_tune.training.config import unwritable_folder
 
 log = logging.getLogger("gdt_tune")
 _HORIZON_RE = re.compile(r"Task (\d+) is time to event prediction:\n\tPredict whether the event \((.+?)\) was "
@@ -184,11 +184,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def check_output_folder(out: Path) -> None:
     """``--out`` must be a folder this process can write (checked before any work)."""
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if existing == out and not out.is_dir():
+    if (blocker := unwritable_folder(out)) == out and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder")
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: cannot create or write it ({existing} is not a writable folder); give another")
+    if blocker is not None:
+        raise ValueError(f"--out {out}: cannot create or write it ({blocker} is not a writable folder); give another")
 
 
 def evaluate(checkpoint, data, out, cfg=None, max_samples=None, train_data=None, samples=3, batch_size=4,

@@ -351,13 +351,17 @@ def _save_failed(path: Path, error: BaseException) -> SaveFailed:
     if failures:
         cause = next(iter(failures.values()))
         cause = cause[0] if isinstance(cause, tuple) else cause  # (exception, traceback summary)
-    text = (str(cause).strip().splitlines() or [""])[0][:200]
+    text = _first_line(cause)
     if _timed_out(cause):
         return SaveFailed(f"checkpoint: saving {path} timed out in a DCP collective on the checkpoint save group "
                           f"({type(cause).__name__}: {text}); another rank stopped or hung: read its log, then "
                           "resume (raise checkpoint_timeout_minutes for a slow file system)")
     return SaveFailed(f"checkpoint: saving {path} failed ({type(cause).__name__}: {text}); "
                       "earlier checkpoints are intact; free disk space or fix permissions, then resume")
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]
 
 
 def _timed_out(error: BaseException) -> bool:
@@ -477,9 +481,8 @@ class CheckpointManager:
         try:
             collective(*args, group=self._control_pg, **kwargs)
         except RuntimeError as e:  # gloo's timeout or a peer that died (DistBackendError)
-            text = (str(e).strip().splitlines() or [""])[0][:200]
             raise SaveFailed(f"checkpoint: {what} on the checkpoint control group failed after up to "
-                             f"{self.timeout} ({type(e).__name__}: {text}); another rank stopped or hung: read its "
+                             f"{self.timeout} ({type(e).__name__}: {_first_line(e)}); another rank stopped or hung: read its "
                              "log, then resume with resume_from_checkpoint=true") from None
 
     def _write(self, step: int, wait: bool) -> None:

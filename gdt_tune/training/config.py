@@ -275,15 +275,24 @@ def check_components(cfg: DictConfig) -> None:
                              f"lower {key}.max_seq_len or raise model.max_seq_len")
 
 
+def unwritable_folder(out: Path) -> Path | None:
+    """What stops ``out`` being a folder this process can create or write in: ``out`` itself (a file,
+    or a folder without write access), or the nearest existing path above it that is not a writable
+    folder; None when nothing does. The recipe's ``output_dir`` and ``gdt-tune evaluate --out``."""
+    if out.exists() and not out.is_dir():
+        return out
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    return None if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK) else existing
+
+
 def check_paths(cfg: DictConfig) -> None:
     """Raise ValueError naming the config key of a tokenizer or checkpoint file that does not exist,
     or an output_dir that cannot be a folder."""
     out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
+    if (blocker := unwritable_folder(out)) == out and not out.is_dir():
         raise ValueError(f"config key 'output_dir': {out} is a file; choose a folder")
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"config key 'output_dir': cannot create or write {out} ({existing} is not a writable folder); "
+    if blocker is not None:
+        raise ValueError(f"config key 'output_dir': cannot create or write {out} ({blocker} is not a writable folder); "
                          "choose a writable folder")
     for key in ("path", "special_tokens_path"):
         value = cfg.tokenizer.get(key)

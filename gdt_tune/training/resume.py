@@ -8,7 +8,8 @@ position in the data, counted in samples of the epoch's global order. On resume:
   dataset (files, sizes, modification times, samples after selection), ``dataset.max_seq_len``,
   ``dataset.truncation``, ``dataset.splits_per_patient_therapy``, the LR schedule when there is
   one (``lr_scheduler`` and its length in steps: ``epochs``, ``max_steps_per_epoch`` and the global
-  batch may not change then), the step order (``balanced_steps``, ``balance_group``, ``balance_window``) (and the model shape, checked against the weights by
+  batch may not change then), the step order (``balanced_steps``, ``balance_group``,
+  ``balance_window``), and the model shape (checked against the weights by
   ``checkpointing.check_model_shapes``);
 - allowed with a one-line warning: the world size (the sharded state is resharded),
   ``gradient_accumulation_steps``, ``batch_size`` and so the global batch, ``optimizer.lr`` (applied
@@ -95,13 +96,11 @@ def compare(saved: dict, current: dict, path) -> list[str]:
 @dataclass(frozen=True)
 class ResumePlan:
     """How this start continues a run: the ``step_N`` to load (None: a fresh start), its run record
-    and world size, output_dir's run id (``run.json``), and once :meth:`checked`, this run's
-    contract and the warnings for what changed."""
+    and world size, and once :meth:`checked`, this run's contract and the warnings for what changed."""
 
     path: Path | None
     world_size: int | None = None
     record: dict | None = None
-    run_id: str | None = None
     contract: dict | None = None
     warnings: tuple[str, ...] = ()
 
@@ -112,9 +111,8 @@ class ResumePlan:
         run_id = (read_identity(output_dir) or {}).get("run_id")
         path = find_resume(output_dir, resume_from_checkpoint, rank, run_id)
         if path is None:
-            return cls(None, run_id=run_id)
-        world, record = read_run(path)
-        return cls(path, world, record, run_id)
+            return cls(None)
+        return cls(path, *read_run(path))
 
     @property
     def seed(self) -> int | None:
