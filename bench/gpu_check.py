@@ -1,6 +1,7 @@
 """One-command check of a new GPU node (390 s on one H200 with four throughput variants; the default runs three): the tiny model trained on
 CUDA in bf16 with async checkpoints, a resume compared step by step with the uninterrupted run,
-``gdt-tune evaluate`` on CUDA in bf16 and fp32, and the Llama-3.1-8B-shape throughput of our recipe
+``gdt-tune evaluate`` on CUDA in bf16 and fp32, the evaluation engine (``bench/eval_speed.py``:
+event scoring and 10-draw forecasting, old vs new, 8B layer shapes), and the Llama-3.1-8B-shape throughput of our recipe
 against torchtune's stock recipe (and our activation-checkpointing and float8 options), with
 peak memory, on 8,192-token samples and on GDT-shaped ones (lengths 1k-8k, answer-only labels:
 stock vs ours with balanced steps and the loss-only head), printed as tables::
@@ -92,6 +93,25 @@ def evaluate_rows(work: Path, cuda: bool) -> list[list]:
     return rows
 
 
+#: bench/eval_speed.py arguments: the 8B layer shapes on a GPU, the smallest settings on CPU
+EVAL_SPEED_ARGS = {True: ["--device", "cuda", "--dtype", "bf16", "--dim", "4096", "--layers", "8", "--heads", "32",
+                          "--kv-heads", "8", "--intermediate", "14336", "--vocab", "128256", "--max-new", "64"],
+                   False: ["--budget", "1500", "--samples", "2", "--draws", "2", "--max-new", "4", "--dim", "64",
+                           "--layers", "1"]}
+
+
+def eval_engine_rows(work: Path, cuda: bool) -> list[list]:
+    """``bench/eval_speed.py``: event scoring and forecast generation, old vs new, its table printed."""
+    proc = subprocess.run([sys.executable, "bench/eval_speed.py", "--work", str(work / "eval_speed"),
+                           *EVAL_SPEED_ARGS[cuda]], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, TIKTOKEN_CACHE_DIR=""))
+    if proc.returncode != 0:
+        return [["eval engine", "FAIL", (proc.stderr.strip().splitlines() or ["?"])[-1][:120]]]
+    print(f"## evaluation engine\n\n{proc.stdout}", flush=True)
+    ratios = [line for line in proc.stdout.splitlines() if " new / old: " in line]
+    return [["eval engine", "pass", "; ".join(ratios)]]
+
+
 def _section(name: str, fn, *args) -> list[list]:
     """Run one section; a failure becomes a FAIL row (its output tail goes to stderr) and the
     next sections still run."""
@@ -109,7 +129,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="steps of each throughput run")
     ap.add_argument("--tiny-steps", type=int, default=40)
     ap.add_argument("--variants", default=None, help=f"throughput variants (default on GPU: {GPU_VARIANTS})")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: tiny, evaluate, throughput, spread")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: tiny, evaluate, engine, throughput, "
+                    "spread")
     args = ap.parse_args()
     import torch
 
@@ -125,6 +146,8 @@ def main() -> None:
     if "evaluate" not in skip and (work / "tiny_full" / "epoch_0").is_dir():
         checks += _section("evaluate", evaluate_rows, work, cuda)
         print(table(["check", "result", "detail"], checks[-3:]) + "\n", flush=True)
+    if "engine" not in skip:
+        checks += _section("eval engine", eval_engine_rows, work, cuda)
     if "throughput" not in skip:
         variants = (args.variants or (GPU_VARIANTS if cuda else "stock:plain,ours:plain")).split(",")
         header, rows = run_variants("8b" if cuda else "tiny", variants, work / "throughput", 8192 if cuda else 2048,

@@ -30,11 +30,14 @@ SCRIPTS = {
     # variant through gpu_throughput.run_variants (stock: recipe_step.py; evaluate in bf16 and fp32 on
     # CPU: tests/test_evaluate.py)
     "gpu_check.py": (["--tiny-steps", "6", "--skip", "evaluate", "--steps", "4", "--variants", "ours:op"],  # + spread
-                     ["| resume from step_3 | pass |", "| ours:op |", "| spread ours:bal | pass |",
+                     ["| resume from step_3 | pass |", "| ours:op |", "| spread ours:bal | pass |", "| eval engine | pass |",
                       " passed, 0 failed"]),
     "index_stamp.py": (["--mib", "8"], ["full hash / stamp:", "| stat stamp (the cache's check) |"]),
     "loss_head.py": (["--vocab", "8192", "--tokens", "512", "--repeat", "2"], ["loss-only / stock time:"]),
     "balanced_steps.py": (["--steps", "10", "--repeat", "1"], ["balanced / random time per step:", "| balanced |"]),
+    "eval_speed.py": (["--budget", "1500", "--samples", "2", "--draws", "2", "--max-new", "4", "--dim", "64",
+                       "--layers", "1"], ["event scoring new / old: tokens", "forecasting new / old: tokens",
+                                          "| one prefill per prompt (new) |"]),
     "prune.py": (["--gib", "0.01", "--repeat", "1"], ["| inline |", "| background |"]),
     "fault_injection.py": (["--points", "3"], ["3/3 identical to the uninterrupted run; 3 kills landed; ",
                                                "| sync save step_", "| async save step_", "| prune step_"]),

@@ -6,6 +6,7 @@ import argparse
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from gdt_tune.data.layout import DEFAULT_MAX_SEQ_LEN
@@ -77,11 +78,11 @@ def _check_torchrun_options(launcher: list[str]) -> None:
     parser.parse_args([*launcher, "-m", RECIPE_MODULE])
 
 
-def _run_training(cmd: list[str]) -> int:
+def _run_training(cmd: list[str], command: str = "train") -> int:
     from gdt_tune.launcher import run_training
 
     # tiktoken caches tokenizer files by path; the demo tokenizer may be rebuilt at the same path.
-    return run_training(cmd, dict(os.environ, TIKTOKEN_CACHE_DIR=os.environ.get("TIKTOKEN_CACHE_DIR", "")))
+    return run_training(cmd, dict(os.environ, TIKTOKEN_CACHE_DIR=os.environ.get("TIKTOKEN_CACHE_DIR", "")), command)
 
 
 def _train(args) -> int:
@@ -148,8 +149,8 @@ def _demo(args) -> int:
         from gdt_tune.eval.run_report import plot_run
 
         run = demo_dir / "run"
-        png, text = plot_run(run)
-        print(f"\n{text}\n\ndone. training curve: {png}  logs: {run / 'logs'}  interim checkpoints: {run}/step_*  "
+        plots, text = plot_run(run)
+        print(f"\n{text}\n\ndone. training curves: {', '.join(map(str, plots))}  logs: {run / 'logs'}  interim checkpoints: {run}/step_*  "
               f"final HF checkpoint: {run / 'epoch_0'}")
     return rc
 
@@ -200,28 +201,52 @@ def _plot_run(args) -> int:
     from gdt_tune.eval.run_report import plot_run
 
     try:
-        png, text = plot_run(args.run_dir, args.out)
+        plots, text = plot_run(args.run_dir, args.out)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(text)
-    print(f"\nwrote {png} and {png.with_name('summary.md')}")
+    print(f"\nwrote {', '.join(map(str, plots))} and {plots[0].with_name('summary.md')}")
     return 0
+
+
+def evaluate_command(argv: list[str], nproc: int) -> list[str]:
+    """``torchrun --standalone --nproc_per_node N -m gdt_tune.cli evaluate ...`` (without the
+    ``--nproc_per_node`` option itself)."""
+    rest, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--nproc_per_node="):
+            skip = False
+            continue
+        skip = a == "--nproc_per_node"
+        if not skip:
+            rest.append(a)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m",
+            "gdt_tune.cli", *rest]
 
 
 def _evaluate(args) -> int:
     from gdt_tune.eval.evaluate import evaluate, summary
 
+    if args.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:  # torchrun, its output as for train
+        rc = _run_training(evaluate_command(args.argv, args.nproc_per_node), "evaluate")
+        return 1 if rc else 0
+    started = time.perf_counter()
     try:
         cfg = _load_config(args.config, args.overrides)
         metrics = evaluate(args.checkpoint, args.data, args.out, cfg=cfg, max_samples=args.max_samples,
                            train_data=args.train_data, samples=args.samples, batch_size=args.batch_size,
-                           device=args.device, dtype=args.dtype)
+                           device=args.device, dtype=args.dtype, seed=args.seed)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank fails alike: one line
+            print(f"error: {e}", file=sys.stderr)
         return 1
+    if metrics is None:  # not rank 0
+        return 0
     print(summary(metrics))
     print(f"wrote {Path(args.out) / 'metrics.json'}, forecast_mae.png, event_calibration.png")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    print(f"evaluated in {time.perf_counter() - started:.1f} s on {world} process{'es' if world > 1 else ''}")
     return 0
 
 
@@ -277,8 +302,14 @@ def main(argv=None) -> int:
     e.add_argument("--out", default="eval", help="output folder (default eval)")
     e.add_argument("--max-samples", type=_at_least(1), default=None)
     e.add_argument("--train-data", help="training JSONL for the majority baseline (default: the config's dataset)")
-    e.add_argument("--samples", type=_at_least(0), default=3, help="sampled completions per forecast (default 3)")
-    e.add_argument("--batch-size", type=_at_least(1), default=4, help="sequences per forward pass (default 4)")
+    e.add_argument("--samples", type=_at_least(0), default=10, help="sampled completions per forecast, besides the "
+                   "greedy one (default 10, as GDT)")
+    e.add_argument("--batch-size", type=_at_least(1), default=4, help="samples per forward pass (default 4); "
+                   "forecasting decodes batch x (1 + samples) rows: for the 8B model at 8k tokens 4 x 11 rows hold "
+                   "~47 GB of KV cache, use 2 on an 80 GB GPU")
+    e.add_argument("--nproc_per_node", type=_at_least(1), default=1, help="processes (torchrun), one device each; "
+                   "the samples are split over them (default 1)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the sampled forecasts (default 0)")
     e.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     e.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     e.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. demo_dir=...)")
@@ -292,7 +323,7 @@ def main(argv=None) -> int:
     x.add_argument("--config", help="the training config (name or file): model, tokenizer, system prompt")
     x.add_argument("overrides", nargs="*", help="config overrides, key=value")
     x.set_defaults(func=_export)
-    pr = sub.add_parser("plot-run", help="loss.png and summary.md of a run from its DiskLogger logs")
+    pr = sub.add_parser("plot-run", help="loss.png, val_metrics.png and summary.md of a run from its DiskLogger logs")
     pr.add_argument("run_dir", help="the run's output_dir")
     pr.add_argument("--out", default=None, help="output folder (default: the run folder)")
     pr.set_defaults(func=_plot_run)
@@ -306,7 +337,9 @@ def main(argv=None) -> int:
     r.add_argument("--world-size", type=_at_least(1), default=8, help="ranks of the expected rank balance, random vs "
                    "length-balanced steps (default 8)")
     r.set_defaults(func=_data_report)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 

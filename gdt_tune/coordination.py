@@ -143,3 +143,18 @@ def watch_launcher(poll_seconds: float = 2.0) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="gdt-launcher-watch", daemon=True).start()
+
+
+def init_distributed(device_type: str) -> tuple[int, int, int]:
+    """Start the process group (also for a plain single-process launch); returns world, rank, local rank."""
+    if "RANK" not in os.environ:  # a launch without torchrun: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        backend = "cuda:nccl,cpu:gloo"  # gloo for CPU-side collectives (async checkpoint staging)
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend)
+    return dist.get_world_size(), dist.get_rank(), local_rank

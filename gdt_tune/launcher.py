@@ -100,10 +100,10 @@ def segments(fd: int, running=None):
         yield pending.decode("utf-8", "replace"), True
 
 
-def log_path() -> Path:
+def log_path(command: str = "train") -> Path:
     folder = Path(os.environ.get("GDT_TUNE_LOG_DIR") or Path(tempfile.gettempdir()) / "gdt_tune")
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    return folder / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
 class Terminal:
@@ -122,9 +122,10 @@ class Terminal:
             self.gone = True
 
 
-def run_training(cmd: list[str], env: dict) -> int:
-    """Run ``cmd`` (torchrun), filtering its stderr as described above; returns the exit code."""
-    path = log_path()
+def run_training(cmd: list[str], env: dict, command: str = "train") -> int:
+    """Run ``cmd`` (torchrun), filtering its stderr as described above; returns the exit code.
+    ``command`` names the log file (``train-...log``, ``evaluate-...log``)."""
+    path = log_path(command)
     terminal = Terminal()
     terminal.write(sys.stdout, "+ " + " ".join(cmd) + "\n")
     received: list[int] = []

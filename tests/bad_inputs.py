@@ -220,6 +220,10 @@ CONFIG_CASES = [
      ["config key 'dataset.max_seq_len': 2048 is above model.max_seq_len (1024)"]),
     ("val-batch-zero", overrides("batch_size_val=0"), ["config key 'batch_size_val': got 0; expected an integer >= 1 or null"]),
     ("num-workers-negative", overrides("num_workers=-2"), ["config key 'num_workers': got -2; expected an integer >= 0"]),
+    ("val-metrics-negative", overrides("val_metrics_samples=-8"),
+     ["config key 'val_metrics_samples': got -8; expected an integer >= 0"]),
+    ("val-metrics-typo", overrides("val_metric_samples=8"),
+     ["config key 'val_metric_samples' is not known to this recipe; did you mean 'val_metrics_samples'?"]),
     ("ac-option-typo", overrides("enable_activation_checkpointing=true", "ac_mode=selective", "ac_option=ops"),
      ["config key 'ac_option': got 'ops'"]),
 ]

@@ -4,8 +4,7 @@ from collections import Counter
 
 import pytest
 
-from gdt_tune.eval.evaluate import parsed_forecast
-from gdt_tune.eval.metrics import (
+from gdt_tune.clinical.metrics import (
     OUTCOMES,
     event_metrics,
     forecast_metrics,
@@ -15,6 +14,7 @@ from gdt_tune.eval.metrics import (
     outcome_index,
     softmax,
 )
+from gdt_tune.eval.evaluate import parsed_forecast
 
 OCC, NOT, CENS = (OUTCOMES.index(o) for o in ("was not censored and occurred", "was not censored and did not occur",
                                                 "was censored and did not occur"))

@@ -7,10 +7,12 @@ import pytest
 import torch
 from recipe_utils import REPO, run_recipe
 
+from gdt_tune.clinical.event_scoring import event_candidates
+from gdt_tune.clinical.metrics import softmax
 from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT, Layout
 from gdt_tune.datasets import cgdb_instruct_dataset
-from gdt_tune.eval.evaluate import event_candidates, read_samples, score_sequences
-from gdt_tune.eval.metrics import softmax
+from gdt_tune.eval.evaluate import read_samples
+from gdt_tune.eval.reference import score_sequences
 
 
 class Favours(torch.nn.Module):
@@ -219,3 +221,24 @@ def test_data_report_says_when_a_split_folder_is_empty(demo_dir, tmp_path, capsy
     assert list(splits_of([str(root)])) == ["validation"]
     assert capsys.readouterr().err == (f"note: --data {root}: {root / 'train'} holds no *.jsonl files; it is left "
                                        "out of the report\n")
+
+
+def test_evaluate_on_two_ranks_writes_the_metrics_of_one_process(demo_dir, tmp_path):
+    """``--nproc_per_node 2`` (torchrun, 2 CPU ranks) gathers into the same metrics.json as one
+    process with the same seed: event scores, the sampled forecasts and their token counts."""
+    import subprocess
+    import sys
+
+    common = ["--checkpoint", str(demo_dir / "model"), "--data", str(demo_dir / "data" / "test"), "--train-data",
+              str(demo_dir / "data" / "train"), "--samples", "2", "--batch-size", "2", "--seed", "3"]
+    one = _cli("evaluate", *common, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "gdt_tune.cli", "evaluate", "--nproc_per_node", "2", *common,
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = ((tmp_path / name / "metrics.json").read_text() for name in ("one", "two"))
+    assert a == b
+    metrics = json.loads(a)
+    assert metrics["samples"] == 11 and metrics["events"]["tasks"] > 10
+    assert metrics["forecasting"]["generation"]["generated_tokens"] > 0
+    assert two.stdout.count("samples: 11") == 1 and "generating forecasts" in two.stderr  # rank 0 speaks

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from gdt_tune.eval.metrics import OCCURRED, OUTCOMES, auroc, bootstrap_ci, event_auroc, horizon_bucket
+from gdt_tune.clinical.metrics import OCCURRED, OUTCOMES, auroc, bootstrap_ci, event_auroc, horizon_bucket
 
 metrics = pytest.importorskip("sklearn.metrics")
 

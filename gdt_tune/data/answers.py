@@ -17,6 +17,8 @@ from gdt_tune.data.text import EVENT, EVENT_OUTCOMES, FORECASTING, FORECASTING_Q
 _TASK_RE = re.compile(
     r"^Task (\d+) is (forecasting QA|forecasting|time to event prediction):[ \t]*$", re.MULTILINE
 )
+#: the same header in bytes (attributing tokens to tasks: ``clinical.validation.label_kinds``)
+TASK_HEADER_BYTES = re.compile(_TASK_RE.pattern.encode(), re.MULTILINE)
 _VISIT_SPLIT_RE = re.compile(
     r"(?:^|\n)(\d+(?:\.\d+)?) weeks? later, the patient visited and experienced the following:[ \t]*\n"
 )

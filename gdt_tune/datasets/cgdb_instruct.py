@@ -94,14 +94,23 @@ class CGDBInstructDataset(Dataset):
         ``_index.keyed_hash``; rows without one are skipped)."""
         return set(np.unique(self._rows.patient).tolist()) - {""}
 
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
+    @property
+    def layout(self) -> Layout:
+        """The token layout (tokenizer and system prompt) the samples are built with."""
+        return self._layout
+
+    def record(self, index: int) -> dict:
+        """Sample ``index`` as read from its file (validated; not capped)."""
         where, file = self.where(index), self._rows.file[index]
         with open(self.files[file], "rb") as f:
             if _stamp(f.fileno()) != self._stamps[file]:
                 raise ValueError(f"{where}: the file changed after it was indexed; restart to re-index it")
             f.seek(int(self._rows.offset[index]))
             raw = f.read(int(self._rows.length[index]))
-        record = read_record(raw, where)
+        return read_record(raw, where)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        where, record = self.where(index), self.record(index)
         tokens, labels, status = apply_cap(self._layout, record["instruction"], record["answer"],
                                            self._max_seq_len, self._truncation)
         try:

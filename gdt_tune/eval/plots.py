@@ -88,3 +88,19 @@ def loss_plot(steps: list[int], loss: list[float], smoothed: list[float], val: d
     ax.set_ylabel("loss per label token")
     ax.legend()
     _save(fig, path)
+
+
+def panels_plot(series: dict[str, dict[int, float]], path: Path) -> None:
+    """One small panel per metric (``{name: {step: value}}``), values against step."""
+    cols = min(3, len(series))
+    rows = -(-len(series) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+    for ax, (name, values) in zip(axes.flat, series.items()):
+        steps = sorted(values)
+        ax.plot(steps, [values[s] for s in steps], "o-", markersize=3)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    for ax in list(axes.flat)[len(series):]:
+        ax.axis("off")
+    _save(fig, path)
+

@@ -1,7 +1,10 @@
 """``gdt-tune plot-run RUN_DIR``: training curves and a one-screen summary from a run's DiskLogger
 files (``RUN_DIR/logs/*.txt``), for runs without wandb::
 
-    gdt-tune plot-run /runs/gdt            # writes /runs/gdt/loss.png and /runs/gdt/summary.md
+    gdt-tune plot-run /runs/gdt     # writes loss.png, val_metrics.png (a panel per validation metric) and summary.md
+
+The validation series (``val_loss_forecasting``, ``val_loss_events``, ``val_events_*``,
+``val_metrics_seconds``) get a panel each and their last values in the summary.
 
 Logs of a resumed run (one file per launch) are merged; a step logged twice keeps its last value.
 """
@@ -44,6 +47,13 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
+def validation_series(metrics: dict[str, dict[int, float]]) -> dict[str, dict[int, float]]:
+    """The validation metrics besides ``val_loss``, in a fixed order (per-event AUROCs by name)."""
+    first = ["val_loss_forecasting", "val_loss_events", "val_events_accuracy", "val_events_brier", "val_events_auroc"]
+    per_event = sorted(k for k in metrics if k.startswith("val_events_auroc_"))
+    return {k: metrics[k] for k in [*first, *per_event, "val_metrics_seconds"] if metrics.get(k)}
+
+
 def summary(run_dir: Path, metrics: dict[str, dict[int, float]]) -> list[tuple[str, str]]:
     loss, val = metrics.get("loss", {}), metrics.get("val_loss", {})
     last = sorted(loss)[-10:]
@@ -55,16 +65,18 @@ def summary(run_dir: Path, metrics: dict[str, dict[int, float]]) -> list[tuple[s
             ("train loss, first -> mean of last 10", f"{loss[min(loss)]:.4f} -> {sum(loss[s] for s in last) / len(last):.4f}"
              if loss else "n/a"),
             ("validation loss, last", f"{val[max(val)]:.4f} at step {max(val)}" if val else "n/a"),
+            *[(f"{name}, last", f"{values[max(values)]:.4f} at step {max(values)}")
+              for name, values in validation_series(metrics).items()],
             ("rank balance (mean; 1.0: no rank waits)", f"{sum(balance.values()) / len(balance):.3f}" if balance else "n/a"),
             ("interim checkpoints", ", ".join(p.name for p in steps) or "none"),
             ("final checkpoints", ", ".join(p.name for p in sorted(run_dir.glob("epoch_*"))) or "none")]
     return rows
 
 
-def plot_run(run_dir, out=None) -> tuple[Path, str]:
-    """Write ``loss.png`` and ``summary.md`` (into ``out``, default the run folder); return the
-    plot's path and the summary text."""
-    from gdt_tune.eval.plots import loss_plot
+def plot_run(run_dir, out=None) -> tuple[list[Path], str]:
+    """Write ``loss.png``, ``val_metrics.png`` (when the run logged validation metrics) and
+    ``summary.md`` (into ``out``, default the run folder); return the plots' paths and the summary text."""
+    from gdt_tune.eval.plots import loss_plot, panels_plot
 
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir
@@ -76,6 +88,10 @@ def plot_run(run_dir, out=None) -> tuple[Path, str]:
     steps = sorted(loss)
     loss_plot(steps, [loss[s] for s in steps], smooth([loss[s] for s in steps]), metrics.get("val_loss", {}),
               out / "loss.png")
+    plots = [out / "loss.png"]
+    if series := validation_series(metrics):
+        panels_plot(series, out / "val_metrics.png")
+        plots.append(out / "val_metrics.png")
     text = "\n".join([f"# run {run_dir}", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in summary(run_dir, metrics)]])
     (out / "summary.md").write_text(text + "\n")
-    return out / "loss.png", text
+    return plots, text

@@ -26,9 +26,12 @@ from torchtune import config, training
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 from tqdm import tqdm
 
-from gdt_tune.coordination import FailedElsewhere, rank_zero_first, report_error, watch_launcher
+from gdt_tune.clinical.event_scoring import Pack, event_candidates, pack_sample, score_samples
+from gdt_tune.clinical.metrics import softmax
+from gdt_tune.clinical.validation import KINDS, event_summary, label_kinds, metrics_subset
+from gdt_tune.coordination import FailedElsewhere, init_distributed, rank_zero_first, report_error, watch_launcher
 from gdt_tune.cpus import available_cpus
-from gdt_tune.data.layout import trained_with
+from gdt_tune.data.layout import Layout, trained_with
 from gdt_tune.datasets import PatientDataset, dropped_by_cap
 from gdt_tune.prompting import tokenizer_from_config
 from gdt_tune.serving import write_serving_files
@@ -84,21 +87,6 @@ def loggable_config(cfg: DictConfig) -> DictConfig:
     return OmegaConf.create(redact(resolved))
 
 
-def _init_distributed(device_type: str) -> tuple[int, int, int]:
-    """Start the process group (also for a plain single-process launch); returns world, rank, local rank."""
-    if "RANK" not in os.environ:  # `tune run` without --nproc_per_node: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_type == "cuda":
-        torch.cuda.set_device(local_rank)
-        backend = "cuda:nccl,cpu:gloo"  # gloo for CPU-side collectives (async checkpoint staging)
-    else:
-        backend = "gloo"
-    dist.init_process_group(backend=backend)
-    return dist.get_world_size(), dist.get_rank(), local_rank
-
-
 class FullFinetuneRecipe:
     """One FSDP2 full fine-tune: ``setup()``, ``train()``, ``cleanup()``."""
 
@@ -110,7 +98,7 @@ class FullFinetuneRecipe:
         self._data_cfg = rc.data
         self._device = torch.device(rc.training.device)
         self._dtype = torch.bfloat16 if rc.training.dtype == "bf16" else torch.float32
-        self._world, self._rank, local_rank = _init_distributed(self._device.type)
+        self._world, self._rank, local_rank = init_distributed(self._device.type)
         if self._device.type == "cuda":
             self._device = torch.device("cuda", local_rank)
         else:
@@ -140,6 +128,8 @@ class FullFinetuneRecipe:
         self._metric_logger = self._profiler = None
         self._model = self._optimizer = self._lr_scheduler = self._head = None
         self._progress: Progress | None = None
+        self._metric_tasks: list[list[dict]] = []  # val_metrics_samples: event tasks of each scored sample
+        self._metric_packs: list[list[Pack]] = []  # ... and their sequences (one forward each)
         self._flops_per_token = None  # (mean sequence length) -> FLOPs per token, for MFU
 
     # ---------------------------------------------------------------- setup
@@ -160,6 +150,7 @@ class FullFinetuneRecipe:
                              "dataset_val.max_seq_len, fix dataset_val.data_files, or set dataset_val=null")
         self._check_no_shared_patients()
         self._settings = dataset_settings(self._train_ds, cfg.dataset)
+        self._metric_tasks = self._val_metric_tasks()
         self._sampler, self._train_loader = self._setup_train_loader(self._train_ds)
         self._global_batch = self._batch_size * self._world * self._accum
         self._steps_per_epoch = len(self._train_ds) // self._global_batch
@@ -201,6 +192,7 @@ class FullFinetuneRecipe:
         # the projection and cross-entropy of labelled positions only, in loss.num_output_chunks chunks
         self._head = LossOnlyHead(self._model, config.instantiate(cfg.loss).num_output_chunks,
                                   compile=self._train_cfg.compile)
+        self._metric_packs = [pack_sample(tasks, self._model.max_seq_len) for tasks in self._metric_tasks]
         self._progress = Progress(seed=self._seed, world_size=self._world)
         self._interim = CheckpointManager.from_config(
             self._ckpt_cfg, model=self._model, optimizer=self._optimizer, lr_scheduler=self._lr_scheduler,
@@ -377,15 +369,38 @@ class FullFinetuneRecipe:
             out["grad_norm"] = float(stats["grad_norm"])
         return out
 
+    def _val_metric_tasks(self) -> list[list[dict]]:
+        """The event tasks of the ``val_metrics_samples`` subset (read once, at setup)."""
+        k = self._log_cfg.val_metrics_samples
+        if k and self._val_ds is None and self._is_rank_zero:
+            log.warning("val_metrics_samples=%d: no dataset_val, so no validation and no event metrics", k)
+        if not k or self._val_ds is None:
+            return []
+        if not isinstance(self._val_ds, PatientDataset):
+            raise ValueError("config key 'val_metrics_samples': needs dataset_val from "
+                             "gdt_tune.datasets.cgdb_instruct_dataset; set val_metrics_samples=0")
+        layout = Layout.build(self._tokenizer, trained_with(self._settings)[0])
+        tasks = []
+        for i in metrics_subset(len(self._val_ds), k, self._seed):
+            try:
+                tasks.append(event_candidates(layout, self._val_ds.record(i)))
+            except ValueError as e:
+                raise ValueError(f"{self._val_ds.where(i)}: answer does not parse ({e})") from None
+        return tasks
+
     @torch.no_grad()
-    def validate(self) -> float:
-        """Mean loss per label token over the whole validation set (each sample once)."""
+    def validate(self) -> dict[str, float]:
+        """``val_loss`` (mean loss per label token over the whole validation set, each sample
+        once), ``val_loss_forecasting`` and ``val_loss_events`` (``clinical.validation``) and,
+        with ``val_metrics_samples``, the event metrics of :meth:`_val_event_metrics`."""
         sampler = EvalBatchSampler(len(self._val_ds), self._log_cfg.batch_size_val or self._batch_size,
                                    self._rank, self._world)
         loader = DataLoader(self._val_ds, batch_sampler=sampler, collate_fn=self._collate())
         self._model.eval()
-        ce_total = torch.zeros((), dtype=torch.float64, device=self._device)
-        n_total, last = 0, None
+        # loss sum and label tokens: all, then each of KINDS
+        sums = torch.zeros(1 + len(KINDS), dtype=torch.float64, device=self._device)
+        counts = torch.zeros(1 + len(KINDS), dtype=torch.float64)
+        last = None
         batches = iter(loader)
         for _ in tqdm(range(sampler.num_batches_all_ranks), desc="validation", leave=False,
                       disable=not self._is_rank_zero):
@@ -393,14 +408,47 @@ class FullFinetuneRecipe:
             if batch is None:  # this rank ran out (or had none): a masked batch keeps FSDP collectives matched
                 last = last or self._collate()([self._val_ds[0]])
                 batch = dict(last, labels=torch.full_like(last["labels"], CROSS_ENTROPY_IGNORE_IDX))
-            n_total += int((batch["labels"][:, 1:] != CROSS_ENTROPY_IGNORE_IDX).sum())
+            targets = batch["labels"][:, 1:]
+            kinds = torch.tensor([k for row in targets for k in label_kinds(
+                self._tokenizer, row[row != CROSS_ENTROPY_IGNORE_IDX].tolist())], dtype=torch.long)
+            counts[0] += len(kinds)
+            counts[1:] += torch.bincount(kinds[kinds >= 0], minlength=len(KINDS)).double()
             tokens, labels = self._to_device(batch)
-            ce_total += self._head(tokens, labels).double()
+            ce = self._head(tokens, labels, per_token=True).double()
+            sums[0] += ce.sum()
+            sums[1:].index_add_(0, kinds[kinds >= 0].to(self._device), ce[(kinds >= 0).to(self._device)])
             last = batch
         self._model.train()
-        totals = torch.stack([ce_total, torch.tensor(float(n_total), dtype=torch.float64, device=self._device)])
+        totals = torch.cat([sums, counts.to(self._device)])
         dist.all_reduce(totals)
-        return totals[0].item() / max(totals[1].item(), 1.0)
+        loss, n = totals[:1 + len(KINDS)].tolist(), totals[1 + len(KINDS):].tolist()
+        out = {"val_loss": loss[0] / max(n[0], 1.0)}
+        out.update({f"val_loss_{kind}": loss[1 + i] / n[1 + i] for i, kind in enumerate(KINDS) if n[1 + i]})
+        if any(self._metric_packs):
+            out.update(self._val_event_metrics())
+        return out
+
+    @torch.no_grad()
+    def _val_event_metrics(self) -> dict[str, float]:
+        """The event metrics of the ``val_metrics_samples`` subset with the sharded model in place:
+        sample i is scored on rank i % world (one forward per sample, ``clinical.event_scoring``),
+        every rank runs as many forwards (FSDP's all-gathers stay matched), the scores are gathered."""
+        started = time.perf_counter()
+        size = self._log_cfg.batch_size_val or self._batch_size
+        mine = range(self._rank, len(self._metric_packs), self._world)
+        forwards = max(-(-sum(len(self._metric_packs[i]) for i in range(r, len(self._metric_packs), self._world))
+                         // size) for r in range(self._world))
+        filler = next(p for packs in self._metric_packs for p in packs[:1])
+        self._model.eval()
+        scores = score_samples(self._head, [self._metric_packs[i] for i in mine], self._tokenizer.pad_id,
+                               self._device, size, forwards=forwards, filler=filler)
+        self._model.train()
+        parts = [None] * self._world
+        dist.all_gather_object(parts, dict(zip(mine, scores)))
+        by_sample = {i: s for part in parts for i, s in part.items()}
+        tasks = [t for tasks in self._metric_tasks for t in tasks]
+        probs = [softmax(s) for i in range(len(self._metric_packs)) for s in by_sample[i]]
+        return {**event_summary(tasks, probs), "val_metrics_seconds": time.perf_counter() - started}
 
     # ---------------------------------------------------------------- loop
     def train(self) -> None:
@@ -421,7 +469,7 @@ class FullFinetuneRecipe:
         if stopped:
             return
         if self._val_ds is not None and not self._validation_due(p.global_step):  # not just done
-            self._log({"val_loss": self.validate()})
+            self._log(self.validate())
         self.save_final(self._train_cfg.epochs - 1)
 
     def _train_epochs(self, bar) -> bool:
@@ -451,7 +499,7 @@ class FullFinetuneRecipe:
                     bar.set_postfix(loss=f"{values['loss']:.4f}")
                     self._log_metrics(values, window)
                 if self._validation_due(p.global_step):
-                    self._log({"val_loss": self.validate()})
+                    self._log(self.validate())
                 started = time.perf_counter()
                 if self._interim.save(p.global_step):
                     self._log({"checkpoint_blocked_seconds": time.perf_counter() - started})

@@ -138,6 +138,9 @@ class Logging:
     run_val_every_n_steps: int | None = integer(None, "validation loss every N steps; null: at the end only",
                                                 null=True)
     batch_size_val: int | None = integer(None, "validation batch per rank; null: batch_size", null=True)
+    val_metrics_samples: int = integer(0, "with each validation, score the event tasks of this many validation "
+                                       "samples (a fixed, seeded subset; all when fewer) and log val_events_*; 0: off",
+                                       minimum=0)
 
 
 #: Component blocks (``_component_`` + arguments), built by torchtune: True when required.

@@ -9,6 +9,7 @@ unsharding of the root and of a separately sharded ``output`` works as for the s
 
     head = LossOnlyHead(model, num_chunks=8)       # the recipe: loss.num_output_chunks
     ce_sum = head(tokens, labels)                  # labels already shifted (position t predicts t+1)
+    ce = head(tokens, labels, per_token=True, mask=mask, input_pos=pos)   # one value per labelled position
 """
 
 from __future__ import annotations
@@ -31,24 +32,34 @@ class LossOnlyHead:
     def __init__(self, model, num_chunks: int, compile: bool = False):
         self.model, self.num_chunks = model, max(1, num_chunks)
         self._labels: torch.Tensor | None = None
+        self._per_token = False
         backend = os.environ.get("TORCH_COMPILE_BACKEND", "inductor")  # as the recipe compiles the layers
         self._chunk_loss = torch.compile(_chunk_loss, dynamic=True, backend=backend) if compile else _chunk_loss
         model.unembed = types.MethodType(self._unembed, model)
 
-    def __call__(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Summed cross-entropy over the positions of ``labels`` that are not -100."""
-        self._labels = labels
+    def __call__(self, tokens: torch.Tensor, labels: torch.Tensor, *, per_token: bool = False,
+                 **model_kwargs) -> torch.Tensor:
+        """Summed cross-entropy over the positions of ``labels`` that are not -100; with
+        ``per_token``, the cross-entropy of each of those positions (row-major order, fp32).
+        ``model_kwargs`` (``mask``, ``input_pos``) go to the decoder."""
+        self._labels, self._per_token = labels, per_token
         try:
-            return self.model(tokens)
+            return self.model(tokens, **model_kwargs)
         finally:
             self._labels = None
 
     def _unembed(self, model, h: torch.Tensor) -> torch.Tensor:
+        if self._labels is None:  # the model called directly, not through the head: the stock output
+            return type(model).unembed(model, h)
         keep = self._labels != CROSS_ENTROPY_IGNORE_IDX
         hidden, targets = model.norm(h)[keep], self._labels[keep]
-        total = h.new_zeros((), dtype=torch.float32)
         # exactly num_chunks calls of the output layer on every rank (some may be empty): with a
         # separately sharded output, each call is an FSDP all-gather that all ranks must join
-        for part, target in zip(torch.tensor_split(hidden, self.num_chunks), torch.tensor_split(targets, self.num_chunks)):
+        pairs = zip(torch.tensor_split(hidden, self.num_chunks), torch.tensor_split(targets, self.num_chunks))
+        if self._per_token:
+            return torch.cat([F.cross_entropy(model.output(part).float(), target, reduction="none")
+                              for part, target in pairs])
+        total = h.new_zeros((), dtype=torch.float32)
+        for part, target in pairs:
             total = total + self._chunk_loss(model.output(part), target)
         return total

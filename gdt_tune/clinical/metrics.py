@@ -1,6 +1,11 @@
 """Clinical-task metrics, pure functions over plain values (tested on hand-made cases).
 
 Events: three outcomes per task, in ``OUTCOMES`` order; a prediction is a probability per outcome.
+The standard definitions come from scikit-learn and scipy, as clinical reviewers know them: AUROC
+(``sklearn.metrics.roc_auc_score``), the multiclass Brier score (``brier_score_loss``, the sum over
+the 3 outcomes), calibration bins (``sklearn.calibration.calibration_curve``, uniform) and the
+AUROC interval (``scipy.stats.bootstrap``, percentile, resampling the occurred and the not-occurred
+tasks separately, as pROC's stratified bootstrap).
 Forecasts: ``{(weeks, variable): value}`` per task, compared with the truth and with the
 copy-forward baseline (the last observed value from the instruction's summary block).
 """
@@ -12,6 +17,9 @@ import re
 from collections import Counter, defaultdict
 
 import numpy as np
+from scipy.stats import bootstrap, mannwhitneyu
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from gdt_tune.data.text import OUTCOMES, outcome_text
 
@@ -43,20 +51,25 @@ def event_metrics(events: list[str], truths: list[int], probs: list[list[float]]
     for event, t, k in zip(events, truths, pred):
         confusion.setdefault(event, [[0] * 3 for _ in range(3)])[t][int(k)] += 1
     return {"tasks": len(truths), "accuracy": float((pred == np.asarray(truths)).mean()),
-            "brier": float(((p - y) ** 2).sum(axis=1).mean()), "confusion": confusion,
+            "brier": brier(truths, p), "confusion": confusion,
             "calibration": calibration(p[:, OCCURRED], y[:, OCCURRED], n_bins)}
 
 
+def brier(truths: list[int], probs) -> float:
+    """Multiclass Brier score: squared error summed over the 3 outcomes, averaged over tasks."""
+    return float(brier_score_loss(truths, np.asarray(probs, dtype=float), labels=[0, 1, 2]))
+
+
 def calibration(p: np.ndarray, y: np.ndarray, n_bins: int) -> list[dict]:
-    """Equal-width bins of predicted probability: count, mean prediction, observed frequency."""
-    bins = np.minimum((np.asarray(p) * n_bins).astype(int), n_bins - 1)
-    out = []
-    for b in range(n_bins):
-        m = bins == b
-        if m.any():
-            out.append({"bin": [b / n_bins, (b + 1) / n_bins], "count": int(m.sum()),
-                        "mean_predicted": float(np.mean(p[m])), "observed": float(np.mean(y[m]))})
-    return out
+    """Equal-width bins of predicted probability (scikit-learn's ``calibration_curve``, uniform
+    strategy; a bin holds (low, high]): count, mean prediction, observed frequency, non-empty bins."""
+    p, y = np.asarray(p, dtype=float), np.asarray(y, dtype=float)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    ids = np.searchsorted(edges[1:-1], p)  # calibration_curve's own bin rule, for the counts
+    counts = np.bincount(ids, minlength=n_bins)
+    observed, predicted = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
+    return [{"bin": [float(edges[b]), float(edges[b + 1])], "count": int(counts[b]), "mean_predicted": float(m),
+             "observed": float(o)} for b, m, o in zip(np.flatnonzero(counts), predicted, observed)]
 
 
 def majority_baseline(train_outcomes: dict[str, Counter], events: list[str], truths: list[int]) -> dict:
@@ -75,7 +88,7 @@ def majority_baseline(train_outcomes: dict[str, Counter], events: list[str], tru
     p, y = np.asarray(probs), np.zeros((len(truths), 3))
     y[np.arange(len(truths)), truths] = 1.0
     return {"accuracy": float(np.mean(np.asarray(majority) == np.asarray(truths))) if truths else None,
-            "brier": float(((p - y) ** 2).sum(axis=1).mean()) if truths else None,
+            "brier": brier(truths, p) if truths else None,
             "events_without_training_data": sorted({e for e, k in zip(events, known) if not k})}
 
 
@@ -156,36 +169,32 @@ HORIZON_BUCKETS = (("<=13 weeks", 0.0, 13.0), ("14-52 weeks", 13.0, 52.0), (">52
 
 
 def auroc(scores, labels) -> float | None:
-    """Area under the ROC curve (the Mann-Whitney U statistic, ties counted half); None when
-    ``labels`` hold only one class."""
-    s, y = np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    """Area under the ROC curve (``roc_auc_score``: ties count half); None when ``labels`` hold
+    only one class."""
+    y = np.asarray(labels, dtype=bool)
+    if y.all() or not y.any():
         return None
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s))
-    sorted_s = s[order]
-    i = 0
-    while i < len(s):  # average ranks over ties
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(y, np.asarray(scores, dtype=float)))
+
+
+def _auroc_of_groups(positives, negatives, axis=-1):
+    """AUROC of two score groups (the Mann-Whitney U over n_pos x n_neg), vectorised for the bootstrap."""
+    u = mannwhitneyu(positives, negatives, axis=axis, method="asymptotic", use_continuity=False).statistic
+    return u / (positives.shape[axis] * negatives.shape[axis])
 
 
 def bootstrap_ci(scores, labels, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[float] | None:
-    """Percentile bootstrap interval of :func:`auroc` (resampling tasks; resamples with one class
-    are skipped); None when fewer than half of them have both classes."""
+    """Percentile bootstrap interval of :func:`auroc` (``scipy.stats.bootstrap``, stratified: the
+    occurred and the not-occurred tasks are resampled separately); None when a class has fewer
+    than 2 tasks, or ``n_boot`` is 0."""
     s, y = np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)
-    if len(s) == 0:
+    if n_boot == 0 or y.sum() < 2 or (~y).sum() < 2:
         return None
-    rng = np.random.default_rng(seed)
-    values = [v for _ in range(n_boot) if (v := auroc(s[idx := rng.integers(0, len(s), len(s))], y[idx])) is not None]
-    if len(values) < n_boot / 2:
-        return None
-    return [float(np.quantile(values, (1 - level) / 2)), float(np.quantile(values, (1 + level) / 2))]
+    with np.errstate(invalid="ignore"):
+        result = bootstrap((s[y], s[~y]), _auroc_of_groups, n_resamples=n_boot, confidence_level=level,
+                           method="percentile", vectorized=True, rng=np.random.default_rng(seed))
+    low, high = result.confidence_interval
+    return [float(low), float(high)]
 
 
 def horizon_bucket(weeks: float) -> str:

@@ -1,0 +1,1 @@
+"""Clinical scoring shared by training (in-run metrics) and ``gdt-tune evaluate``."""
