@@ -82,3 +82,13 @@ def test_cli_errors_are_one_line_naming_the_option(make_args, code, message, dem
     assert rc == code
     assert err.startswith(message.format(d=demo_dir, t=tmp_path)) and err.count("\n") == 1, err
 
+
+def test_evaluate_command_runs_the_same_arguments_under_torchrun():
+    from gdt_tune.cli import evaluate_command
+
+    for argv in (["evaluate", "--nproc_per_node", "4", "--checkpoint", "C", "--data", "D"],
+                 ["evaluate", "--checkpoint", "C", "--nproc_per_node=4", "--data", "D"]):
+        cmd = evaluate_command(argv, 4)
+        assert cmd[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m"]
+        assert cmd[7:] == ["gdt_tune.cli", "evaluate", "--checkpoint", "C", "--data", "D"]
+

@@ -41,6 +41,8 @@ def test_event_metrics_equal_evaluate_of_the_step_checkpoint(run, tmp_path):
     assert len(ds) > 8 and len(subset) == 8 and subset == metrics_subset(len(ds), 8, cfg.seed)
     data = tmp_path / "subset.jsonl"
     data.write_text("".join(json.dumps(ds.record(i)) + "\n" for i in subset))
+    # the run lists the same samples by file:line
+    assert (out / "val_metrics_samples.txt").read_text().splitlines() == [ds.where(i) for i in subset]
     for step in (2, 4):
         metrics = evaluate(out / f"step_{step}", data, tmp_path / f"eval{step}", cfg=cfg, samples=0)
         ev = metrics["events"]

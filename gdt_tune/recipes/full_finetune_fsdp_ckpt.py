@@ -193,6 +193,7 @@ class FullFinetuneRecipe:
         self._head = LossOnlyHead(self._model, config.instantiate(cfg.loss).num_output_chunks,
                                   compile=self._train_cfg.compile)
         self._metric_packs = [pack_sample(tasks, self._model.max_seq_len) for tasks in self._metric_tasks]
+        self._record_val_metric_samples()
         self._progress = Progress(seed=self._seed, world_size=self._world)
         self._interim = CheckpointManager.from_config(
             self._ckpt_cfg, model=self._model, optimizer=self._optimizer, lr_scheduler=self._lr_scheduler,
@@ -387,6 +388,23 @@ class FullFinetuneRecipe:
             except ValueError as e:
                 raise ValueError(f"{self._val_ds.where(i)}: answer does not parse ({e})") from None
         return tasks
+
+    def _record_val_metric_samples(self) -> None:
+        """Rank 0 lists the scored samples (``file:line``, no text) in ``output_dir/val_metrics_samples.txt``
+        for reviewers and for ``gdt-tune evaluate`` of the same samples."""
+        if not self._metric_tasks or not self._is_rank_zero:
+            return
+        subset = metrics_subset(len(self._val_ds), self._log_cfg.val_metrics_samples, self._seed)
+        path = os.path.join(self._ckpt_cfg.output_dir, "val_metrics_samples.txt")
+        with open(path, "w") as f:
+            f.writelines(f"{self._val_ds.where(i)}\n" for i in subset)
+        tasks = sum(map(len, self._metric_tasks))
+        if tasks == 0:
+            log.warning("val_metrics_samples: the %d chosen validation samples hold no event task, so no val_events_* "
+                        "is logged (raise val_metrics_samples or check dataset_val)", len(subset))
+        else:
+            log.info("val_metrics_samples: %d event tasks of %d of the %d validation samples (listed in %s)", tasks,
+                     len(subset), len(self._val_ds), path)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:

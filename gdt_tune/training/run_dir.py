@@ -39,7 +39,7 @@ LOCK_FILE = ".lock"
 PREVIOUS_PREFIX = "previous-"
 #: What a run writes in output_dir (all that ``overwrite_output_dir`` moves aside; data, models and
 #: anything else of the user's stay where they are).
-RUN_OUTPUT = re.compile(r"^(run\.json|step_\d+|epoch_\d+|logs|profiling|recipe_state|wandb|\.deleting-.*)$")
+RUN_OUTPUT = re.compile(r"^(run\.json|step_\d+|epoch_\d+|logs|profiling|recipe_state|wandb|val_metrics_samples\.txt|\.deleting-.*)$")
 
 
 def _now() -> str:
