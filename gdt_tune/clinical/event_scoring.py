@@ -90,7 +90,7 @@ def pack_sample(tasks: list[dict], limit: int) -> list[Pack]:
         if len(packs[-1]) + len(branch[1]) > limit and packs[-1].branches:
             packs.append(Pack(trunk))
         if len(packs[-1]) + len(branch[1]) > limit:
-            raise ValueError(f"a sample of {len(trunk) + len(branch[1])} tokens exceeds the model's max_seq_len "
+            raise ValueError(f"its {len(trunk) + len(branch[1])} tokens to score exceed the model's max_seq_len "
                              f"({limit})")
         packs[-1].branches.append(branch)
         packs[-1].owners.append(owner)

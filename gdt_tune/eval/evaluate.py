@@ -151,13 +151,13 @@ def _batches(n: int, size: int) -> list[range]:
 
 def score_events(model, tokenizer, layout: Layout, records, batch_size: int, device, ranks: Ranks):
     """Event tasks of ``records`` and their outcome probabilities (one forward per sample)."""
-    samples = []
+    samples, packs = [], []
     for where, record in records:
         try:
             samples.append(event_candidates(layout, record))
+            packs.append(pack_sample(samples[-1], model.max_seq_len))
         except ValueError as e:
-            raise ValueError(f"{where}: answer does not parse ({e})") from None
-    packs = [pack_sample(tasks, model.max_seq_len) for tasks in samples]
+            raise ValueError(f"{where}: cannot score its event tasks ({e})") from None
     head, results = LossOnlyHead(model, num_chunks=1), {}
     batches = _batches(len(samples), batch_size)
     with tqdm(total=sum(len(packs[i]) for b in ranks.mine(len(batches)) for i in batches[b]), desc="scoring events",

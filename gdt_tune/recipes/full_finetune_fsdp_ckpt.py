@@ -130,6 +130,7 @@ class FullFinetuneRecipe:
         self._progress: Progress | None = None
         self._metric_tasks: list[list[dict]] = []  # val_metrics_samples: event tasks of each scored sample
         self._metric_packs: list[list[Pack]] = []  # ... and their sequences (one forward each)
+        self._metric_where: list[str] = []  # ... and their file:line
         self._flops_per_token = None  # (mean sequence length) -> FLOPs per token, for MFU
 
     # ---------------------------------------------------------------- setup
@@ -150,7 +151,7 @@ class FullFinetuneRecipe:
                              "dataset_val.max_seq_len, fix dataset_val.data_files, or set dataset_val=null")
         self._check_no_shared_patients()
         self._settings = dataset_settings(self._train_ds, cfg.dataset)
-        self._metric_tasks = self._val_metric_tasks()
+        self._metric_tasks, self._metric_packs = self._val_metric_samples()
         self._sampler, self._train_loader = self._setup_train_loader(self._train_ds)
         self._global_batch = self._batch_size * self._world * self._accum
         self._steps_per_epoch = len(self._train_ds) // self._global_batch
@@ -192,7 +193,6 @@ class FullFinetuneRecipe:
         # the projection and cross-entropy of labelled positions only, in loss.num_output_chunks chunks
         self._head = LossOnlyHead(self._model, config.instantiate(cfg.loss).num_output_chunks,
                                   compile=self._train_cfg.compile)
-        self._metric_packs = [pack_sample(tasks, self._model.max_seq_len) for tasks in self._metric_tasks]
         self._record_val_metric_samples()
         self._progress = Progress(seed=self._seed, world_size=self._world)
         self._interim = CheckpointManager.from_config(
@@ -370,41 +370,54 @@ class FullFinetuneRecipe:
             out["grad_norm"] = float(stats["grad_norm"])
         return out
 
-    def _val_metric_tasks(self) -> list[list[dict]]:
-        """The event tasks of the ``val_metrics_samples`` subset (read once, at setup)."""
+    def _val_metric_samples(self) -> tuple[list[list[dict]], list[list[Pack]]]:
+        """The event tasks of the ``val_metrics_samples`` subset and their sequences (read once, at
+        setup, before the weights). A sample whose scoring sequence exceeds the model's
+        ``max_seq_len`` is left out with a warning (training does not stop for a monitoring metric)."""
         k = self._log_cfg.val_metrics_samples
         if k and self._val_ds is None and self._is_rank_zero:
             log.warning("val_metrics_samples=%d: no dataset_val, so no validation and no event metrics", k)
         if not k or self._val_ds is None:
-            return []
+            return [], []
         if not isinstance(self._val_ds, PatientDataset):
             raise ValueError("config key 'val_metrics_samples': needs dataset_val from "
                              "gdt_tune.datasets.cgdb_instruct_dataset; set val_metrics_samples=0")
         layout = Layout.build(self._tokenizer, trained_with(self._settings)[0])
-        tasks = []
+        with torch.device("meta"):
+            limit = config.instantiate(self._cfg.model).max_seq_len
+        tasks, packs, too_long = [], [], []
         for i in metrics_subset(len(self._val_ds), k, self._seed):
             try:
-                tasks.append(event_candidates(layout, self._val_ds.record(i)))
+                sample = event_candidates(layout, self._val_ds.record(i))
             except ValueError as e:
                 raise ValueError(f"{self._val_ds.where(i)}: answer does not parse ({e})") from None
-        return tasks
+            try:
+                packs.append(pack_sample(sample, limit))
+            except ValueError:
+                too_long.append(self._val_ds.where(i))
+                continue
+            tasks.append(sample)
+            self._metric_where.append(self._val_ds.where(i))
+        if too_long and self._is_rank_zero:
+            log.warning("val_metrics_samples: %d of the chosen validation samples are longer than model.max_seq_len "
+                        "(%d) and are not scored, e.g. %s", len(too_long), limit, too_long[0])
+        return tasks, packs
 
     def _record_val_metric_samples(self) -> None:
         """Rank 0 lists the scored samples (``file:line``, no text) in ``output_dir/val_metrics_samples.txt``
         for reviewers and for ``gdt-tune evaluate`` of the same samples."""
-        if not self._metric_tasks or not self._is_rank_zero:
+        if not self._metric_where or not self._is_rank_zero:
             return
-        subset = metrics_subset(len(self._val_ds), self._log_cfg.val_metrics_samples, self._seed)
         path = os.path.join(self._ckpt_cfg.output_dir, "val_metrics_samples.txt")
         with open(path, "w") as f:
-            f.writelines(f"{self._val_ds.where(i)}\n" for i in subset)
+            f.writelines(f"{where}\n" for where in self._metric_where)
         tasks = sum(map(len, self._metric_tasks))
         if tasks == 0:
             log.warning("val_metrics_samples: the %d chosen validation samples hold no event task, so no val_events_* "
-                        "is logged (raise val_metrics_samples or check dataset_val)", len(subset))
+                        "is logged (raise val_metrics_samples or check dataset_val)", len(self._metric_where))
         else:
             log.info("val_metrics_samples: %d event tasks of %d of the %d validation samples (listed in %s)", tasks,
-                     len(subset), len(self._val_ds), path)
+                     len(self._metric_where), len(self._val_ds), path)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
