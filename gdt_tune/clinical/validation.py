@@ -13,9 +13,11 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 import torch
 
+from gdt_tune.clinical.event_scoring import Pack, event_candidates, pack_sample
 from gdt_tune.clinical.metrics import event_auroc, event_metrics
 from gdt_tune.data.answers import TASK_HEADER_BYTES
 from gdt_tune.data.text import EVENT
@@ -30,6 +32,37 @@ def metrics_subset(n: int, k: int, seed: int) -> list[int]:
     if k >= n:
         return list(range(n))
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
+
+
+@dataclass
+class MetricSamples:
+    """The scored validation samples: each one's event tasks, sequences and ``file:line``; and
+    the chosen ones left out because they are longer than the model (``too_long``, ``file:line``)."""
+
+    tasks: list[list[dict]] = field(default_factory=list)
+    packs: list[list[Pack]] = field(default_factory=list)
+    where: list[str] = field(default_factory=list)
+    too_long: list[str] = field(default_factory=list)
+
+
+def choose_metric_samples(dataset, layout, k: int, seed: int, limit: int) -> MetricSamples:
+    """:func:`metrics_subset` of ``dataset`` (a ``CGDBInstructDataset``), read and packed once. A
+    sample whose scoring sequence exceeds ``limit`` (the model's ``max_seq_len``) is left out:
+    training does not stop for a monitoring metric (the recipe warns)."""
+    out = MetricSamples()
+    for i in metrics_subset(len(dataset), k, seed):
+        try:
+            tasks = event_candidates(layout, dataset.record(i))
+        except ValueError as e:
+            raise ValueError(f"{dataset.where(i)}: answer does not parse ({e})") from None
+        try:
+            out.packs.append(pack_sample(tasks, limit))
+        except ValueError:
+            out.too_long.append(dataset.where(i))
+            continue
+        out.tasks.append(tasks)
+        out.where.append(dataset.where(i))
+    return out
 
 
 def metric_name(event: str) -> str:

@@ -26,9 +26,9 @@ from torchtune import config, training
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 from tqdm import tqdm
 
-from gdt_tune.clinical.event_scoring import Pack, event_candidates, pack_sample, score_samples
+from gdt_tune.clinical.event_scoring import score_samples
 from gdt_tune.clinical.metrics import softmax
-from gdt_tune.clinical.validation import KINDS, event_summary, label_kinds, metrics_subset
+from gdt_tune.clinical.validation import KINDS, MetricSamples, choose_metric_samples, event_summary, label_kinds
 from gdt_tune.coordination import FailedElsewhere, init_distributed, rank_zero_first, report_error, watch_launcher
 from gdt_tune.cpus import available_cpus
 from gdt_tune.data.layout import Layout, trained_with
@@ -128,9 +128,7 @@ class FullFinetuneRecipe:
         self._metric_logger = self._profiler = None
         self._model = self._optimizer = self._lr_scheduler = self._head = None
         self._progress: Progress | None = None
-        self._metric_tasks: list[list[dict]] = []  # val_metrics_samples: event tasks of each scored sample
-        self._metric_packs: list[list[Pack]] = []  # ... and their sequences (one forward each)
-        self._metric_where: list[str] = []  # ... and their file:line
+        self._metric_samples = MetricSamples()  # val_metrics_samples: tasks, sequences, file:line
         self._flops_per_token = None  # (mean sequence length) -> FLOPs per token, for MFU
 
     # ---------------------------------------------------------------- setup
@@ -151,7 +149,7 @@ class FullFinetuneRecipe:
                              "dataset_val.max_seq_len, fix dataset_val.data_files, or set dataset_val=null")
         self._check_no_shared_patients()
         self._settings = dataset_settings(self._train_ds, cfg.dataset)
-        self._metric_tasks, self._metric_packs = self._val_metric_samples()
+        self._metric_samples = self._val_metric_samples()
         self._sampler, self._train_loader = self._setup_train_loader(self._train_ds)
         self._global_batch = self._batch_size * self._world * self._accum
         self._steps_per_epoch = len(self._train_ds) // self._global_batch
@@ -370,54 +368,41 @@ class FullFinetuneRecipe:
             out["grad_norm"] = float(stats["grad_norm"])
         return out
 
-    def _val_metric_samples(self) -> tuple[list[list[dict]], list[list[Pack]]]:
-        """The event tasks of the ``val_metrics_samples`` subset and their sequences (read once, at
-        setup, before the weights). A sample whose scoring sequence exceeds the model's
-        ``max_seq_len`` is left out with a warning (training does not stop for a monitoring metric)."""
+    def _val_metric_samples(self) -> MetricSamples:
+        """The ``val_metrics_samples`` subset, read and packed at setup (before the weights)."""
         k = self._log_cfg.val_metrics_samples
         if k and self._val_ds is None and self._is_rank_zero:
             log.warning("val_metrics_samples=%d: no dataset_val, so no validation and no event metrics", k)
         if not k or self._val_ds is None:
-            return [], []
+            return MetricSamples()
         if not isinstance(self._val_ds, PatientDataset):
             raise ValueError("config key 'val_metrics_samples': needs dataset_val from "
                              "gdt_tune.datasets.cgdb_instruct_dataset; set val_metrics_samples=0")
-        layout = Layout.build(self._tokenizer, trained_with(self._settings)[0])
         with torch.device("meta"):
             limit = config.instantiate(self._cfg.model).max_seq_len
-        tasks, packs, too_long = [], [], []
-        for i in metrics_subset(len(self._val_ds), k, self._seed):
-            try:
-                sample = event_candidates(layout, self._val_ds.record(i))
-            except ValueError as e:
-                raise ValueError(f"{self._val_ds.where(i)}: answer does not parse ({e})") from None
-            try:
-                packs.append(pack_sample(sample, limit))
-            except ValueError:
-                too_long.append(self._val_ds.where(i))
-                continue
-            tasks.append(sample)
-            self._metric_where.append(self._val_ds.where(i))
-        if too_long and self._is_rank_zero:
+        chosen = choose_metric_samples(self._val_ds, Layout.build(self._tokenizer, trained_with(self._settings)[0]), k,
+                                       self._seed, limit)
+        if chosen.too_long and self._is_rank_zero:
             log.warning("val_metrics_samples: %d of the chosen validation samples are longer than model.max_seq_len "
-                        "(%d) and are not scored, e.g. %s", len(too_long), limit, too_long[0])
-        return tasks, packs
+                        "(%d) and are not scored, e.g. %s", len(chosen.too_long), limit, chosen.too_long[0])
+        return chosen
 
     def _record_val_metric_samples(self) -> None:
         """Rank 0 lists the scored samples (``file:line``, no text) in ``output_dir/val_metrics_samples.txt``
         for reviewers and for ``gdt-tune evaluate`` of the same samples."""
-        if not self._metric_where or not self._is_rank_zero:
+        chosen = self._metric_samples
+        if not chosen.where or not self._is_rank_zero:
             return
         path = os.path.join(self._ckpt_cfg.output_dir, "val_metrics_samples.txt")
         with open(path, "w") as f:
-            f.writelines(f"{where}\n" for where in self._metric_where)
-        tasks = sum(map(len, self._metric_tasks))
+            f.writelines(f"{where}\n" for where in chosen.where)
+        tasks = sum(map(len, chosen.tasks))
         if tasks == 0:
             log.warning("val_metrics_samples: the %d chosen validation samples hold no event task, so no val_events_* "
-                        "is logged (raise val_metrics_samples or check dataset_val)", len(self._metric_where))
+                        "is logged (raise val_metrics_samples or check dataset_val)", len(chosen.where))
         else:
             log.info("val_metrics_samples: %d event tasks of %d of the %d validation samples (listed in %s)", tasks,
-                     len(self._metric_where), len(self._val_ds), path)
+                     len(chosen.where), len(self._val_ds), path)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -455,7 +440,7 @@ class FullFinetuneRecipe:
         loss, n = totals[:1 + len(KINDS)].tolist(), totals[1 + len(KINDS):].tolist()
         out = {"val_loss": loss[0] / max(n[0], 1.0)}
         out.update({f"val_loss_{kind}": loss[1 + i] / n[1 + i] for i, kind in enumerate(KINDS) if n[1 + i]})
-        if any(self._metric_packs):
+        if any(self._metric_samples.packs):
             out.update(self._val_event_metrics())
         return out
 
@@ -465,20 +450,19 @@ class FullFinetuneRecipe:
         sample i is scored on rank i % world (one forward per sample, ``clinical.event_scoring``),
         every rank runs as many forwards (FSDP's all-gathers stay matched), the scores are gathered."""
         started = time.perf_counter()
-        size = self._log_cfg.batch_size_val or self._batch_size
-        mine = range(self._rank, len(self._metric_packs), self._world)
-        forwards = max(-(-sum(len(self._metric_packs[i]) for i in range(r, len(self._metric_packs), self._world))
-                         // size) for r in range(self._world))
-        filler = next(p for packs in self._metric_packs for p in packs[:1])
+        size, packs = self._log_cfg.batch_size_val or self._batch_size, self._metric_samples.packs
+        mine = range(self._rank, len(packs), self._world)
+        forwards = max(-(-sum(len(packs[i]) for i in range(r, len(packs), self._world)) // size)
+                       for r in range(self._world))
         self._model.eval()
-        scores = score_samples(self._head, [self._metric_packs[i] for i in mine], self._tokenizer.pad_id,
-                               self._device, size, forwards=forwards, filler=filler)
+        scores = score_samples(self._head, [packs[i] for i in mine], self._tokenizer.pad_id, self._device, size,
+                               forwards=forwards, filler=next(p for sample in packs for p in sample))
         self._model.train()
         parts = [None] * self._world
         dist.all_gather_object(parts, dict(zip(mine, scores)))
         by_sample = {i: s for part in parts for i, s in part.items()}
-        tasks = [t for tasks in self._metric_tasks for t in tasks]
-        probs = [softmax(s) for i in range(len(self._metric_packs)) for s in by_sample[i]]
+        tasks = [t for sample in self._metric_samples.tasks for t in sample]
+        probs = [softmax(s) for i in range(len(packs)) for s in by_sample[i]]
         return {**event_summary(tasks, probs), "val_metrics_seconds": time.perf_counter() - started}
 
     # ---------------------------------------------------------------- loop
