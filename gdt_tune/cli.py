@@ -304,9 +304,8 @@ def main(argv=None) -> int:
     e.add_argument("--train-data", help="training JSONL for the majority baseline (default: the config's dataset)")
     e.add_argument("--samples", type=_at_least(0), default=10, help="sampled completions per forecast, besides the "
                    "greedy one (default 10, as GDT)")
-    e.add_argument("--batch-size", type=_at_least(1), default=4, help="samples per forward pass (default 4); "
-                   "forecasting decodes batch x (1 + samples) rows: for the 8B model at 8k tokens 4 x 11 rows hold "
-                   "~47 GB of KV cache, use 2 on an 80 GB GPU")
+    e.add_argument("--batch-size", type=_at_least(1), default=4, help="samples per forward pass; forecasting "
+                   "decodes batch x (1 + samples) rows from the batch's prompt caches (default 4)")
     e.add_argument("--nproc_per_node", type=_at_least(1), default=1, help="processes (torchrun), one device each; "
                    "the samples are split over them (default 1)")
     e.add_argument("--seed", type=int, default=0, help="seed of the sampled forecasts (default 0)")
