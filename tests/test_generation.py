@@ -30,6 +30,10 @@ def test_greedy_draw_equals_a_prefill_per_draw(demo_dir):
         again = generate_draws(model, batch, draws, 40, tok.pad_id, tok.eot_id, torch.Generator().manual_seed(1), cpu,
                                fp32)
         assert again == got
+        # every draw row reads its own prompt's cache: three greedy draws of each prompt agree with the reference
+        greedy = generate_draws(model, batch, [(0.0, 1.0)] * 3, 40, tok.pad_id, tok.eot_id, torch.Generator(), cpu,
+                                fp32)
+        assert [[tok.decode(d) for d in rows] for rows in greedy] == [[text] * 3 for text in reference]
 
 
 def test_pick_tokens_greedy_top_p_and_inverse_cdf():
