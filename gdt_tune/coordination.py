@@ -25,6 +25,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from gdt_tune.cpus import available_cpus
+
 T = TypeVar("T")
 #: How long ranks wait for their node's index build (2.5M GDT samples index in minutes).
 INDEX_TIMEOUT = dt.timedelta(hours=3)
@@ -146,7 +148,8 @@ def watch_launcher(poll_seconds: float = 2.0) -> None:
 
 
 def init_distributed(device_type: str) -> tuple[int, int, int]:
-    """Start the process group (also for a plain single-process launch); returns world, rank, local rank."""
+    """Start the process group (also for a plain single-process launch); returns world, rank, local
+    rank. On CPU each rank gets its share of the node's CPUs as threads (a cgroup quota included)."""
     if "RANK" not in os.environ:  # a launch without torchrun: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
@@ -157,4 +160,7 @@ def init_distributed(device_type: str) -> tuple[int, int, int]:
     else:
         backend = "gloo"
     dist.init_process_group(backend=backend)
+    if device_type == "cpu":
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+        torch.set_num_threads(max(1, available_cpus() // local_world))
     return dist.get_world_size(), dist.get_rank(), local_rank

@@ -8,9 +8,9 @@ with its context's last token (same position id), attends to the trunk before th
 to itself (boolean mask, ``input_pos``), and predicts its own tokens. The numbers equal a forward
 of ``context + completion`` per completion (tests/test_event_scoring.py, 1e-5 in fp32)::
 
-    tasks = event_candidates(layout, record)           # per task: context, 3 candidates, truth, horizon
+    tasks = event_candidates(layout, record)   # per task: context, 3 candidates, truth, horizon
     packs = pack_sample(tasks, limit=model.max_seq_len)
-    scores = score_packs(head, packs, pad_id, device)  # [[s0, s1, s2] per task], head: LossOnlyHead
+    (scores,) = score_samples(LossOnlyHead(model, 1), [packs], pad_id, device, batch_size=4)  # [[s0, s1, s2] per task]
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ def event_candidates(layout: Layout, record: dict) -> list[dict]:
     answer = record["answer"].strip()
     context = [*layout.prompt_tokens(record["instruction"]), *layout.assistant_header]
     horizons = {int(n): float(w) for n, _, w in _HORIZON_RE.findall(record["instruction"])}
+    encode = layout.tokenizer.encode
     out = []
     for task in [t for t in parse_answer(answer) if t.type == EVENT]:
         prefix = answer[: task.outcome_start].rstrip()  # "... the event (death)"; the space goes with the outcome
         if task.number not in horizons:
             raise ValueError(f"the instruction has no horizon ('... was censored N weeks ...') for event task {task.number}")
-        encode = layout.tokenizer.encode
         out.append({"event": task.event, "truth": outcome_index(task.censored, task.occurred),
                      "horizon_weeks": horizons[task.number],
                      "context": context + encode(prefix, add_bos=False, add_eos=False),

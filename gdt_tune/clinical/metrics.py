@@ -85,10 +85,8 @@ def majority_baseline(train_outcomes: dict[str, Counter], events: list[str], tru
             probs.append([1 / 3] * 3)
         known.append(bool(counts))
     majority = [max(range(3), key=lambda k: (p[k], -k)) for p in probs]
-    p, y = np.asarray(probs), np.zeros((len(truths), 3))
-    y[np.arange(len(truths)), truths] = 1.0
     return {"accuracy": float(np.mean(np.asarray(majority) == np.asarray(truths))) if truths else None,
-            "brier": brier(truths, p) if truths else None,
+            "brier": brier(truths, probs) if truths else None,
             "events_without_training_data": sorted({e for e, k in zip(events, known) if not k})}
 
 

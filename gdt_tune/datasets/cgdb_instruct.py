@@ -94,11 +94,6 @@ class CGDBInstructDataset(Dataset):
         ``_index.keyed_hash``; rows without one are skipped)."""
         return set(np.unique(self._rows.patient).tolist()) - {""}
 
-    @property
-    def layout(self) -> Layout:
-        """The token layout (tokenizer and system prompt) the samples are built with."""
-        return self._layout
-
     def record(self, index: int) -> dict:
         """Sample ``index`` as read from its file (validated; not capped)."""
         where, file = self.where(index), self._rows.file[index]

@@ -4,7 +4,8 @@
 
 - Event tasks: the three completions are scored by mean per-token log-probability after the
   prompt and the true answer text up to that task's outcome, all tasks of a sample in one forward
-  (``gdt_tune.clinical.event_scoring``); a softmax over the three gives the probabilities. Accuracy, Brier score, per-event confusion and calibration, against the training
+  (``gdt_tune.clinical.event_scoring``); a softmax over the three gives the probabilities.
+  Accuracy, Brier score, per-event confusion and calibration, against the training
   set's majority outcome per event (training data: ``--train-data`` or the config's dataset), and
   the AUROC of P(occurred) among uncensored tasks per event and horizon bucket with bootstrap 95%
   intervals (horizons read from the instruction's task list).
@@ -14,8 +15,8 @@
   variable against the copy-forward baseline, and the share of unparseable outputs.
 
 With ``--nproc_per_node N`` (torchrun) batch b runs on rank b % N, each rank on its own device;
-rank 0 gathers and writes the same ``metrics.json`` as one process. Writes ``metrics.json``, ``forecast_mae.png`` and ``event_calibration.png``. No sample text is
-logged or written.
+rank 0 gathers and writes the same ``metrics.json`` as one process. Writes ``metrics.json``,
+``forecast_mae.png`` and ``event_calibration.png``. No sample text is logged or written.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from gdt_tune.clinical.metrics import (
     softmax,
 )
 from gdt_tune.coordination import init_distributed
-from gdt_tune.cpus import available_cpus
 from gdt_tune.data.answers import event_outcomes, parse_answer
 from gdt_tune.data.layout import Layout
 from gdt_tune.data.records import read_lines, resolve_data_files
@@ -122,12 +122,9 @@ class Ranks:
     order. A world of one without torchrun."""
 
     def __init__(self, device_type: str):
-        self.world, self.rank, self.local_rank = 1, 0, 0
+        self.world, self.rank = 1, 0
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            self.world, self.rank, self.local_rank = init_distributed(device_type)
-            if device_type == "cpu":
-                local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
-                torch.set_num_threads(max(1, available_cpus() // local_world))
+            self.world, self.rank, _ = init_distributed(device_type)
 
     def mine(self, n_batches: int) -> range:
         return range(self.rank, n_batches, self.world)

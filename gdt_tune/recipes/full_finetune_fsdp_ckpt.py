@@ -30,7 +30,6 @@ from gdt_tune.clinical.event_scoring import score_samples
 from gdt_tune.clinical.metrics import softmax
 from gdt_tune.clinical.validation import KINDS, MetricSamples, choose_metric_samples, event_summary, label_kinds
 from gdt_tune.coordination import FailedElsewhere, init_distributed, rank_zero_first, report_error, watch_launcher
-from gdt_tune.cpus import available_cpus
 from gdt_tune.data.layout import Layout, trained_with
 from gdt_tune.datasets import PatientDataset, dropped_by_cap
 from gdt_tune.prompting import tokenizer_from_config
@@ -101,9 +100,6 @@ class FullFinetuneRecipe:
         self._world, self._rank, local_rank = init_distributed(self._device.type)
         if self._device.type == "cuda":
             self._device = torch.device("cuda", local_rank)
-        else:
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self._world))
-            torch.set_num_threads(max(1, available_cpus() // local_world))  # a cgroup quota included
         self._is_rank_zero = self._rank == 0
         self._float8 = rc.training.float8
         if self._float8 and (problem := float8.float8_problem(self._device)):
