@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gdt_tune.serving import write_serving_files
+from gdt_tune.serving import check_serving, write_serving_files
 
 #: Written into every export: only a folder holding it may be replaced (``--replace``).
 EXPORT_MARKER = "gdt_export.json"
@@ -37,6 +37,27 @@ def check_export_target(checkpoint: Path, out: Path, replace: bool) -> None:
                      "holds no earlier export; give a new or empty folder (nothing was written)")
 
 
+def _serving_inputs(checkpoint: Path, cfg):
+    """(tokenizer.model path, torchtune tokenizer, the model's vocab_size) of the checkpoint: from
+    the training ``cfg`` when given (a step_N needs it), else from the epoch_N folder itself."""
+    from gdt_tune.prompting import load_tokenizer, tokenizer_file_in, tokenizer_from_config
+
+    if cfg is not None:
+        import torch
+        from torchtune import config as tt_config
+
+        with torch.device("meta"):
+            vocab_size = tt_config.instantiate(cfg.model).tok_embeddings.num_embeddings
+        return Path(cfg.tokenizer.path), tokenizer_from_config(cfg.tokenizer), vocab_size
+    try:
+        vocab_size = int(json.loads((checkpoint / "config.json").read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--checkpoint {checkpoint}/config.json: no readable vocab_size ({type(e).__name__}); "
+                         "pass the training --config") from None
+    tokenizer_model = tokenizer_file_in(checkpoint)
+    return tokenizer_model, load_tokenizer(tokenizer_model), vocab_size
+
+
 def export_checkpoint(checkpoint, out, cfg=None, replace: bool = False) -> Path:
     """``gdt-tune export``: an HF folder in ``out`` that serves like training, from a final
     ``epoch_N`` (copied; ``cfg`` gives the system prompt when it was not the default) or an
@@ -59,6 +80,8 @@ def export_checkpoint(checkpoint, out, cfg=None, replace: bool = False) -> Path:
         raise ValueError(f"--checkpoint {checkpoint} is neither an interim step_N nor a final epoch_N folder")
     check_export_target(checkpoint, out, replace)
     prompt, max_seq_len = trained_with(cfg.dataset if cfg is not None else None)
+    tokenizer_model, tokenizer, vocab_size = _serving_inputs(checkpoint, cfg)
+    check_serving(tokenizer, vocab_size)  # before any weights are read or anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:
@@ -73,7 +96,7 @@ def export_checkpoint(checkpoint, out, cfg=None, replace: bool = False) -> Path:
 
             trained = parse(cfg, cuda_available=True).training  # the recipe's typed config: same keys, same defaults
             dtype = torch.bfloat16 if trained.dtype == "bf16" else torch.float32
-            model, tokenizer, _ = load_model_and_tokenizer(checkpoint, cfg, torch.device("cpu"), dtype)
+            model, _, _ = load_model_and_tokenizer(checkpoint, cfg, torch.device("cpu"), dtype)
             with tempfile.TemporaryDirectory() as tmp:
                 hf = tt_config.instantiate(cfg.checkpointer, output_dir=tmp)
                 if not isinstance(hf, FullModelHFCheckpointer):
@@ -82,14 +105,9 @@ def export_checkpoint(checkpoint, out, cfg=None, replace: bool = False) -> Path:
                 hf.save_checkpoint({"model": {k: v.detach() for k, v in model.state_dict().items()}}, epoch=0)
                 for item in (Path(tmp) / "epoch_0").iterdir():
                     shutil.move(str(item), staging / item.name)
-            tokenizer_model = Path(cfg.tokenizer.path)
         else:
             shutil.copytree(checkpoint, staging, dirs_exist_ok=True)
-            from gdt_tune.prompting import load_tokenizer, tokenizer_file_in
-
-            tokenizer_model = Path(cfg.tokenizer.path) if cfg is not None else tokenizer_file_in(checkpoint)
-            tokenizer = load_tokenizer(tokenizer_model)
-        write_serving_files(staging, tokenizer_model, tokenizer, prompt, max_seq_len)
+        write_serving_files(staging, tokenizer_model, tokenizer, prompt, max_seq_len, vocab_size)
         (staging / EXPORT_MARKER).write_text(json.dumps({"checkpoint": str(checkpoint.resolve())}, indent=1) + "\n")
         old = None
         if out.is_dir() and any(out.iterdir()):  # an earlier export (checked above): swap it out

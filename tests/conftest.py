@@ -35,7 +35,35 @@ def tokenizer(demo_dir):
                             special_tokens_path=str(demo_dir / "model" / "special_tokens.json"))
 
 
+@pytest.fixture(scope="session")
+def meta_assets():
+    """The folder holding Meta's Llama 3 ``tokenizer.model`` and reference tokenizer (tests/meta_assets.py);
+    fetched once by ``pytest_configure``."""
+    from meta_assets import ensure
+
+    return ensure()
+
+
+def _fetch_meta_assets() -> None:
+    """Meta's tokenizer from the llama-models wheel, once per run, before any worker starts; a
+    failure stops the run with one line (never a skip)."""
+    from meta_assets import WHEEL, cache_root, ensure
+
+    try:
+        ensure()
+    except Exception as e:
+        pytest.exit(f"error: Meta's Llama 3 tokenizer.model could not be fetched from the {WHEEL} wheel into "
+                    f"{cache_root()}: {e}; check that PyPI is reachable, or put the wheel's files there",
+                    returncode=4)
+
+
 def pytest_configure(config):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        _fetch_meta_assets()
+    _refuse_ignored_xdist_groups(config)
+
+
+def _refuse_ignored_xdist_groups(config):
     """Under ``-n 2 --dist loadgroup`` one worker runs each ``xdist_group`` and computes its shared
     2-rank runs once. pytest 9 with pytest-xdist <= 3.8 silently ignores the groups (the shared runs
     then run on both workers: minutes more, and suite times that differ from machine to machine):

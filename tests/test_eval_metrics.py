@@ -9,11 +9,11 @@ from gdt_tune.clinical.metrics import (
     event_metrics,
     forecast_metrics,
     forecast_points,
-    last_values,
     majority_baseline,
     outcome_index,
     softmax,
 )
+from gdt_tune.data.text import last_values
 from gdt_tune.eval.evaluate import parsed_forecast
 
 OCC, NOT, CENS = (OUTCOMES.index(o) for o in ("was not censored and occurred", "was not censored and did not occur",
@@ -57,8 +57,12 @@ def test_majority_baseline_uses_training_frequencies():
     assert m["events_without_training_data"] == ["next metastasis"]
 
 
-INSTRUCTION_TAIL = ("The most recent line of therapy: docetaxel.\nThe last values of the variables in the input data are:\n"
-                    "\themoglobin - 718-7 was 12.5,\n\tplatelets - 777-3 was 200.\n\nPlease answer every task")
+# the converter's summary block as docs/data-format.md gives it (written out here, not by gdt_tune's writer)
+INSTRUCTION_TAIL = ("\tECOG is 1.\n\n\n\n\nHere we repeat the last observed values of each genetic event in the input data:\n\n"
+                    "0 weeks later, the patient visited and experienced the following: \n\tEGFR is positive,\n"
+                    "\t</genetic>.\n\nThe most recent line of therapy:\n\tdocetaxel\n\n"
+                    "The last values of the variables in the input data are:\n\themoglobin - 718-7 was 12.5\n"
+                    "\tplatelets - 777-3 was 200\n\nYou will now have multiple tasks to complete.")
 
 
 def test_last_values_and_points():

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 def served(demo_dir, tokenizer, tmp_path_factory):
     folder = tmp_path_factory.mktemp("served")
     shutil.copy(demo_dir / "model" / "config.json", folder)
-    write_serving_files(folder, demo_dir / "model" / "tokenizer.model", tokenizer, DEFAULT_SYSTEM_PROMPT, 2048)
+    write_serving_files(folder, demo_dir / "model" / "tokenizer.model", tokenizer, DEFAULT_SYSTEM_PROMPT, 2048, 1024)
     return folder
 
 

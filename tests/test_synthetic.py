@@ -11,7 +11,7 @@ from gdt_tune.data.answers import parse_answer
 from gdt_tune.data.synthetic import generate_cohort, write_cohort
 from gdt_tune.data.text import EVENT, FORECASTING, FORECASTING_QA
 
-TYPE_OF_META = {"forecasting": FORECASTING, "forecasting_qa": FORECASTING_QA, "events": EVENT}
+TYPE_OF_META = {"forecasting:": FORECASTING, "forecasting QA:": FORECASTING_QA, "time to event prediction:": EVENT}
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +57,13 @@ def test_task_mix_and_answer_strings(cohort):
     n_event_only = 0
     for _, s in cohort:
         types = [t["task_type"] for t in s["meta"]["target_meta"]]
-        assert types and types.count("forecasting") <= 1 and types.count("forecasting_qa") <= 1
-        assert types.count("events") <= 4
-        n_event_only += set(types) == {"events"}
+        assert types and types.count("forecasting:") <= 1 and types.count("forecasting QA:") <= 1
+        assert types.count("time to event prediction:") <= 4
+        n_event_only += set(types) == {"time to event prediction:"}
         for i, t in enumerate(s["meta"]["target_meta"], start=1):
             assert f"Task {i} is {TYPE_OF_META[t['task_type']]}:\n" in s["instruction"]
             assert f"Task {i} is {TYPE_OF_META[t['task_type']]}:\n" in s["answer"]
-            if t["task_type"] == "events":
+            if t["task_type"] == "time to event prediction:":
                 outcome = ("was censored and did not occur." if t["censoring"] else
                            "was not censored and occurred." if t["occurred"] else
                            "was not censored and did not occur.")
@@ -83,11 +83,70 @@ def test_parse_answer_gives_back_the_drawn_targets(cohort):
                 assert (task.event, task.censored, task.occurred) == (
                     meta["target_name"], meta["censoring"], meta["occurred"])
             else:
-                assert task.visits == [(w, v) for w, v in meta["targets"]]
+                assert task.visits == _visits_of(meta, s["meta"]["split_date_included_in_input"])
+
+
+def _visits_of(meta: dict, split: str) -> list:
+    """A forecasting task's target visits rebuilt from its target_meta alone (the converter's
+    ``target_data_processed`` table): (weeks since the previous visit, {variable: value})."""
+    import datetime as dt
+
+    table = json.loads(meta["target_data_processed"])
+    assert table["columns"] == ["date", "event_name", "event_value"]
+    by_date: dict = {}
+    for date, name, value in table["data"]:
+        by_date.setdefault(date, {})[name] = value
+    assert list(by_date) == meta["dates_to_forecast"]
+    visits, prev = [], dt.date.fromisoformat(split)
+    for date, values in by_date.items():
+        d = dt.date.fromisoformat(date)
+        visits.append((round((d - prev).days / 7, 2), values))
+        prev = d
+    return visits
+
+
+def test_event_fields_are_the_converters(cohort):
+    """Every event task carries the converter's fields, consistent with its answer and prompt."""
+    import datetime as dt
+
+    from gdt_tune.data.text import EVENT_CATEGORIES, event_horizons
+
+    seen = Counter()
+    for _, s in cohort:
+        horizons = event_horizons(s["instruction"])
+        split = dt.date.fromisoformat(s["meta"]["split_date_included_in_input"])
+        for number, t in enumerate(s["meta"]["target_meta"], start=1):
+            if t["task_type"] != "time to event prediction:":
+                continue
+            name, weeks = horizons[number]
+            assert name == t["target_name"] and t["target_category"] == EVENT_CATEGORIES[name]
+            assert t["target_string"] in s["answer"]
+            when = dt.date.fromisoformat(t["date_event_occured"])
+            assert t["delta_time_numeric"] == round((when - split).days / 7, 2)
+            if t["occurred"]:
+                assert 0 < t["delta_time_numeric"] <= weeks and not t["censoring"]
+            if t["censoring"]:
+                assert t["delta_time_numeric"] < weeks and not t["occurred"]
+            seen[(t["censoring"], t["occurred"])] += 1
+    assert len(seen) == 3, seen  # all three outcomes occur
+
+
+def test_landmark_weeks(tmp_path):
+    subprocess.run([sys.executable, "-m", "gdt_tune.data.synthetic", "--patients", "8", "--out", str(tmp_path),
+                    "--seed", "5", "--event-weeks", "8,26,52,104"], check=True, capture_output=True)
+    from gdt_tune.data.text import event_horizons
+
+    weeks = [w for f in tmp_path.rglob("*.jsonl") for line in f.open()
+             for _, w in event_horizons(json.loads(line)["instruction"]).values()]
+    assert weeks and set(weeks) <= {8, 26, 52, 104} and len(set(weeks)) > 1
+    bad = subprocess.run([sys.executable, "-m", "gdt_tune.data.synthetic", "--patients", "8", "--out", str(tmp_path),
+                          "--event-weeks", "8,x"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "expected whole weeks separated by commas" in bad.stderr
 
 
 def test_history_trimmed_to_token_budget():
     from gdt_tune.data.synthetic import estimate_tokens
+    from gdt_tune.data.text import history_end
 
     small = list(generate_cohort(5, seed=1, splits_per_lot=1, token_budget=600))
     big = list(generate_cohort(5, seed=1, splits_per_lot=1))
@@ -98,7 +157,8 @@ def test_history_trimmed_to_token_budget():
             "weeks later, the patient visited")
         assert "On the first visit, the patient experienced the following: \n" in a["instruction"]
         fits = estimate_tokens(a["instruction"]) + estimate_tokens(a["answer"]) <= 600
-        only_first_left = "weeks later, the patient visited" not in a["instruction"].split("The most recent")[0]
+        history = a["instruction"][: history_end(a["instruction"])]  # the summary's "0 weeks later" is no visit
+        only_first_left = "weeks later, the patient visited" not in history
         assert fits or only_first_left
         trimmed += a["instruction"] != b["instruction"]
     assert trimmed > 0

@@ -15,7 +15,6 @@ of ``context + completion`` per completion (tests/test_event_scoring.py, 1e-5 in
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -24,10 +23,7 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from gdt_tune.clinical.metrics import OUTCOMES, outcome_index
 from gdt_tune.data.answers import parse_answer
 from gdt_tune.data.layout import Layout
-from gdt_tune.data.text import EVENT
-
-_HORIZON_RE = re.compile(r"Task (\d+) is time to event prediction:\n\tPredict whether the event \((.+?)\) was "
-                         r"censored (\d+(?:\.\d+)?) weeks")
+from gdt_tune.data.text import EVENT, EVENT_PROMPT, event_horizons
 
 
 def event_candidates(layout: Layout, record: dict) -> list[dict]:
@@ -35,15 +31,19 @@ def event_candidates(layout: Layout, record: dict) -> list[dict]:
     outcome), the three candidate completions' tokens, the true outcome and the horizon."""
     answer = record["answer"].strip()
     context = [*layout.prompt_tokens(record["instruction"]), *layout.assistant_header]
-    horizons = {int(n): float(w) for n, _, w in _HORIZON_RE.findall(record["instruction"])}
+    horizons = event_horizons(record["instruction"])
     encode = layout.tokenizer.encode
     out = []
     for task in [t for t in parse_answer(answer) if t.type == EVENT]:
         prefix = answer[: task.outcome_start].rstrip()  # "... the event (death)"; the space goes with the outcome
         if task.number not in horizons:
-            raise ValueError(f"the instruction has no horizon ('... was censored N weeks ...') for event task {task.number}")
+            raise ValueError(f"the instruction has no event prompt for task {task.number} (expected 'Task "
+                             f"{task.number} is time to event prediction:' then '{EVENT_PROMPT[:48]}...')")
+        if horizons[task.number][0] != task.event:
+            raise ValueError(f"event task {task.number} asks about {horizons[task.number][0]!r} in the instruction but "
+                             f"answers about {task.event!r}")
         out.append({"event": task.event, "truth": outcome_index(task.censored, task.occurred),
-                     "horizon_weeks": horizons[task.number],
+                     "horizon_weeks": horizons[task.number][1],
                      "context": context + encode(prefix, add_bos=False, add_eos=False),
                      # the "." after the outcome may merge with "\n": not scored
                      "candidates": [encode(f" {o}", add_bos=False, add_eos=False) for o in OUTCOMES]})

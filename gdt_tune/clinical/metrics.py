@@ -7,13 +7,13 @@ the 3 outcomes), calibration bins (``sklearn.calibration.calibration_curve``, un
 AUROC interval (``scipy.stats.bootstrap``, percentile, resampling the occurred and the not-occurred
 tasks separately, as pROC's stratified bootstrap).
 Forecasts: ``{(weeks, variable): value}`` per task, compared with the truth and with the
-copy-forward baseline (the last observed value from the instruction's summary block).
+copy-forward baseline (the last observed value from the instruction's summary block,
+``gdt_tune.data.text.last_values``).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -24,8 +24,6 @@ from sklearn.metrics import brier_score_loss, roc_auc_score
 from gdt_tune.data.text import OUTCOMES, outcome_text
 
 OCCURRED = OUTCOMES.index("was not censored and occurred")
-_LAST_VALUES_RE = re.compile(r"The last values of the variables in the input data are:\n((?:\t.+\n?)+)")
-_LAST_VALUE_RE = re.compile(r"^\t(.+) was (-?[0-9.]+)[,.]?$")
 
 
 def outcome_index(censored: bool, occurred: bool) -> int:
@@ -88,20 +86,6 @@ def majority_baseline(train_outcomes: dict[str, Counter], events: list[str], tru
     return {"accuracy": float(np.mean(np.asarray(majority) == np.asarray(truths))) if truths else None,
             "brier": brier(truths, probs) if truths else None,
             "events_without_training_data": sorted({e for e, k in zip(events, known) if not k})}
-
-
-def last_values(instruction: str) -> dict[str, float]:
-    """``{variable: value}`` from the summary block's 'The last values of the variables ...'."""
-    m = _LAST_VALUES_RE.search(instruction)
-    out = {}
-    for line in m.group(1).splitlines() if m else []:
-        v = _LAST_VALUE_RE.match(line.rstrip())
-        if v:
-            try:
-                out[v.group(1)] = float(v.group(2).rstrip("."))
-            except ValueError:
-                pass
-    return out
 
 
 def forecast_points(visits) -> dict[tuple[float, str], float]:

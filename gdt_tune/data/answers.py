@@ -1,4 +1,4 @@
-"""Parse GDT answer text back into tasks (docs/data-format.md §3).
+"""Parse GDT answer text back into tasks (docs/data-format.md §3; the strings are ``gdt_tune.data.text``'s).
 
     >>> [t.type for t in parse_answer(sample["answer"])]
     ['time to event prediction', 'forecasting']
@@ -12,21 +12,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from gdt_tune.data.text import EVENT, EVENT_OUTCOMES, FORECASTING, FORECASTING_QA
+from gdt_tune.data.text import EVENT, EVENT_ANSWER, EVENT_OUTCOMES, FORECASTING, FORECASTING_QA, TASK_HEADER_RE
 
-_TASK_RE = re.compile(
-    r"^Task (\d+) is (forecasting QA|forecasting|time to event prediction):[ \t]*$", re.MULTILINE
-)
+_TASK_RE = TASK_HEADER_RE
 #: the same header in bytes (attributing tokens to tasks: ``clinical.validation.label_kinds``)
 TASK_HEADER_BYTES = re.compile(_TASK_RE.pattern.encode(), re.MULTILINE)
 _VISIT_SPLIT_RE = re.compile(
     r"(?:^|\n)(\d+(?:\.\d+)?) weeks? later, the patient visited and experienced the following:[ \t]*\n"
 )
 _EVENT_RE = re.compile(
-    r"Here is the prediction: the event \((.+?)\) ("
-    + "|".join(re.escape(k) for k in EVENT_OUTCOMES)
-    + r")\."
-)
+    re.escape(EVENT_ANSWER).replace(r"\{name\}", "(.+?)").replace(r"\{outcome\}",
+                                                               "(" + "|".join(map(re.escape, EVENT_OUTCOMES)) + ")"))
 _QA_VALUE_RE = re.compile(r"[a-e]")
 
 

@@ -3,10 +3,14 @@
 Nothing here is real patient data: every patient, lab value and event is drawn from a seeded
 random generator. Usage::
 
-    python -m gdt_tune.data.synthetic --patients 200 --out data/synth --seed 0 [--splits-per-lot 10]
+    python -m gdt_tune.data.synthetic --patients 200 --out data/synth --seed 0 [--splits-per-lot 10] [--event-weeks 8,26,52,104]
 
 writes ``DIR/{train,validation,test}/part-NNNNN.jsonl``, split by patient. Each sample's
-``meta.target_meta`` records the exact targets drawn, so tests can check the answer text.
+``meta.target_meta`` records the exact targets drawn with the converter's fields (events:
+``censoring``, ``occurred``, ``target_category``, ``target_name``, ``date_event_occured``,
+``delta_time_numeric``; forecasts: ``dates_to_forecast``, ``future_weeks_per_variable``,
+``target_data_processed``, ...), so tests can check the answer text. The text is the converter's,
+verbatim (``gdt_tune.data.text``).
 """
 
 from __future__ import annotations
@@ -19,15 +23,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gdt_tune.data.text import (
+    DEMOGRAPHICS_HEADER,
     EVENT,
+    EVENT_CATEGORIES,
     FIRST_VISIT_HEADER,
     FORECASTING,
     FORECASTING_QA,
+    PREAMBLE,
     drop_oldest_visits,
     event_answer,
+    event_prompt,
     fmt_number,
+    forecast_prompt,
+    genetic_lines,
     later_visit_header,
+    qa_prompt,
+    summary_block,
     task_header,
+    task_list,
     visit_block,
     visit_spans,
 )
@@ -70,18 +83,11 @@ REGIMENS = [
     ["bevacizumab", "capecitabine"], ["gemcitabine", "cisplatin"], ["atezolizumab"],
 ]
 GENES = ["EGFR", "KRAS", "ALK", "BRAF", "TP53", "PIK3CA", "ERBB2", "ROS1"]
-EVENT_NAMES = ["death", "next progression", "next line of therapy", "next metastasis"]
+EVENT_NAMES = list(EVENT_CATEGORIES)
 QA_LETTERS = "abcde"
 SPLIT_WINDOW_DAYS = 90
 FORECAST_WINDOW_DAYS = 90
 DEFAULT_TOKEN_BUDGET = 8192 - 200
-PREAMBLE = (
-    "The following is a patient, starting with the demographic data, following visit by visit "
-    "everything that the patient experienced. All lab codes refer to LOINC codes."
-)
-TASKS_PREAMBLE = (
-    "Please answer every task below in order, starting each answer with its task number:"
-)
 
 
 def estimate_tokens(text: str) -> int:
@@ -95,13 +101,13 @@ def lab_label(lab) -> str:
 
 
 def qa_bins(lab) -> list[float]:
-    """Four edges splitting a lab's population range into bins a-e."""
+    """Four edges splitting a lab's population range into bins a-e, each (low, high]."""
     _, _, mean, sd = lab
     return [round(mean + k * sd, 2) for k in (-1.5, -0.5, 0.5, 1.5)]
 
 
 def qa_letter(lab, value: float) -> str:
-    return QA_LETTERS[sum(value >= edge for edge in qa_bins(lab))]
+    return QA_LETTERS[sum(value > edge for edge in qa_bins(lab))]
 
 
 @dataclass
@@ -146,13 +152,15 @@ def simulate_patient(rng: random.Random, patientid: str) -> Patient:
     labs = rng.sample(LABS, rng.randint(5, 20))
     baseline = {lab_label(lab): lab[2] + lab[3] * rng.gauss(0, 0.5) for lab in labs}
     drift = {lab_label(lab): lab[3] * rng.gauss(0, 0.03) for lab in labs}
-    genetics = [(g, rng.choice(["positive", "negative"])) for g in rng.sample(GENES, rng.randint(2, 4))]
+    genetics = [(g, rng.choice(["positive", "negative"])) for g in sorted(rng.sample(GENES, rng.randint(2, 4)))]
+    if rng.random() < 0.2:
+        genetics = []  # "No genetic data available."
 
     visits = []
     for i, date in enumerate(dates):
         v = Visit(date)
-        if i == 0:
-            v.lines += ["\t<genetic>"] + [f"\t{g} is {r}" for g, r in genetics] + ["\t</genetic>"]
+        if i == 0 and genetics:
+            v.lines += genetic_lines(genetics)
             v.rows += [("genetic", g, r) for g, r in genetics]
         lot_no = sum(1 for d, _ in lots if d <= date)
         if lot_no and lots[lot_no - 1][0] == date:
@@ -192,10 +200,10 @@ def simulate_patient(rng: random.Random, patientid: str) -> Patient:
     if death is not None:
         visits.append(Visit(death, ["\tdeath"], [("death", "death", "death")]))
 
-    demographics = [
-        ("age of patient", f"{rng.randint(35, 88)} years"),
+    demographics = [  # the converter ends with the age
         ("gender", rng.choice(["female", "male"])),
         ("smoking status", rng.choice(["never", "former", "current"])),
+        ("age of patient", f"{rng.randint(35, 88)} years"),
     ]
     indication = rng.choice(INDICATIONS)
     return Patient(patientid, indication, demographics, visits, lots, genetics,
@@ -240,97 +248,122 @@ def event_outcome(p: Patient, name: str, split: dt.date, weeks: int) -> tuple[bo
     return followed_to < horizon, False
 
 
-def _forecast_visits(future, names, split) -> list[tuple[float, dict[str, float]]]:
-    """Target visits for ``names``: (weeks since the previous target visit, values)."""
+def _forecast_visits(future, names, split) -> list[tuple[dt.date, float, dict[str, float]]]:
+    """Target visits for ``names``: (date, weeks since the previous target visit, values)."""
     out, prev = [], split
     for v in future:
         values = {n: v.labs[n] for n in names if n in v.labs}
         if values:
-            out.append((round((v.date - prev).days / 7, 2), values))
+            out.append((v.date, round((v.date - prev).days / 7, 2), values))
             prev = v.date
     return out
 
 
-def _weeks_lines(targets, names) -> list[str]:
-    lines = []
-    for name in names:
-        cumulative, weeks = 0.0, []
-        for delta, values in targets:
-            cumulative += delta
-            if name in values:
-                weeks.append(fmt_number(cumulative))
-        lines.append(f"\t{name} the future weeks {', '.join(weeks)}")
-    return lines
+def _weeks_per_variable(targets, names) -> dict[str, list[float]]:
+    """Cumulative weeks from the split date at which each variable has a target."""
+    out = {name: [] for name in names}
+    cumulative = 0.0
+    for _, delta, values in targets:
+        cumulative += delta
+        for name in values:
+            out[name].append(round(cumulative, 2))
+    return out
+
+
+def _table(columns: list[str], rows: list[list]) -> str:
+    """A pandas JSON table (orient=split), as the converter stores its tables in ``meta``."""
+    return json.dumps({"columns": columns, "index": list(range(len(rows))), "data": rows})
+
+
+def _forecast_task(kind, names, targets, history_last, lot_date) -> tuple[dict, str]:
+    """(target_meta, answer body) of a forecasting or forecasting QA task, with the converter's fields."""
+    labs = {lab_label(lab): lab for lab in LABS}
+    weeks = _weeks_per_variable(targets, names)
+    shown = [(date, delta, {n: qa_letter(labs[n], x) if kind == FORECASTING_QA else x for n, x in vals.items()})
+             for date, delta, vals in targets]
+    body = "\n".join(
+        visit_block(later_visit_header(delta), [f"\t{n} is {v if isinstance(v, str) else fmt_number(v)}"
+                                                for n, v in vals.items()])
+        for _, delta, vals in shown)
+    meta = {"task_type": f"{kind}:", "lot_date": lot_date.isoformat(),
+            "dates_to_forecast": [date.isoformat() for date, _, _ in targets],
+            "future_weeks_to_forecast": sorted({w for ws in weeks.values() for w in ws}),
+            "future_weeks_per_variable": weeks, "variable_name_mapping": {n: n for n in names},
+            "target_data_raw": _table(["date", "event_name", "event_value"],
+                                      [[d.isoformat(), n, x] for d, _, vals in targets for n, x in vals.items()]),
+            "target_data_processed": _table(["date", "event_name", "event_value"],
+                                            [[d.isoformat(), n, x] for d, _, vals in shown for n, x in vals.items()]),
+            "last_observed_values": _table(["event_name", "event_value"], [[n, history_last[n]] for n in names])}
+    if kind == FORECASTING_QA:
+        meta["category_splits"] = {n: qa_bins(labs[n]) for n in names}
+    return meta, body
+
+
+def _event_task(p: Patient, name: str, split: dt.date, weeks: int) -> tuple[dict, str]:
+    """(target_meta, answer body) of an event task: the converter's fields, with (time, event) =
+    (``delta_time_numeric`` weeks to ``date_event_occured``, ``occurred``)."""
+    censored, occurred = event_outcome(p, name, split, weeks)
+    when = _event_date(p, name, split)
+    end_of_data = p.death if p.death is not None else p.visits[-1].date
+    date = when if when is not None and (occurred or not censored) else end_of_data
+    answer = event_answer(name, censored, occurred)
+    # Like the original converter, event tasks carry no lot_date.
+    meta = {"task_type": f"{EVENT}:", "target_name": name, "target_category": EVENT_CATEGORIES[name],
+            "censoring": censored, "occurred": occurred,
+            "censoring_detail": "end of data before the horizon" if censored else None,
+            "split_date_included_in_input": split.isoformat(), "date_event_occured": date.isoformat(),
+            "delta_time_numeric": round((date - split).days / 7, 2), "target_string": answer}
+    return meta, answer + "\n"
 
 
 def make_sample(rng: random.Random, p: Patient, split_name: str, lot_date: dt.date,
-                split: dt.date, token_budget: int) -> dict:
-    """One TwinWeaver sample for the split date ``split``."""
+                split: dt.date, token_budget: int, event_weeks: list[int] | None = None) -> dict:
+    """One TwinWeaver sample for the split date ``split``, in the converter's exact wording
+    (``gdt_tune.data.text``). ``event_weeks``: draw each event horizon from these weeks (a landmark
+    test set, as GDT's) instead of 1-104."""
     history = [v for v in p.visits if v.date <= split]
     next_lot = next((d for d, _ in p.lots if d > split), dt.date.max)
     window_end = min(split + dt.timedelta(days=FORECAST_WINDOW_DAYS), next_lot - dt.timedelta(days=1))
     future = [v for v in p.visits if split < v.date <= window_end and v.labs]
     observed = {n for v in history for n in v.labs}
     forecastable = sorted({n for v in future for n in v.labs} & observed)
+    last = {n: v.labs[n] for v in history for n in v.labs}
 
-    tasks = []  # (type, prompt lines, answer body, target_meta)
+    tasks = []  # (type, details, target_meta, answer body)
     event_only = not forecastable or rng.random() < 0.5
     if not event_only:
         kinds = [k for k in (FORECASTING, FORECASTING_QA) if rng.random() < 0.7] or [FORECASTING]
         for kind in kinds:
             names = rng.sample(forecastable, min(len(forecastable), rng.randint(1, 3)))
             names.sort(key=forecastable.index)
-            targets = _forecast_visits(future, names, split)
-            prompt = _weeks_lines(targets, names)
-            if kind == FORECASTING_QA:
-                labs = {lab_label(lab): lab for lab in LABS}
-                targets = [(d, {n: qa_letter(labs[n], x) for n, x in vals.items()}) for d, vals in targets]
-                for n in names:
-                    e = [fmt_number(x) for x in qa_bins(labs[n])]
-                    prompt.append(
-                        f"\t{n} bins: a is below {e[0]}, b is {e[0]} to {e[1]}, c is {e[1]} to "
-                        f"{e[2]}, d is {e[2]} to {e[3]}, e is {e[3]} or above")
-            body = "\n".join(
-                visit_block(later_visit_header(d), [f"\t{n} is {v if isinstance(v, str) else fmt_number(v)}"
-                                                    for n, v in vals.items()])
-                for d, vals in targets)
-            meta = {"task_type": "forecasting" if kind == FORECASTING else "forecasting_qa",
-                    "lot_date": lot_date.isoformat(), "target_name": names,
-                    "future_weeks_to_forecast": [line.split(" the future weeks ")[1] for line in prompt[: len(names)]],
-                    "targets": [[d, vals] for d, vals in targets]}
-            tasks.append((kind, prompt, body, meta))
+            meta, body = _forecast_task(kind, names, _forecast_visits(future, names, split), last, lot_date)
+            tasks.append((kind, names, meta, body))
     n_events = rng.randint(1, 4) if event_only else rng.randint(0, 4)
     for name in rng.sample(EVENT_NAMES, n_events):
-        weeks = rng.randint(1, 104)
-        censored, occurred = event_outcome(p, name, split, weeks)
-        prompt = [f"\tPredict whether the event ({name}) was censored {weeks} weeks from the last "
-                  "clinical visit, and whether it occurred."]
-        # Like the original converter, event tasks carry no lot_date.
-        meta = {"task_type": "events", "target_name": name, "week_horizon": weeks,
-                "censoring": censored, "occurred": occurred}
-        tasks.append((EVENT, prompt, event_answer(name, censored, occurred) + "\n", meta))
+        weeks = rng.choice(event_weeks) if event_weeks else rng.randint(1, 104)
+        meta, body = _event_task(p, name, split, weeks)
+        tasks.append((EVENT, (name, weeks), meta, body))
     rng.shuffle(tasks)
 
-    answer = "".join(f"{task_header(i + 1, kind)}\n{body}\n" for i, (kind, _, body, _) in enumerate(tasks))
-    task_text = TASKS_PREAMBLE + "\n" + "".join(
-        f"{task_header(i + 1, kind)}\n" + "\n".join(prompt) + "\n" for i, (kind, prompt, _, _) in enumerate(tasks))
+    prompts = []
+    for number, (kind, details, meta, _) in enumerate(tasks, start=1):
+        if kind == EVENT:
+            prompts.append(event_prompt(number, *details))
+        elif kind == FORECASTING:
+            prompts.append(forecast_prompt(number, meta["future_weeks_per_variable"]))
+        else:
+            prompts.append(qa_prompt(number, meta["future_weeks_per_variable"], meta["category_splits"]))
+    answer = "".join(f"{task_header(i + 1, kind)}\n{body}\n" for i, (kind, _, _, body) in enumerate(tasks))
 
-    demo = "Starting with demographic data:\n" + ",\n".join(
-        f"\t{k} is {v}" for k, v in p.demographics) + ".\n"
+    demo = DEMOGRAPHICS_HEADER + "\n" + ",\n".join(f"\t{k} is {v}" for k, v in p.demographics) + ".\n"
     visits_text = "\n".join(
         visit_block(FIRST_VISIT_HEADER if i == 0 else
                     later_visit_header((v.date - history[i - 1].date).days / 7), v.lines)
         for i, v in enumerate(history))
-    summary = ["The most recent genetic results:",
-               ",\n".join(f"\t{g} is {r}" for g, r in p.genetics) + ".",
-               "The most recent line of therapy: " +
-               ", ".join(next(r for d, r in reversed(p.lots) if d <= split)) + "."]
-    forecast_names = [n for kind, _, _, m in tasks if kind != EVENT for n in m["target_name"]]
-    if forecast_names:
-        last = {n: v.labs[n] for v in history for n in v.labs}
-        summary += ["The last values of the variables in the input data are:",
-                    ",\n".join(f"\t{n} was {fmt_number(last[n])}" for n in dict.fromkeys(forecast_names)) + "."]
-    instruction = PREAMBLE + "\n" + demo + "\n" + visits_text + "\n" + "\n".join(summary) + "\n\n" + task_text
+    forecast_names = dict.fromkeys(n for kind, details, _, _ in tasks if kind != EVENT for n in details)
+    summary = summary_block(p.genetics, ", ".join(next(r for d, r in reversed(p.lots) if d <= split)),
+                            {n: fmt_number(last[n]) for n in forecast_names})
+    instruction = PREAMBLE + "\n\n" + demo + "\n" + visits_text + summary + task_list(prompts)
 
     # Trim the oldest visits (never the first) until the estimate fits the budget.
     spans, full = visit_spans(instruction), instruction
@@ -348,13 +381,10 @@ def make_sample(rng: random.Random, p: Patient, split_name: str, lot_date: dt.da
             "indication": p.indication,
             "split": split_name,
             "split_date_included_in_input": split.isoformat(),
-            "target_meta": [m for _, _, _, m in tasks],
-            "history_data": json.dumps({
-                "columns": ["patientid", "date", "event_category", "event_name", "event_value"],
-                "index": list(range(len(rows))), "data": rows}),
-            "constant": json.dumps({"columns": ["patientid", "indication"] + [k for k, _ in p.demographics],
-                                    "index": [0],
-                                    "data": [[p.patientid, p.indication] + [v for _, v in p.demographics]]}),
+            "target_meta": [m for _, _, m, _ in tasks],
+            "history_data": _table(["patientid", "date", "event_category", "event_name", "event_value"], rows),
+            "constant": _table(["patientid", "indication"] + [k for k, _ in p.demographics],
+                               [[p.patientid, p.indication] + [v for _, v in p.demographics]]),
             "num_tokens_instruction": estimate_tokens(instruction),
             "num_tokens_answer": estimate_tokens(answer),
         },
@@ -377,25 +407,27 @@ def assign_splits(n_patients: int, rng: random.Random) -> list[str]:
 
 
 def generate_cohort(n_patients: int, seed: int, splits_per_lot: int = 10,
-                    token_budget: int = DEFAULT_TOKEN_BUDGET):
-    """Yield (split name, sample) for a whole cohort; deterministic for ``seed``."""
+                    token_budget: int = DEFAULT_TOKEN_BUDGET, event_weeks: list[int] | None = None):
+    """Yield (split name, sample) for a whole cohort; deterministic for ``seed``. ``event_weeks``:
+    every event horizon one of these weeks (a landmark set, e.g. [8, 26, 52, 104])."""
     splits = assign_splits(n_patients, random.Random(seed))
     for i in range(n_patients):
         rng = random.Random(seed * 1_000_003 + i)
         patient = simulate_patient(rng, f"SYN{seed:04d}-{i:06d}")
         n = splits_per_lot if splits[i] == "train" else 1
         for lot_date, split in split_dates(rng, patient, n):
-            yield splits[i], make_sample(rng, patient, splits[i], lot_date, split, token_budget)
+            yield splits[i], make_sample(rng, patient, splits[i], lot_date, split, token_budget, event_weeks)
 
 
 def write_cohort(out: str | Path, n_patients: int, seed: int, splits_per_lot: int = 10,
-                 token_budget: int = DEFAULT_TOKEN_BUDGET, shard_size: int = 5000) -> dict[str, int]:
+                 token_budget: int = DEFAULT_TOKEN_BUDGET, shard_size: int = 5000,
+                 event_weeks: list[int] | None = None) -> dict[str, int]:
     """Write ``out/{train,validation,test}/part-NNNNN.jsonl``; returns samples per split."""
     out = Path(out)
     counts = {"train": 0, "validation": 0, "test": 0}
     handles = {}
     try:
-        for split, sample in generate_cohort(n_patients, seed, splits_per_lot, token_budget):
+        for split, sample in generate_cohort(n_patients, seed, splits_per_lot, token_budget, event_weeks):
             shard = counts[split] // shard_size
             if (split, shard) not in handles:
                 path = out / split / f"part-{shard:05d}.jsonl"
@@ -411,6 +443,16 @@ def write_cohort(out: str | Path, n_patients: int, seed: int, splits_per_lot: in
     return counts
 
 
+def _weeks_list(text: str) -> list[int]:
+    try:
+        weeks = [int(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected whole weeks separated by commas, e.g. 8,26,52,104") from None
+    if not weeks or min(weeks) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: weeks must be 1 or more")
+    return weeks
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m gdt_tune.data.synthetic", description=__doc__.split("\n")[0])
     ap.add_argument("--patients", type=int, required=True, help="number of synthetic patients")
@@ -419,8 +461,11 @@ def main(argv=None) -> None:
     ap.add_argument("--splits-per-lot", type=int, default=10, help="training split dates per line of therapy")
     ap.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET,
                     help="estimated tokens for instruction + answer; oldest visits are cut to fit")
+    ap.add_argument("--event-weeks", type=_weeks_list, default=None, metavar="W,W,...",
+                    help="every event horizon one of these weeks (GDT's landmark test set: 8,26,52,104); default 1-104")
     args = ap.parse_args(argv)
-    counts = write_cohort(args.out, args.patients, args.seed, args.splits_per_lot, args.token_budget)
+    counts = write_cohort(args.out, args.patients, args.seed, args.splits_per_lot, args.token_budget,
+                          event_weeks=args.event_weeks)
     print(f"wrote {sum(counts.values())} samples to {args.out}: " +
           ", ".join(f"{k} {v}" for k, v in counts.items()))
 

@@ -38,7 +38,6 @@ from gdt_tune.clinical.metrics import (
     event_metrics,
     forecast_metrics,
     forecast_points,
-    last_values,
     majority_baseline,
     softmax,
 )
@@ -46,7 +45,7 @@ from gdt_tune.coordination import init_distributed
 from gdt_tune.data.answers import event_outcomes, parse_answer
 from gdt_tune.data.layout import Layout
 from gdt_tune.data.records import read_lines, resolve_data_files
-from gdt_tune.data.text import FORECASTING
+from gdt_tune.data.text import FORECASTING, last_values
 from gdt_tune.eval.generation import generate_draws
 from gdt_tune.serving import TEMPERATURE, TOP_P
 from gdt_tune.trained import load_model_and_tokenizer

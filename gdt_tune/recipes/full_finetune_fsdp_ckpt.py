@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -33,11 +34,11 @@ from gdt_tune.coordination import FailedElsewhere, init_distributed, rank_zero_f
 from gdt_tune.data.layout import Layout, trained_with
 from gdt_tune.datasets import PatientDataset, dropped_by_cap
 from gdt_tune.prompting import tokenizer_from_config
-from gdt_tune.serving import write_serving_files
+from gdt_tune.serving import check_serving, write_serving_files
 from gdt_tune.training import float8
 from gdt_tune.training.activation_checkpointing import apply_activation_checkpointing
 from gdt_tune.training.checkpointing import CheckpointManager, Progress, SaveFailed
-from gdt_tune.training.config import check_components, check_paths, has_component, parse
+from gdt_tune.training.config import check_components, check_paths, has_component, parse, unwritable_folder
 from gdt_tune.training.hf_weights import (
     Placeholders,
     check_weights_fit,
@@ -119,6 +120,7 @@ class FullFinetuneRecipe:
         self._global_batch = self._steps_per_epoch = 0
         self._hf_checkpointer = None  # torchtune's FullModelHFCheckpointer: base weights in, epoch_N out
         self._hf_shapes = None  # {name: shape} of the base weights, from their headers (fresh start)
+        self._vocab_size = 0  # the model's embedding rows (the serving files' ids must fit)
         self._interim: CheckpointManager | None = None  # step_N checkpoints and resume
         self._lock: OutputDirLock | None = None  # rank 0's hold on output_dir
         self._metric_logger = self._profiler = None
@@ -167,9 +169,13 @@ class FullFinetuneRecipe:
                             if self._data_cfg.balanced_steps else "off")))
         self._hf_checkpointer = config.instantiate(cfg.checkpointer)
         self._hf_shapes = tune_shapes(self._hf_checkpointer) if plan.path is None else None
-        if self._hf_shapes is not None:
-            with torch.device("meta"):  # the weights' shapes from their headers: no 16 GB read to find a typo
-                check_weights_fit(self._hf_shapes, config.instantiate(cfg.model), cfg.checkpointer.checkpoint_dir)
+        with torch.device("meta"):  # shapes only: no 16 GB read to find a typo
+            meta_model = config.instantiate(cfg.model)
+        if self._hf_shapes is not None:  # the weights' shapes from their headers
+            check_weights_fit(self._hf_shapes, meta_model, cfg.checkpointer.checkpoint_dir)
+        self._vocab_size = meta_model.tok_embeddings.num_embeddings
+        del meta_model
+        self._check_final_save()
         # Now this run takes output_dir: the lock, then the run identity (or a refusal).
         self._lock = OutputDirLock(out) if self._is_rank_zero else None
         identity = rank_zero_first(partial(take_output_dir, out, self._lock, plan.path,
@@ -196,6 +202,19 @@ class FullFinetuneRecipe:
         self._interim.load(plan)
         self._interim.refuse_foreign_steps(self._progress.global_step + 1,
                                            self._progress.global_step + self._steps_left(self._progress))
+
+    def _check_final_save(self) -> None:
+        """What ``save_final`` needs, checked before the first step: a week-long run must not end
+        with weights but no serving files. The tokenizer's special tokens must make a ``tokenizer.json``
+        for this model's vocabulary, and the checkpointer's ``output_dir`` must be writable."""
+        try:
+            check_serving(self._tokenizer, self._vocab_size)
+        except ValueError as e:
+            raise ValueError(f"config key 'tokenizer': the final checkpoint could not be served: {e}") from None
+        out = Path(self._cfg.checkpointer.get("output_dir", self._ckpt_cfg.output_dir))
+        if (blocker := unwritable_folder(out)) is not None:
+            raise ValueError(f"config key 'checkpointer.output_dir': cannot write epoch_N into {out} ({blocker} is not "
+                             "a writable folder); choose a folder this job can write")
 
     def _setup_profiler(self, cfg_profiler: DictConfig | None):
         """torchtune's profiler (``torchtune.training.setup_torch_profiler``), traces in
@@ -576,7 +595,8 @@ class FullFinetuneRecipe:
         if self._is_rank_zero:
             self._hf_checkpointer.save_checkpoint({training.MODEL_KEY: state}, epoch=epoch)
             folder = os.path.join(self._cfg.checkpointer.get("output_dir", self._ckpt_cfg.output_dir), f"epoch_{epoch}")
-            write_serving_files(folder, self._cfg.tokenizer.path, self._tokenizer, *trained_with(self._settings))
+            write_serving_files(folder, self._cfg.tokenizer.path, self._tokenizer, *trained_with(self._settings),
+                                self._vocab_size)
             log.info("final checkpoint: %s (serves with the training prompt: tokenizer.json, chat template, "
                      "generation_config.json)", folder)
         dist.barrier()

@@ -1,0 +1,116 @@
+"""One sample exactly as the TwinWeaver converter writes it, spelled out by hand from
+../shared/docs/gdt-data-format.md §4 (not produced by gdt_tune's generator): genetics in the first
+visit, the summary block with its ``0 weeks later`` genetic recap, all three task kinds, the event
+prompt's "occured". Synthetic values; no real patient."""
+
+INSTRUCTION = (
+    "The following is a patient, starting with the demographic data, following visit by visit everything that the "
+    "patient experienced. All lab codes refer to LOINC codes.\n"
+    "\n"
+    "Starting with demographic data:\n"
+    "\tgender is female,\n"
+    "\tsmoking status is former,\n"
+    "\tage of patient is 67 years.\n"
+    "\n"
+    "On the first visit, the patient experienced the following: \n"
+    "\t<genetic>\n"
+    "\tEGFR is L858R,\n"
+    "\tPD-L1 tumor proportion score is <1%,\n"
+    "\t</genetic>,\n"
+    "\themoglobin [mass per volume] in blood - 718-7 is 12.1,\n"
+    "\tline of therapy is carboplatin, pemetrexed.\n"
+    "\n"
+    "1 weeks later, the patient visited and experienced the following: \n"
+    "\tdrug carboplatin is administered,\n"
+    "\themoglobin [mass per volume] in blood - 718-7 is 11.85,\n"
+    "\tplatelets [#/volume] in blood - 777-3 is 212.\n"
+    "\n"
+    "3.14 weeks later, the patient visited and experienced the following: \n"
+    "\tecog is 1,\n"
+    "\tcreatinine [mass/volume] in serum or plasma - 2160-0 is 0.92 mg/dl.\n"
+    "\n"
+    "\n"
+    "\n"
+    "\n"
+    "Here we repeat the last observed values of each genetic event in the input data:\n"
+    "\n"
+    "0 weeks later, the patient visited and experienced the following: \n"
+    "\tEGFR is L858R,\n"
+    "\tPD-L1 tumor proportion score is <1%,\n"
+    "\t</genetic>.\n"
+    "\n"
+    "The most recent line of therapy:\n"
+    "\tcarboplatin, pemetrexed\n"
+    "\n"
+    "The last values of the variables in the input data are:\n"
+    "\themoglobin [mass per volume] in blood - 718-7 was 11.85\n"
+    "\tplatelets [#/volume] in blood - 777-3 was 212\n"
+    "\n"
+    "You will now have multiple tasks to complete. Please answer for each task in the same order as they are "
+    "presented. Before every response state the task nr, e.g. 'Task 2:'.\n"
+    "\n"
+    "Task 1 is forecasting:\n"
+    "Your task is to predict the future values of the following variables for each cumulative week starting from "
+    "the last visit:\n"
+    "\n"
+    "\themoglobin [mass per volume] in blood - 718-7 the future weeks 3, 6, 9, 12\n"
+    "\n"
+    "Task 2 is time to event prediction:\n"
+    "Your task is to predict whether the following event was censored 75 weeks from the last clinical visit and "
+    "whether the event occured or not: next metastasis.\n"
+    "Please provide your prediction in the following format: 'Here is the prediction: the event (<name of event>) "
+    "was [not] censored and [did not occur]/[occured].'\n"
+    "\n"
+    "Task 3 is forecasting QA:\n"
+    "Your task is to predict the appropriate bins for the future values of the following variables for each "
+    "cumulative week starting from the date of the last visit:\n"
+    "\tplatelets [#/volume] in blood - 777-3 the future weeks 3, 9\n"
+    "\tThe possible bins are: a: bin (-inf, 63], b: bin (63, 70.6], c: bin (70.6, 78], d: bin (78, 91.4], "
+    "e: bin (91.4, inf)\n"
+    "\n"
+    "Task 4 is time to event prediction:\n"
+    "Your task is to predict whether the following event was censored 8 weeks from the last clinical visit and "
+    "whether the event occured or not: death.\n"
+    "Please provide your prediction in the following format: 'Here is the prediction: the event (<name of event>) "
+    "was [not] censored and [did not occur]/[occured].'\n"
+    "\n"
+)
+
+ANSWER = (
+    "Task 1 is forecasting:\n"
+    "3 weeks later, the patient visited and experienced the following: \n"
+    "\themoglobin [mass per volume] in blood - 718-7 is 11.6.\n"
+    "\n"
+    "3 weeks later, the patient visited and experienced the following: \n"
+    "\themoglobin [mass per volume] in blood - 718-7 is 11.2.\n"
+    "\n"
+    "6 weeks later, the patient visited and experienced the following: \n"
+    "\themoglobin [mass per volume] in blood - 718-7 is 10.95.\n"
+    "\n"
+    "Task 2 is time to event prediction:\n"
+    "Here is the prediction: the event (next metastasis) was not censored and did not occur.\n"
+    "\n"
+    "Task 3 is forecasting QA:\n"
+    "3 weeks later, the patient visited and experienced the following: \n"
+    "\tplatelets [#/volume] in blood - 777-3 is e.\n"
+    "\n"
+    "6 weeks later, the patient visited and experienced the following: \n"
+    "\tplatelets [#/volume] in blood - 777-3 is e.\n"
+    "\n"
+    "Task 4 is time to event prediction:\n"
+    "Here is the prediction: the event (death) was censored and did not occur.\n"
+    "\n"
+)
+
+TARGET_META = [
+    {"task_type": "forecasting:", "lot_date": "2021-03-01", "future_weeks_to_forecast": [3, 6, 9, 12]},
+    {"task_type": "time to event prediction:", "target_name": "next metastasis", "target_category": "metastasis",
+     "censoring": False, "occurred": False, "date_event_occured": "2023-01-02", "delta_time_numeric": 86.14},
+    {"task_type": "forecasting QA:", "lot_date": "2021-03-01", "future_weeks_to_forecast": [3, 9]},
+    {"task_type": "time to event prediction:", "target_name": "death", "target_category": "death",
+     "censoring": True, "occurred": False, "date_event_occured": "2021-04-12", "delta_time_numeric": 2.0},
+]
+
+RECORD = {"instruction": INSTRUCTION, "answer": ANSWER,
+          "meta": {"patientid": "CONV-0001", "indication": "enhanced_nsclc", "split": "test",
+                   "split_date_included_in_input": "2021-03-29", "target_meta": TARGET_META}}
