@@ -53,15 +53,20 @@ def train_command(args: list[str]) -> list[str]:
         raise ValueError("train needs --config NAME|FILE (shipped: " + ", ".join(shipped_configs()) + ")")
     i = args.index("--config")
     launcher, config, overrides = args[:i], resolve_config(args[i + 1]), args[i + 2:]
-    bad = [a for a in overrides if "=" not in a]
+    bad = [a for a in overrides if not _is_override(a)]
     if bad:
-        raise ValueError(f"train: {bad[0]!r} after --config is not a key=value override; put launcher options "
-                         "(--nproc_per_node, --nnodes, ...) before --config")
+        raise ValueError(f"train: {bad[0]!r} after --config is not a key=value or ~key override; put launcher "
+                         "options (--nproc_per_node, --nnodes, ...) before --config")
     _check_torchrun_options(launcher)
     if not any(a.startswith(_RENDEZVOUS) for a in launcher):
         launcher = ["--standalone", *launcher]
     return [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", RECIPE_MODULE, "--config", str(config),
             *overrides]
+
+
+def _is_override(arg: str) -> bool:
+    """torchtune's command-line overrides: ``key=value``, and ``~key`` (removes the key)."""
+    return "=" in arg or (arg.startswith("~") and len(arg) > 1 and not arg.startswith("~-"))
 
 
 def _check_torchrun_options(launcher: list[str]) -> None:
@@ -180,7 +185,20 @@ def _load_config(path, overrides):
 
     if not path:
         return None
-    return OmegaConf.merge(OmegaConf.load(resolve_config(path)), OmegaConf.from_dotlist(overrides))
+    bad = [a for a in overrides if not _is_override(a)]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a key=value or ~key config override")
+    cfg = OmegaConf.merge(OmegaConf.load(resolve_config(path)),
+                          OmegaConf.from_dotlist([a for a in overrides if not a.startswith("~")]))
+    for key in (a[1:] for a in overrides if a.startswith("~")):  # torchtune's ~key: remove the key
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if node is None or leaf not in node:
+            raise ValueError(f"~{key}: the config has no key {key!r} to remove")
+        if OmegaConf.is_dict(node[leaf]) and "_component_" in node[leaf]:  # as tune run
+            raise ValueError(f"~{key}: a component cannot be removed; set {key}=null instead")
+        node.pop(leaf)
+    return cfg
 
 
 def _export(args) -> int:

@@ -101,6 +101,20 @@ def _hf_tokenizer_json(tmp: Path, demo: Path) -> list[str]:
     return [f"tokenizer.path={tmp}/tokenizer.json"]
 
 
+def _final_save_under_file(tmp: Path, demo: Path) -> list[str]:
+    (tmp / "afile").write_text("x")
+    return [f"checkpointer.output_dir={tmp}/afile/epochs"]
+
+
+def _special_tokens_past_vocab(tmp: Path, demo: Path) -> list[str]:
+    """Special tokens at ids the 1024-row model cannot embed: the final save could not write a
+    tokenizer.json that fits it (issue 28: refused at setup, not after training)."""
+    added = json.loads((demo / "model" / "special_tokens.json").read_text())["added_tokens"]
+    shifted = [{**t, "id": t["id"] + 1000} for t in added]
+    (tmp / "special_tokens.json").write_text(json.dumps({"added_tokens": shifted}))
+    return [f"tokenizer.special_tokens_path={tmp}/special_tokens.json"]
+
+
 F = "{tmp}/data/train.jsonl"
 DATA_CASES = [
     ("invalid-utf8", train_file(_line(1), b'{"instruction": "caf\xe9", "answer": "b"}\n'), [f"{F}:2: not valid UTF-8"]),
@@ -224,6 +238,11 @@ CONFIG_CASES = [
      ["config key 'val_metrics_samples': got -8; expected an integer >= 0"]),
     ("val-metrics-typo", overrides("val_metric_samples=8"),
      ["config key 'val_metric_samples' is not known to this recipe; did you mean 'val_metrics_samples'?"]),
+    ("final-save-folder-unwritable", _final_save_under_file,
+     ["config key 'checkpointer.output_dir': cannot write epoch_N into {tmp}/afile/epochs"]),
+    ("special-tokens-cannot-serve", _special_tokens_past_vocab,
+     ["config key 'tokenizer': the final checkpoint could not be served: no special token has an id below the "
+      "model's vocab_size 1024"]),
     ("ac-option-typo", overrides("enable_activation_checkpointing=true", "ac_mode=selective", "ac_option=ops"),
      ["config key 'ac_option': got 'ops'"]),
 ]

@@ -92,3 +92,26 @@ def test_evaluate_command_runs_the_same_arguments_under_torchrun():
         assert cmd[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m"]
         assert cmd[7:] == ["gdt_tune.cli", "evaluate", "--checkpoint", "C", "--data", "D"]
 
+
+
+def test_tilde_key_removes_a_key_as_tune_run_does(tmp_path):
+    """``gdt-tune train ... ~key`` goes to the recipe as ``tune run`` takes it (tests/test_launcher.py
+    trains with ``~lr_scheduler``); torchtune's parse drops the key; evaluate and export drop it too."""
+    from recipe_utils import load_config
+
+    from gdt_tune.cli import _load_config
+    from gdt_tune.training.config import parse
+
+    cmd = train_command(["--nproc_per_node", "2", "--config", "tiny_gdt_cpu", "~lr_scheduler", "a=1"])
+    assert cmd[-2:] == ["~lr_scheduler", "a=1"]
+    cfg = load_config("~lr_scheduler", "~dataset.truncation")
+    assert "lr_scheduler" not in cfg and "truncation" not in cfg.dataset
+    parse(cfg, cuda_available=False)  # the typed config takes it
+    loaded = _load_config("tiny_gdt_cpu", ["~lr_scheduler", "~dataset.truncation", "seed=3"])
+    assert "lr_scheduler" not in loaded and "truncation" not in loaded.dataset and loaded.seed == 3
+    with pytest.raises(ValueError, match=r"^~dataset.nope: the config has no key 'dataset.nope' to remove$"):
+        _load_config("tiny_gdt_cpu", ["~dataset.nope"])
+    with pytest.raises(ValueError, match=r"^~dataset_val: a component cannot be removed; set dataset_val=null"):
+        _load_config("tiny_gdt_cpu", ["~dataset_val"])
+    with pytest.raises(ValueError, match="not a key=value or ~key"):
+        train_command(["--config", "tiny_gdt_cpu", "~"])

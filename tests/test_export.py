@@ -146,3 +146,18 @@ def test_export_writes_only_into_a_new_or_empty_folder_or_over_an_earlier_export
     empty.mkdir()
     export_checkpoint(source, empty)
     assert (empty / "tokenizer.json").is_file()
+
+
+def test_export_checks_the_serving_files_before_any_work(demo_dir, tmp_path):
+    """A checkpoint whose tokenizer cannot serve its model is refused before anything is copied or
+    read: here config.json says 1000 embedding rows, below every special token (1014-1023)."""
+    from gdt_tune.export import export_checkpoint
+
+    source = tmp_path / "epoch_0"
+    shutil.copytree(demo_dir / "model", source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "vocab_size": 1000}))
+    out = tmp_path / "serve"
+    with pytest.raises(ValueError, match=r"^no special token has an id below the model's vocab_size 1000; "):
+        export_checkpoint(source, out)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["epoch_0"]

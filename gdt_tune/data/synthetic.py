@@ -91,9 +91,12 @@ DEFAULT_TOKEN_BUDGET = 8192 - 200
 
 
 def estimate_tokens(text: str) -> int:
-    """Rough Llama 3 token count (~3.5 characters a token on this text); the generator's budget
-    only. The dataset builder counts exact tokens."""
-    return len(text) * 2 // 7 + 1
+    """Llama 3 tokens of this text, estimated: digits cost ~1.3 tokens each, other characters
+    ~0.22 (a least-squares fit to Meta's tokenizer on synthetic samples, within 5%), plus 5% so that
+    a sample budgeted at 8192 - 200 fits the 8000-token cap as the converter's do. The generator's
+    budget only; the dataset builder counts exact tokens."""
+    digits = sum(c.isdigit() for c in text)
+    return (137 * digits + 24 * (len(text) - digits)) // 100 + 1
 
 
 def lab_label(lab) -> str:

@@ -16,7 +16,6 @@ import os
 import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -38,7 +37,7 @@ from gdt_tune.serving import check_serving, write_serving_files
 from gdt_tune.training import float8
 from gdt_tune.training.activation_checkpointing import apply_activation_checkpointing
 from gdt_tune.training.checkpointing import CheckpointManager, Progress, SaveFailed
-from gdt_tune.training.config import check_components, check_paths, has_component, parse, unwritable_folder
+from gdt_tune.training.config import check_components, check_paths, has_component, parse
 from gdt_tune.training.hf_weights import (
     Placeholders,
     check_weights_fit,
@@ -206,15 +205,12 @@ class FullFinetuneRecipe:
     def _check_final_save(self) -> None:
         """What ``save_final`` needs, checked before the first step: a week-long run must not end
         with weights but no serving files. The tokenizer's special tokens must make a ``tokenizer.json``
-        for this model's vocabulary, and the checkpointer's ``output_dir`` must be writable."""
+        for this model's vocabulary (the checkpointer's ``output_dir`` and the base ``config.json``
+        were checked with the paths and by the checkpointer)."""
         try:
             check_serving(self._tokenizer, self._vocab_size)
         except ValueError as e:
             raise ValueError(f"config key 'tokenizer': the final checkpoint could not be served: {e}") from None
-        out = Path(self._cfg.checkpointer.get("output_dir", self._ckpt_cfg.output_dir))
-        if (blocker := unwritable_folder(out)) is not None:
-            raise ValueError(f"config key 'checkpointer.output_dir': cannot write epoch_N into {out} ({blocker} is not "
-                             "a writable folder); choose a folder this job can write")
 
     def _setup_profiler(self, cfg_profiler: DictConfig | None):
         """torchtune's profiler (``torchtune.training.setup_torch_profiler``), traces in

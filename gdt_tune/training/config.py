@@ -290,13 +290,17 @@ def unwritable_folder(out: Path) -> Path | None:
 
 def check_paths(cfg: DictConfig) -> None:
     """Raise ValueError naming the config key of a tokenizer or checkpoint file that does not exist,
-    or an output_dir that cannot be a folder."""
+    or an output_dir (or the checkpointer's, for epoch_N) that cannot be a folder."""
     out = Path(cfg.output_dir)
     if (blocker := unwritable_folder(out)) == out and not out.is_dir():
         raise ValueError(f"config key 'output_dir': {out} is a file; choose a folder")
     if blocker is not None:
         raise ValueError(f"config key 'output_dir': cannot create or write {out} ({blocker} is not a writable folder); "
                          "choose a writable folder")
+    final = cfg.checkpointer.get("output_dir")
+    if final is not None and (blocker := unwritable_folder(Path(final))) is not None:  # where epoch_N goes
+        raise ValueError(f"config key 'checkpointer.output_dir': cannot write epoch_N into {final} ({blocker} is not "
+                         "a writable folder); choose a folder this job can write")
     for key in ("path", "special_tokens_path"):
         value = cfg.tokenizer.get(key)
         if value is not None and not os.path.isfile(value):
