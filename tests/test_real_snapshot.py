@@ -106,13 +106,13 @@ def test_transformers_loads_epoch_0_with_torchtunes_logits(run):
         "x 12.5 µmol/L", add_bos=False, add_eos=False)
 
 
-def test_evaluate_reads_epoch_0(run, tmp_path):
+def test_evaluate_reads_epoch_0(run, tmp_path, capsys):
+    from gdt_tune.cli import main
+
     _, data, out, _ = run
-    proc = subprocess.run([sys.executable, "-m", "gdt_tune.cli", "evaluate", "--checkpoint", str(out / "epoch_0"),
-                           "--data", str(data / "test"), "--out", str(tmp_path / "eval"), "--samples", "1",
-                           "--max-samples", "3", "--train-data", str(data / "train")],
-                          capture_output=True, text=True, env=dict(os.environ, TIKTOKEN_CACHE_DIR=""), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["evaluate", "--checkpoint", str(out / "epoch_0"), "--data", str(data / "test"), "--out",
+                 str(tmp_path / "eval"), "--samples", "1", "--max-samples", "3", "--train-data",
+                 str(data / "train")]) == 0, capsys.readouterr().err[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     test_samples = sum(1 for f in (data / "test").glob("*.jsonl") for _ in f.open())
     assert metrics["samples"] == min(3, test_samples) and metrics["events"]["tasks"] > 0

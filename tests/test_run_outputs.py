@@ -2,6 +2,7 @@
 lists redacted) and torch profiler traces under ${output_dir}/profiling."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -24,7 +25,8 @@ def test_wandb_config_and_profiler_traces(demo_dir, tmp_path):
     record = next(run_dir.glob("*.wandb")).read_bytes()
     for value in (json.dumps(str(out)), json.dumps(f"{demo_dir}/data/train"), '"<3 patient ids, not logged>"'):
         assert value.encode() in record, value
-    assert b"${" not in record
+    # no unresolved interpolation (the record is binary: look for "${name}", not for any "${" bytes)
+    assert re.search(rb"\$\{[A-Za-z_][A-Za-z0-9_.]*\}", record) is None
     # the config file, resolved, saved beside the run and uploaded with it
     text = (run_dir / "files" / "torchtune_config.yaml").read_text()
     saved = yaml.safe_load(text)

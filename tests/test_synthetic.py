@@ -131,34 +131,15 @@ def test_event_fields_are_the_converters(cohort):
     assert len(seen) == 3, seen  # all three outcomes occur
 
 
-def test_landmark_weeks(tmp_path):
-    subprocess.run([sys.executable, "-m", "gdt_tune.data.synthetic", "--patients", "8", "--out", str(tmp_path),
-                    "--seed", "5", "--event-weeks", "8,26,52,104"], check=True, capture_output=True)
+def test_landmark_weeks(tmp_path, capsys):
+    """``--event-weeks``: a landmark test set as GDT's (every event task at one of the weeks)."""
+    from gdt_tune.data.synthetic import main
     from gdt_tune.data.text import event_horizons
 
+    main(["--patients", "8", "--out", str(tmp_path), "--seed", "5", "--event-weeks", "8,26,52,104"])
     weeks = [w for f in tmp_path.rglob("*.jsonl") for line in f.open()
              for _, w in event_horizons(json.loads(line)["instruction"]).values()]
     assert weeks and set(weeks) <= {8, 26, 52, 104} and len(set(weeks)) > 1
-    bad = subprocess.run([sys.executable, "-m", "gdt_tune.data.synthetic", "--patients", "8", "--out", str(tmp_path),
-                          "--event-weeks", "8,x"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "expected whole weeks separated by commas" in bad.stderr
-
-
-def test_history_trimmed_to_token_budget():
-    from gdt_tune.data.synthetic import estimate_tokens
-    from gdt_tune.data.text import history_end
-
-    small = list(generate_cohort(5, seed=1, splits_per_lot=1, token_budget=600))
-    big = list(generate_cohort(5, seed=1, splits_per_lot=1))
-    assert [s["answer"] for _, s in small] == [s["answer"] for _, s in big]
-    trimmed = 0
-    for (_, a), (_, b) in zip(small, big):
-        assert a["instruction"].count("weeks later, the patient visited") <= b["instruction"].count(
-            "weeks later, the patient visited")
-        assert "On the first visit, the patient experienced the following: \n" in a["instruction"]
-        fits = estimate_tokens(a["instruction"]) + estimate_tokens(a["answer"]) <= 600
-        history = a["instruction"][: history_end(a["instruction"])]  # the summary's "0 weeks later" is no visit
-        only_first_left = "weeks later, the patient visited" not in history
-        assert fits or only_first_left
-        trimmed += a["instruction"] != b["instruction"]
-    assert trimmed > 0
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--patients", "8", "--out", str(tmp_path), "--event-weeks", "8,x"])
+    assert exit_info.value.code == 2 and "expected whole weeks separated by commas" in capsys.readouterr().err

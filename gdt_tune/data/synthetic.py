@@ -95,7 +95,7 @@ def estimate_tokens(text: str) -> int:
     ~0.22 (a least-squares fit to Meta's tokenizer on synthetic samples, within 5%), plus 5% so that
     a sample budgeted at 8192 - 200 fits the 8000-token cap as the converter's do. The generator's
     budget only; the dataset builder counts exact tokens."""
-    digits = sum(c.isdigit() for c in text)
+    digits = sum(map(text.count, "0123456789"))
     return (137 * digits + 24 * (len(text) - digits)) // 100 + 1
 
 

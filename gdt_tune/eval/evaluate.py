@@ -171,19 +171,25 @@ def generate_forecasts(model, tokenizer, layout: Layout, records, samples: int, 
                        seed: int, ranks: Ranks) -> list[dict]:
     """Forecasting tasks of ``records`` with the greedy and ``samples`` sampled answers parsed."""
     items, prompts = [], []
-    for _, record in records:
+    for where, record in records:
         truth = [t for t in parse_answer(record["answer"]) if t.type == FORECASTING]
         if truth:
-            items.append({"truth": forecast_points(truth[0].visits), "last": last_values(record["instruction"]),
-                          "max_new": len(layout.answer_tokens(record["answer"])) + 32})
             prompts.append([*layout.prompt_tokens(record["instruction"]), *layout.assistant_header])
+            room = model.max_seq_len - len(prompts[-1])  # generation stops at the model's context
+            if room < 1:
+                raise ValueError(f"{where}: its prompt ({len(prompts[-1])} tokens) fills the model's max_seq_len "
+                                 f"({model.max_seq_len}); nothing can be generated for its forecasting task")
+            items.append({"truth": forecast_points(truth[0].visits), "last": last_values(record["instruction"]),
+                          "max_new": min(len(layout.answer_tokens(record["answer"])) + 32, room)})
     draws = [(0.0, 1.0)] + [(TEMPERATURE, TOP_P)] * samples
     batches, results = _batches(len(items), batch_size), {}
     for b in tqdm(ranks.mine(len(batches)), desc="generating forecasts", unit="batch", disable=ranks.rank != 0,
                   dynamic_ncols=True):
         chunk = batches[b]
         generator = torch.Generator().manual_seed(seed * 1_000_003 + b)  # the batch's draws, on any rank
-        outputs = generate_draws(model, [prompts[i] for i in chunk], draws, max(items[i]["max_new"] for i in chunk),
+        room = model.max_seq_len - max(len(prompts[i]) for i in chunk)  # the batch shares one length
+        outputs = generate_draws(model, [prompts[i] for i in chunk], draws,
+                                 min(room, max(items[i]["max_new"] for i in chunk)),
                                  tokenizer.pad_id, tokenizer.eot_id, generator, device, dtype)
         results[b] = [([parsed_forecast(tokenizer.decode(ids)) for ids in per_prompt], sum(map(len, per_prompt)))
                       for per_prompt in outputs]
