@@ -254,7 +254,8 @@ def _evaluate(args) -> int:
         cfg = _load_config(args.config, args.overrides)
         metrics = evaluate(args.checkpoint, args.data, args.out, cfg=cfg, max_samples=args.max_samples,
                            train_data=args.train_data, samples=args.samples, batch_size=args.batch_size,
-                           device=args.device, dtype=args.dtype, seed=args.seed)
+                           device=args.device, dtype=args.dtype, seed=args.seed, prompt=args.prompt,
+                           train_samples=args.train_samples)
     except ValueError as e:
         if os.environ.get("RANK", "0") == "0":  # every rank fails alike: one line
             print(f"error: {e}", file=sys.stderr)
@@ -262,7 +263,8 @@ def _evaluate(args) -> int:
     if metrics is None:  # not rank 0
         return 0
     print(summary(metrics))
-    print(f"wrote {Path(args.out) / 'metrics.json'}, forecast_mae.png, event_calibration.png")
+    print(f"wrote {Path(args.out) / 'metrics.json'}, summary.md, predictions.jsonl, forecast_mae.png"
+          + (", event_calibration.png" if metrics["events"].get("tasks") else ""))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     print(f"evaluated in {time.perf_counter() - started:.1f} s on {world} process{'es' if world > 1 else ''}")
     return 0
@@ -319,7 +321,12 @@ def main(argv=None) -> int:
     e.add_argument("--config", help="the training config (model, tokenizer, system prompt, training data)")
     e.add_argument("--out", default="eval", help="output folder (default eval)")
     e.add_argument("--max-samples", type=_at_least(1), default=None)
-    e.add_argument("--train-data", help="training JSONL for the majority baseline (default: the config's dataset)")
+    e.add_argument("--train-data", help="training JSONL: clip bounds, censoring distribution and baselines (default: "
+                   "the config's dataset)")
+    e.add_argument("--train-samples", type=_at_least(1), default=20_000, help="read at most this many training "
+                   "samples, the first ones (default 20000)")
+    e.add_argument("--prompt", choices=["training", "gdt"], default="training", help="training: the exact training "
+                   "layout (default); gdt: GDT's evaluation prompt (date lines, answer after a system header)")
     e.add_argument("--samples", type=_at_least(0), default=10, help="sampled completions per forecast, besides the "
                    "greedy one (default 10, as GDT)")
     e.add_argument("--batch-size", type=_at_least(1), default=4, help="samples per forward pass; forecasting "

@@ -94,9 +94,44 @@ def test_evaluate_final_and_interim_checkpoints_of_a_demo_run(demo_dir, tmp_path
     assert a["forecasting"]["mae_copy_forward"] > 0 and 0 <= a["forecasting"]["unparseable_share"] <= 1
     for name in ("forecast_mae.png", "event_calibration.png"):
         assert (tmp_path / "final" / name).read_bytes()[:4] == b"\x89PNG"
+    assert not list((tmp_path / "final").glob(".*tmp*"))  # written atomically: no temporary file left
+    # GDT's metrics: metrics.json["gdt"] is exactly what predictions.jsonl gives
+    from gdt_tune.clinical.gdt_metrics import event_cindex, forecast_ratios
+    from gdt_tune.eval.gdt_eval import read_training
+
+    rows = [json.loads(line) for line in (tmp_path / "final" / "predictions.jsonl").read_text().splitlines()]
+    forecasts, events = [r for r in rows if r["type"] == "forecast"], [r for r in rows if r["type"] == "event"]
+    assert len(events) == a["events"]["tasks"] and len(forecasts) == a["forecasting"]["targets"]
+    assert set(events[0]) == {"where", "task", "type", "indication", "event", "week", "p_occurred", "p_no_occurrence",
+                              "time_weeks", "occurred"}
+    assert {"where", "task", "type", "indication", "variable", "week", "truth", "prediction", "filled",
+            "copy_forward"} <= set(forecasts[0])
+    gdt = a["gdt"]
+    assert gdt["prompt"] == a["prompt"] == "training"
+    ratios = forecast_ratios(forecasts)
+    assert gdt["forecasting"]["median_ratio"] == ratios["median_ratio"] and gdt["forecasting"]["per_variable"] == ratios[
+        "per_variable"]
+    assert gdt["forecasting"]["filled"] == sum(r["filled"] for r in forecasts)
+    train = read_training(demo_dir / "data" / "train", 20_000)
+    again = event_cindex(events, train.event_rows)
+    for key in ("cindex_ipcw", "cindex_ipcw_average", "brier_ipcw", "dropped_beyond_training_time"):
+        assert gdt["events"][key] == json.loads(json.dumps(again[key])), key
+    assert "cindex_ipcw_average" in gdt["events"]["baseline_rsf"]
+    table = (tmp_path / "final" / "summary.md").read_text()
+    assert "| metric | this model | copy-forward | majority | RSF | GDT (paper, its own data) | n |" in table
+    assert "| events: IPCW C-index, mean over death, progression, next line of therapy |" in final.stdout
+    # GDT's evaluation prompt on request, recorded
+    gdt_prompt = _cli("evaluate", "--checkpoint", str(tmp_path / "run" / "epoch_0"), "--out", str(tmp_path / "gdt"),
+                      "--data", str(demo_dir / "data" / "test"), "--max-samples", "2", "--samples", "0",
+                      "--prompt", "gdt")
+    assert gdt_prompt.returncode == 0, gdt_prompt.stderr[-3000:]
+    assert json.loads((tmp_path / "gdt" / "metrics.json").read_text())["gdt"]["prompt"] == "gdt"
+    assert "prompt: gdt" in gdt_prompt.stdout and "no --train-data" in gdt_prompt.stdout
     # no sample text in what it wrote or printed
     answer_line = "Here is the prediction: the event ("
-    assert answer_line not in (tmp_path / "final" / "metrics.json").read_text() + final.stdout + final.stderr
+    written = "".join((tmp_path / "final" / n).read_text() for n in ("metrics.json", "predictions.jsonl", "summary.md"))
+    assert answer_line not in written + final.stdout + final.stderr
+    assert "hemoglobin - 718-7 is" not in written and "SYN0" not in written
     # step_N without the training config: a clear error
     bad = _cli("evaluate", "--checkpoint", str(tmp_path / "run" / "step_4"), "--out", str(tmp_path / "x"), *common)
     assert bad.returncode == 1 and "pass the training --config too" in bad.stderr

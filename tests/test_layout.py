@@ -109,3 +109,21 @@ def test_validate_rejects_bad_layouts(layout, corrupt, message):
     bad_tokens, bad_labels = corrupt(list(tokens), list(labels))
     with pytest.raises(ValueError, match=message.replace("|", r"\|")):
         validate(bad_tokens, bad_labels, layout, 8000, status)
+
+
+def test_gdts_evaluation_prompt_on_request(tokenizer):
+    """``evaluate --prompt gdt``: the system turn opens with GDT's date lines and the answer follows a
+    ``system`` header; ``--prompt training`` is the training layout itself."""
+    from gdt_tune.eval.evaluate import evaluation_layout
+
+    enc = lambda s: tokenizer.encode(s, add_bos=False, add_eos=False)  # noqa: E731
+    sh, eh, eot = ids(tokenizer, "<|start_header_id|>"), ids(tokenizer, "<|end_header_id|>"), ids(tokenizer, "<|eot_id|>")
+    gdt = evaluation_layout(tokenizer, SYSTEM, "gdt")
+    dates = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+    system_turn = [ids(tokenizer, "<|begin_of_text|>"), sh, *enc("system"), eh, *enc("\n\n"),
+                   *enc(dates + SYSTEM.strip()), eot]
+    assert gdt.prompt_tokens(INSTRUCTION)[: len(system_turn)] == system_turn
+    assert list(gdt.assistant_header) == [sh, *enc("system"), eh, *enc("\n\n")]
+    training = evaluation_layout(tokenizer, SYSTEM, "training")
+    assert training == Layout.build(tokenizer, SYSTEM) and gdt.user_header == training.user_header
+    assert eot == gdt.eot_id

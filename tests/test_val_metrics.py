@@ -47,7 +47,8 @@ def test_event_metrics_equal_evaluate_of_the_step_checkpoint(run, tmp_path):
         metrics = evaluate(out / f"step_{step}", data, tmp_path / f"eval{step}", cfg=cfg, samples=0)
         ev = metrics["events"]
         expected = {"val_events_accuracy": ev["accuracy"], "val_events_brier": ev["brier"],
-                    "val_events_auroc": ev["auroc"]["all"]["all"]["auroc"]}
+                    "val_events_auroc": ev["auroc"]["all"]["all"]["auroc"], "val_events_cindex": ev["cindex_harrell"]}
+        assert ev["cindex_harrell"] is not None
         expected.update({f"val_events_auroc_{metric_name(e)}": c["all"]["auroc"] for e, c in ev["auroc"].items()
                          if e != "all" and c["all"]["auroc"] is not None})
         assert ev["tasks"] > 5 and len(expected) >= 4
@@ -104,6 +105,9 @@ def test_event_summary_keys_and_a_one_class_auroc_left_out():
     probs = [[0.8, 0.1, 0.1], [0.3, 0.6, 0.1], [0.5, 0.4, 0.1], [0.2, 0.7, 0.1]]
     out = event_summary(tasks, probs)
     assert set(out) == {"val_events_accuracy", "val_events_brier", "val_events_auroc", "val_events_auroc_death"}
+    timed = [{**t, "time_weeks": w, "occurred": o} for t, w, o in zip(tasks, [3.0, 5.0, 9.0, 7.0],
+                                                                       [True, False, False, False])]
+    assert event_summary(timed, probs)["val_events_cindex"] == 1.0  # the occurred task has the highest P(occurred)
     assert out["val_events_accuracy"] == 0.75 and out["val_events_auroc_death"] == 1.0
     assert metric_name("next line of therapy") == "next_line_of_therapy"
     assert metrics_subset(5, 10, 0) == [0, 1, 2, 3, 4]

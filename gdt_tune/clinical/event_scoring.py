@@ -23,12 +23,14 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from gdt_tune.clinical.metrics import OUTCOMES, outcome_index
 from gdt_tune.data.answers import parse_answer
 from gdt_tune.data.layout import Layout
+from gdt_tune.data.records import event_time, task_target
 from gdt_tune.data.text import EVENT, EVENT_PROMPT, event_horizons
 
 
 def event_candidates(layout: Layout, record: dict) -> list[dict]:
     """For each event task: the context tokens (prompt, assistant header, answer up to the
-    outcome), the three candidate completions' tokens, the true outcome and the horizon."""
+    outcome), the three candidate completions' tokens, the true outcome, the horizon, and from
+    ``meta.target_meta`` when present its (``time_weeks``, ``occurred``) and ``category``."""
     answer = record["answer"].strip()
     context = [*layout.prompt_tokens(record["instruction"]), *layout.assistant_header]
     horizons = event_horizons(record["instruction"])
@@ -42,8 +44,10 @@ def event_candidates(layout: Layout, record: dict) -> list[dict]:
         if horizons[task.number][0] != task.event:
             raise ValueError(f"event task {task.number} asks about {horizons[task.number][0]!r} in the instruction but "
                              f"answers about {task.event!r}")
-        out.append({"event": task.event, "truth": outcome_index(task.censored, task.occurred),
-                     "horizon_weeks": horizons[task.number][1],
+        time_weeks, occurred = event_time(record, task.number)
+        out.append({"event": task.event, "truth": outcome_index(task.censored, task.occurred), "task": task.number,
+                     "horizon_weeks": horizons[task.number][1], "time_weeks": time_weeks, "occurred": occurred,
+                     "category": task_target(record, task.number).get("target_category"),
                      "context": context + encode(prefix, add_bos=False, add_eos=False),
                      # the "." after the outcome may merge with "\n": not scored
                      "candidates": [encode(f" {o}", add_bos=False, add_eos=False) for o in OUTCOMES]})

@@ -120,6 +120,27 @@ def survival_array(occurred, time):
     return Surv.from_arrays(event=np.asarray(occurred, dtype=bool), time=np.asarray(time, dtype=float))
 
 
+def cindex_harrell(tasks: list[dict], probs: list[list[float]]) -> float | None:
+    """Harrell's C-index (``sksurv.metrics.concordance_index_censored``) of P(occurred) against each
+    task's (``time_weeks``, ``occurred``), pooled over events and horizons; tasks without them are
+    left out; None without a comparable pair. ``val_events_cindex`` and ``evaluate``'s
+    ``events.cindex_harrell``: a monitoring number on few samples, not GDT's IPCW C-index."""
+    from sksurv.metrics import concordance_index_censored
+
+    from gdt_tune.clinical.metrics import OCCURRED
+
+    rows = [(t["occurred"], t["time_weeks"], p[OCCURRED]) for t, p in zip(tasks, probs)
+            if t.get("time_weeks") is not None and t.get("occurred") is not None]
+    if not any(o for o, _, _ in rows):
+        return None
+    try:
+        return float(concordance_index_censored(np.array([o for o, _, _ in rows], dtype=bool),
+                                                np.array([t for _, t, _ in rows], dtype=float),
+                                                np.array([p for _, _, p in rows], dtype=float))[0])
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
 def cindex_ipcw(train_occurred, train_time, occurred, time, estimate, tau: float) -> float | None:
     """``sksurv.metrics.concordance_index_ipcw`` (None when no pair is comparable)."""
     from sksurv.metrics import concordance_index_ipcw

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gdt_tune.clinical.event_scoring import Pack, event_candidates, pack_sample
+from gdt_tune.clinical.gdt_metrics import cindex_harrell
 from gdt_tune.clinical.metrics import event_auroc, event_metrics
 from gdt_tune.data.answers import TASK_HEADER_BYTES
 from gdt_tune.data.text import EVENT
@@ -72,14 +73,16 @@ def metric_name(event: str) -> str:
 
 def event_summary(tasks: list[dict], probs: list[list[float]]) -> dict[str, float]:
     """``val_events_accuracy``, ``val_events_brier``, ``val_events_auroc`` (P(occurred), uncensored
-    tasks) and ``val_events_auroc_<event>``; an AUROC with one class only is left out."""
+    tasks), ``val_events_auroc_<event>`` and ``val_events_cindex`` (Harrell's, from each task's
+    ``meta.target_meta`` time and outcome); an AUROC with one class only, or a C-index without a
+    comparable pair, is left out."""
     if not tasks:
         return {}
     events, truths = [t["event"] for t in tasks], [t["truth"] for t in tasks]
     m = event_metrics(events, truths, probs)
     auroc = event_auroc(events, [t["horizon_weeks"] for t in tasks], truths, probs, n_boot=0)
     out = {"val_events_accuracy": m["accuracy"], "val_events_brier": m["brier"],
-           "val_events_auroc": auroc["all"]["all"]["auroc"]}
+           "val_events_auroc": auroc["all"]["all"]["auroc"], "val_events_cindex": cindex_harrell(tasks, probs)}
     out.update({f"val_events_auroc_{metric_name(e)}": cells["all"]["auroc"] for e, cells in auroc.items() if e != "all"})
     return {k: v for k, v in out.items() if v is not None}
 

@@ -25,6 +25,8 @@ DEFAULT_MAX_SEQ_LEN = 8000
 GDT_SYSTEM_PROMPT_SHA256 = "ba8b11af665571cc5f925b66f74d6f8b02dc0c321cbeee7d5418787c4d5dd98e"
 
 TRUNCATION_POLICIES = ("gdt", "drop", "history")
+#: how GDT's evaluation prompt opens its system turn (docs/evaluation.md; not its training layout)
+GDT_EVAL_DATE_LINES = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
 
 
 def trained_with(dataset) -> tuple[str, int]:
@@ -75,14 +77,15 @@ class Layout:
     assistant_header: tuple[int, ...]
 
     @classmethod
-    def build(cls, tokenizer, system_prompt: str) -> Layout:
+    def build(cls, tokenizer, system_prompt: str, answer_role: str = "assistant") -> Layout:
+        """``answer_role``: the header the answer follows (``system`` in GDT's evaluation prompt)."""
         def header(role: str) -> tuple[int, ...]:
             toks = tokenizer.tokenize_message(Message(role=role, content=""))
             return tuple(toks[:-1])  # drop the empty body's <|eot_id|>
 
         system = tokenizer.tokenize_message(Message(role="system", content=system_prompt))
         return cls(tokenizer, tokenizer.bos_id, tokenizer.eot_id, (tokenizer.bos_id, *system),
-                   header("user"), header("assistant"))
+                   header("user"), header(answer_role))
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text.strip(), add_bos=False, add_eos=False)

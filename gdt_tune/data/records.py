@@ -122,6 +122,27 @@ def patient_of(record: dict, where: str) -> str | None:
     return str(pid)
 
 
+def task_target(record: dict, number: int) -> dict:
+    """``meta.target_meta`` entry of task ``number`` (1-based; the entries follow the tasks' order),
+    or {} when the sample has none: third-party data may leave ``meta`` out."""
+    meta = record.get("meta")
+    entries = meta.get("target_meta") if isinstance(meta, dict) else None
+    if isinstance(entries, list) and 0 < number <= len(entries) and isinstance(entries[number - 1], dict):
+        return entries[number - 1]
+    return {}
+
+
+def event_time(record: dict, number: int) -> tuple[float | None, bool | None]:
+    """(weeks, occurred) of event task ``number``: ``delta_time_numeric`` (weeks from the split to
+    ``date_event_occured``, the event or the end of what was observed) and ``occurred`` of its
+    ``meta.target_meta`` entry; (None, None) when either is missing or not a number / bool."""
+    target = task_target(record, number)
+    weeks, occurred = target.get("delta_time_numeric"), target.get("occurred")
+    if isinstance(weeks, bool) or not isinstance(weeks, (int, float)) or not isinstance(occurred, bool):
+        return None, None
+    return float(weeks), occurred
+
+
 def _to_date(value, where: str, field_name: str) -> dt.date:
     try:
         if isinstance(value, (int, float)) or (isinstance(value, str) and value.lstrip("-").isdigit()):

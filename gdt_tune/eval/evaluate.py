@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -32,8 +31,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from gdt_tune.clinical.event_scoring import event_candidates, pack_sample, score_samples
+from gdt_tune.clinical.gdt_metrics import cindex_harrell
 from gdt_tune.clinical.metrics import (
-    OUTCOMES,
     event_auroc,
     event_metrics,
     forecast_metrics,
@@ -42,10 +41,20 @@ from gdt_tune.clinical.metrics import (
     softmax,
 )
 from gdt_tune.coordination import init_distributed
-from gdt_tune.data.answers import event_outcomes, parse_answer
-from gdt_tune.data.layout import Layout
+from gdt_tune.data.answers import parse_answer
+from gdt_tune.data.layout import GDT_EVAL_DATE_LINES, Layout
 from gdt_tune.data.records import read_lines, resolve_data_files
 from gdt_tune.data.text import FORECASTING, last_values
+from gdt_tune.eval.gdt_eval import (
+    event_rows,
+    forecast_rows,
+    gdt_metrics,
+    indication_of,
+    instruction_features,
+    read_training,
+    rsf_scores,
+    summary_table,
+)
 from gdt_tune.eval.generation import generate_draws
 from gdt_tune.serving import TEMPERATURE, TOP_P
 from gdt_tune.trained import load_model_and_tokenizer
@@ -64,18 +73,6 @@ def read_samples(data, max_samples: int | None) -> list[tuple[str, dict]]:
             if max_samples and len(out) >= max_samples:
                 return out
     return out
-
-
-def training_outcomes(data) -> dict[str, Counter]:
-    """Outcome counts per event name in the training data (for the majority baseline)."""
-    counts: dict[str, Counter] = {}
-    for path in resolve_data_files(data, "--train-data"):
-        with open(path, "rb") as f:
-            for raw in f:
-                text = raw.decode("utf-8", errors="replace")
-                for event, outcome in event_outcomes(text):
-                    counts.setdefault(event, Counter())[OUTCOMES.index(outcome)] += 1
-    return counts
 
 
 def parsed_forecast(text: str) -> dict | None:
@@ -162,7 +159,8 @@ def score_events(model, tokenizer, layout: Layout, records, batch_size: int, dev
             results[b] = score_samples(head, [packs[i] for i in batches[b]], tokenizer.pad_id, device, batch_size,
                                        progress=bar.update)
     scores = ranks.gather(results)
-    tasks = [t for sample in samples for t in sample]
+    tasks = [{**t, "where": where, "indication": indication_of(record)}
+             for (where, record), sample in zip(records, samples) for t in sample]
     scoring = {"sequences": sum(map(len, packs)), "model_tokens": sum(len(p) for sample in packs for p in sample)}
     return tasks, [softmax(s) for sample in scores for s in sample], scoring
 
@@ -180,7 +178,8 @@ def generate_forecasts(model, tokenizer, layout: Layout, records, samples: int, 
                 raise ValueError(f"{where}: its prompt ({len(prompts[-1])} tokens) fills the model's max_seq_len "
                                  f"({model.max_seq_len}); nothing can be generated for its forecasting task")
             items.append({"truth": forecast_points(truth[0].visits), "last": last_values(record["instruction"]),
-                          "max_new": min(len(layout.answer_tokens(record["answer"])) + 32, room)})
+                          "max_new": min(len(layout.answer_tokens(record["answer"])) + 32, room),
+                          "where": where, "task": truth[0].number, "indication": indication_of(record)})
     draws = [(0.0, 1.0)] + [(TEMPERATURE, TOP_P)] * samples
     batches, results = _batches(len(items), batch_size), {}
     for b in tqdm(ranks.mine(len(batches)), desc="generating forecasts", unit="batch", disable=ranks.rank != 0,
@@ -198,21 +197,40 @@ def generate_forecasts(model, tokenizer, layout: Layout, records, samples: int, 
     return items
 
 
+PROMPTS = ("training", "gdt")
+
+
+def evaluation_layout(tokenizer, system_prompt: str, style: str) -> Layout:
+    """``training``: the exact training layout. ``gdt``: GDT's evaluation prompt (docs/evaluation.md):
+    the system turn opens with its date lines and the answer follows a ``system`` header."""
+    if style == "gdt":
+        return Layout.build(tokenizer, GDT_EVAL_DATE_LINES + system_prompt.strip(), answer_role="system")
+    return Layout.build(tokenizer, system_prompt)
+
+
 def evaluate(checkpoint, data, out, cfg=None, max_samples=None, train_data=None, samples=10, batch_size=4,
-             device=None, dtype=None, seed=0) -> dict | None:
-    """``dtype``: bf16 or fp32 (default: bf16 on CUDA, fp32 on CPU). Under torchrun the samples are
+             device=None, dtype=None, seed=0, prompt="training", train_samples=20_000) -> dict | None:
+    """``dtype``: bf16 or fp32 (default: bf16 on CUDA, fp32 on CPU). ``prompt``: ``training`` or
+    ``gdt`` (:func:`evaluation_layout`). ``train_samples``: how many training samples give the clip
+    bounds, the censoring distribution and the baselines (None: all). Under torchrun the samples are
     split over the ranks; rank 0 writes and returns the metrics (None on the others)."""
     torch.manual_seed(seed)
+    if prompt not in PROMPTS:
+        raise ValueError(f"--prompt {prompt}: expected training or gdt")
     device, dtype = _device_and_dtype(device, dtype, int(os.environ.get("LOCAL_RANK", "0")))
     checkpoint, out = Path(checkpoint), Path(out)
     check_output_folder(out)
     records = read_samples(data, max_samples)
     if not records:
         raise ValueError(f"--data {data}: no samples")
+    if train_data is None and cfg is not None:
+        train_data = cfg.dataset.get("data_files")
+    if train_data is not None:
+        resolve_data_files(train_data, "--train-data")  # a wrong path fails before the model loads
     ranks = Ranks(device.type)
     try:
-        model, tokenizer, prompt = load_model_and_tokenizer(checkpoint, cfg, device, dtype)
-        layout = Layout.build(tokenizer, prompt)
+        model, tokenizer, system_prompt = load_model_and_tokenizer(checkpoint, cfg, device, dtype)
+        layout = evaluation_layout(tokenizer, system_prompt, prompt)
         tasks, probs, scoring = score_events(model, tokenizer, layout, records, batch_size, device, ranks)
         items = generate_forecasts(model, tokenizer, layout, records, samples, batch_size, device, dtype, seed, ranks)
     finally:
@@ -220,26 +238,46 @@ def evaluate(checkpoint, data, out, cfg=None, max_samples=None, train_data=None,
     if ranks.rank != 0:
         return None
     events, truths = [t["event"] for t in tasks], [t["truth"] for t in tasks]
-    metrics = {"checkpoint": str(checkpoint), "data": str(data), "samples": len(records),
+    metrics = {"checkpoint": str(checkpoint), "data": str(data), "samples": len(records), "prompt": prompt,
                "device": device.type, "dtype": str(dtype).removeprefix("torch."),
-               "events": {**event_metrics(events, truths, probs), "scoring": scoring}}
+               "events": {**event_metrics(events, truths, probs), "scoring": scoring,
+                          "cindex_harrell": cindex_harrell(tasks, probs)}}
     if tasks:
         metrics["events"]["auroc"] = event_auroc(events, [t["horizon_weeks"] for t in tasks], truths, probs)
-    if train_data is None and cfg is not None:
-        train_data = cfg.dataset.get("data_files")
-    if train_data is not None and tasks:
-        metrics["events"]["baseline_majority"] = majority_baseline(training_outcomes(train_data), events, truths)
+    train = read_training(train_data, train_samples) if train_data is not None else None
+    if train is not None and tasks:
+        metrics["events"]["baseline_majority"] = majority_baseline(train.outcomes, events, truths)
     metrics["forecasting"] = forecast_metrics(items)
     metrics["forecasting"]["generation"] = {"greedy": 1, "sampled": samples, "temperature": TEMPERATURE,
                                             "top_p": TOP_P, "seed": seed,
                                             "generated_tokens": sum(i["generated_tokens"] for i in items)}
+    rows = forecast_rows(items, train.clip if train is not None else {}) + event_rows(
+        [t["where"] for t in tasks], tasks, probs, [t["indication"] for t in tasks])
+    rsf = rsf_fit = None
+    event_only = [r for r in rows if r["type"] == "event"]
+    if train is not None and train.rsf and any(r["time_weeks"] is not None for r in event_only):
+        instructions = {where: record["instruction"] for where, record in records}
+        features = [{**instruction_features(instructions[r["where"]]), "indication": r["indication"]}
+                    for r in event_only]
+        rsf, rsf_fit = rsf_scores(train, event_only, features, seed)
+    metrics["gdt"] = gdt_metrics(rows, train, prompt, rsf, rsf_fit)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_atomically(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_atomically(out / "metrics.json", json.dumps(metrics, indent=1))
+    write_atomically(out / "summary.md", "# Evaluation\n\n" + summary_table(metrics) + "\n")
     from gdt_tune.eval.plots import calibration_plot, forecast_mae_plot
 
     forecast_mae_plot(metrics["forecasting"], out / "forecast_mae.png")
-    calibration_plot(metrics["events"], out / "event_calibration.png")
+    if tasks:
+        calibration_plot(metrics["events"], out / "event_calibration.png")
     return metrics
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A temporary name beside ``path``, then a rename: a killed evaluate leaves no half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def summary(metrics: dict) -> str:
@@ -269,4 +307,4 @@ def summary(metrics: dict) -> str:
         gen = fc["generation"]
         lines.append(f"forecast generation: greedy + {gen['sampled']} sampled draws from one prefill per prompt, "
                      f"{fc['tasks']} prompts, {gen['generated_tokens']:,} tokens generated")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + summary_table(metrics)

@@ -49,7 +49,8 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
 
 def validation_series(metrics: dict[str, dict[int, float]]) -> dict[str, dict[int, float]]:
     """The validation metrics besides ``val_loss``, in a fixed order (per-event AUROCs by name)."""
-    first = ["val_loss_forecasting", "val_loss_events", "val_events_accuracy", "val_events_brier", "val_events_auroc"]
+    first = ["val_loss_forecasting", "val_loss_events", "val_events_accuracy", "val_events_brier", "val_events_auroc",
+             "val_events_cindex"]
     per_event = sorted(k for k in metrics if k.startswith("val_events_auroc_"))
     return {k: metrics[k] for k in [*first, *per_event, "val_metrics_seconds"] if metrics.get(k)}
 

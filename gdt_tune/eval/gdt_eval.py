@@ -1,0 +1,307 @@
+"""GDT's evaluation inside ``gdt-tune evaluate`` (docs/evaluation.md): what the training split gives
+(clip bounds, the censoring rows, the majority outcomes, the Random Survival Forest's training rows),
+the per-item rows of ``predictions.jsonl``, the RSF baseline and the summary table::
+
+    train = read_training(paths, max_samples=20000)
+    rows = forecast_rows(items, train.clip) + event_rows(tasks, probs)
+    gdt = gdt_metrics(rows, train, prompt="training")   # metrics.json["gdt"]
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gdt_tune.clinical.gdt_metrics import (
+    LANDMARK_WEEKS,
+    PUBLISHED,
+    clip_stats,
+    clipped_point,
+    event_cindex,
+    fill_forecast,
+    forecast_ratios,
+)
+from gdt_tune.clinical.metrics import OCCURRED, forecast_points, outcome_index
+from gdt_tune.data.answers import parse_answer
+from gdt_tune.data.records import event_time, read_lines, resolve_data_files, task_target
+from gdt_tune.data.text import (
+    DEMOGRAPHICS_HEADER,
+    EVENT,
+    EVENT_CATEGORIES,
+    FIRST_VISIT_HEADER,
+    FORECASTING,
+    SUMMARY_GENETIC,
+    SUMMARY_LOT,
+    history_end,
+    visit_spans,
+)
+
+_ITEM_RE = re.compile(r"^\t([^\t\n]+?) is ([^\t\n]+?)[,.]?$", re.MULTILINE)
+_NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
+#: the RSF's training rows per event (seeded subsample) and its size: bounded time on any training file
+RSF_MAX_ROWS, RSF_TREES, RSF_LABS = 1000, 100, 30
+
+
+def indication_of(record: dict) -> str:
+    meta = record.get("meta")
+    return str(meta.get("indication") or "unknown") if isinstance(meta, dict) else "unknown"
+
+
+def event_category(record: dict, task) -> str:
+    """The task's ``target_category`` (death, progression, lot, metastasis), from ``meta.target_meta``
+    or else from the event's name in the text."""
+    return task_target(record, task.number).get("target_category") or EVENT_CATEGORIES.get(task.event, task.event)
+
+
+def instruction_features(instruction: str) -> dict[str, float | str]:
+    """What the RSF sees of a sample, read from its instruction: demographics (``age`` as a number,
+    the others as categories), the last value of each lab in the history, the number of visits and
+    weeks since the first, the genetic recap (gene = value) and the latest regimen."""
+    out: dict[str, float | str] = {}
+    head = instruction.split(FIRST_VISIT_HEADER, 1)[0].split(DEMOGRAPHICS_HEADER, 1)[-1]
+    for name, value in _ITEM_RE.findall(head):
+        number = _NUMBER_RE.search(value)
+        if name.startswith("age") and number:
+            out["age"] = float(number.group())
+        else:
+            out[f"demographics:{name}"] = value
+    history = instruction[:history_end(instruction)]
+    for name, value in _ITEM_RE.findall(history):
+        if " - " in name and _NUMBER_RE.fullmatch(value):
+            out[f"lab:{name}"] = float(value)  # the last value wins
+    spans = visit_spans(instruction)
+    out["visits"] = float(len(spans))
+    out["weeks_since_first_visit"] = float(sum(w for _, _, w in spans if w is not None))
+    if SUMMARY_GENETIC in instruction:
+        recap = instruction.split(SUMMARY_GENETIC, 1)[1].split(SUMMARY_LOT, 1)[0]
+        for gene, value in _ITEM_RE.findall(recap):
+            if not gene.startswith("<"):
+                out[f"genetic:{gene}"] = value
+    if SUMMARY_LOT in instruction:
+        regimen = instruction.split(SUMMARY_LOT, 1)[1].lstrip("\n").split("\n", 1)[0].strip()
+        out["regimen"] = regimen
+    return out
+
+
+@dataclass
+class TrainingSplit:
+    """What ``--train-data`` gives evaluate, from its first ``limit`` samples."""
+
+    samples: int = 0
+    limit: int | None = None
+    outcomes: dict[str, Counter] = field(default_factory=dict)  # event name -> outcome counts (majority)
+    event_rows: dict[str, list[tuple[float, bool]]] = field(default_factory=lambda: defaultdict(list))
+    values: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # forecast targets
+    rsf: list[tuple[dict, str, float, bool]] = field(default_factory=list)  # (features, category, time, occurred)
+    unparseable: int = 0
+
+    @property
+    def clip(self) -> dict[str, tuple[float, float]]:
+        return clip_stats(self.values)
+
+
+def read_training(data, max_samples: int | None) -> TrainingSplit:
+    """One pass over the training samples (the first ``max_samples``; None: all)."""
+    split = TrainingSplit(limit=max_samples)
+    for path in resolve_data_files(data, "--train-data"):
+        for _, _, _, _, record in read_lines(path):
+            if max_samples is not None and split.samples >= max_samples:
+                return split
+            split.samples += 1
+            try:
+                tasks = parse_answer(record["answer"])
+            except ValueError:
+                split.unparseable += 1
+                continue
+            features = None
+            for task in tasks:
+                if task.type == FORECASTING:
+                    for (_, variable), value in forecast_points(task.visits).items():
+                        split.values[variable].append(value)
+                elif task.type == EVENT:
+                    split.outcomes.setdefault(task.event, Counter())[outcome_index(task.censored, task.occurred)] += 1
+                    weeks, occurred = event_time(record, task.number)
+                    if weeks is None:
+                        continue
+                    category = event_category(record, task)
+                    split.event_rows[f"{indication_of(record)}|{category}"].append((weeks, occurred))
+                    features = features if features is not None else {
+                        **instruction_features(record["instruction"]), "indication": indication_of(record)}
+                    split.rsf.append((features, category, weeks, occurred))
+    return split
+
+
+# ---------------------------------------------------------------- rows of predictions.jsonl
+def event_rows(where: list[str], tasks: list[dict], probs: list[list[float]], indications: list[str]) -> list[dict]:
+    """One row per scored event task (``where``, ``indications``: per task)."""
+    return [{"where": w, "task": t["task"], "type": "event", "indication": ind,
+             "event": t.get("category") or EVENT_CATEGORIES.get(t["event"], t["event"]), "week": t["horizon_weeks"],
+             "p_occurred": p[OCCURRED], "p_no_occurrence": 1.0 - p[OCCURRED], "time_weeks": t.get("time_weeks"),
+             "occurred": t.get("occurred")}
+            for w, t, p, ind in zip(where, tasks, probs, indications)]
+
+
+def forecast_rows(items: list[dict], clip: dict[str, tuple[float, float]]) -> list[dict]:
+    """One row per target point of every forecasting task: the truth, GDT's forecast (the mean of
+    the sampled draws, the greedy answer when there are none, missing points filled), the greedy
+    forecast and copy-forward, each clipped to the variable's training bounds."""
+    rows = []
+    for item in items:
+        keys = sorted(item["truth"])
+        greedy_draw, sampled = item["predictions"][0], item["predictions"][1:]
+        forecast, filled = fill_forecast(sampled if sampled else [greedy_draw], keys, item["last"])
+        greedy, _ = fill_forecast([greedy_draw], keys, item["last"])
+        for key in keys:
+            week, variable = key
+            bounds = clip.get(variable)
+            truth, prediction, copy = clipped_point(item["truth"][key], forecast[key], item["last"].get(variable),
+                                                    bounds)
+            rows.append({"where": item["where"], "task": item["task"], "type": "forecast",
+                         "indication": item["indication"], "variable": variable, "week": week, "truth": truth,
+                         "prediction": prediction, "filled": key in filled, "copy_forward": copy,
+                         "greedy": clipped_point(item["truth"][key], greedy[key], None, bounds)[1],
+                         "clipped": bounds is not None})
+    return rows
+
+
+# ---------------------------------------------------------------- the Random Survival Forest baseline
+def rsf_scores(train: TrainingSplit, rows: list[dict], features: list[dict], seed: int) -> tuple[list, dict]:
+    """P(occurred by the row's week) from ``sksurv.ensemble.RandomSurvivalForest``, one forest per
+    event category trained on (at most ``RSF_MAX_ROWS``, seeded) training rows of that event, on
+    :func:`instruction_features`; None where an event has no forest. Returns (scores, what was fit)."""
+    from sklearn.feature_extraction import DictVectorizer
+    from sksurv.ensemble import RandomSurvivalForest
+    from sksurv.util import Surv
+
+    from gdt_tune.cpus import available_cpus
+
+    lab_counts = Counter(k for f, _, _, _ in train.rsf for k in f if k.startswith("lab:"))
+    labs = {k for k, _ in lab_counts.most_common(RSF_LABS)}
+
+    def keep(f: dict) -> dict:
+        return {k: v for k, v in f.items() if not k.startswith("lab:") or k in labs}
+
+    scores: list = [None] * len(rows)
+    fitted = {}
+    rng = np.random.default_rng(seed)
+    for category in sorted({r["event"] for r in rows}):
+        data = [r for r in train.rsf if r[1] == category]
+        if len(data) > RSF_MAX_ROWS:
+            data = [data[i] for i in sorted(rng.choice(len(data), RSF_MAX_ROWS, replace=False))]
+        if len(data) < 10 or not any(o for *_, o in data):
+            fitted[category] = {"rows": len(data), "skipped": "fewer than 10 training rows or no event"}
+            continue
+        vectorizer = DictVectorizer(sparse=False)
+        x = vectorizer.fit_transform([keep(f) for f, *_ in data])
+        forest = RandomSurvivalForest(n_estimators=RSF_TREES, min_samples_leaf=10, max_features="sqrt",
+                                      n_jobs=available_cpus(), random_state=seed)
+        forest.fit(x, Surv.from_arrays(event=[o for *_, o in data], time=[t for _, _, t, _ in data]))
+        mine = [i for i, r in enumerate(rows) if r["event"] == category]
+        if mine:
+            curves = forest.predict_survival_function(vectorizer.transform([keep(features[i]) for i in mine]),
+                                                      return_array=True)
+            times = forest.unique_times_
+            for i, curve in zip(mine, curves):
+                at = np.searchsorted(times, rows[i]["week"], side="right") - 1
+                scores[i] = float(1.0 - (curve[at] if at >= 0 else 1.0))
+        fitted[category] = {"rows": len(data), "trees": RSF_TREES, "features": x.shape[1]}
+    return scores, fitted
+
+
+# ---------------------------------------------------------------- metrics.json["gdt"]
+def gdt_metrics(rows: list[dict], train: TrainingSplit | None, prompt: str, rsf: list | None = None,
+                rsf_fit: dict | None = None) -> dict:
+    """``metrics.json["gdt"]``: exactly what the rows give (docs/evaluation.md)."""
+    forecasts = [r for r in rows if r["type"] == "forecast"]
+    events = [r for r in rows if r["type"] == "event"]
+    out: dict = {"prompt": prompt, "forecasting": {}, "events": {}, "notes": []}
+    if train is None:
+        out["notes"].append("no --train-data: forecasts are not clipped and the events' IPCW metrics need the "
+                            "training split's censoring distribution: not computed")
+    elif train.limit is not None and train.samples >= train.limit:
+        out["notes"].append(f"training statistics from the first {train.samples:,} training samples "
+                            "(--train-samples)")
+    if forecasts:
+        sampled = forecast_ratios(forecasts)
+        greedy = forecast_ratios([{**r, "prediction": r["greedy"]} for r in forecasts])
+        out["forecasting"] = {
+            "median_ratio": sampled["median_ratio"], "median_ratio_top30": sampled["median_ratio_top30"],
+            "per_variable": sampled["per_variable"], "n": sampled["n"], "filled": sum(r["filled"] for r in forecasts),
+            "points": len(forecasts), "greedy": {k: greedy[k] for k in ("median_ratio", "median_ratio_top30")},
+            "copy_forward": {"median_ratio": 1.0 if sampled["per_variable"] else None,
+                             "mae": _mae([(r["copy_forward"], r["truth"]) for r in forecasts])},
+            "mae": _mae([(r["prediction"], r["truth"]) for r in forecasts]),
+            "unclipped_points": sum(not r["clipped"] for r in forecasts)}
+    timed = [r for r in events if r["time_weeks"] is not None]
+    if events and not timed:
+        out["notes"].append("the test event tasks have no meta.target_meta delta_time_numeric / occurred: the IPCW "
+                            "C-index and Brier score are not computed")
+    elif timed and train is not None and not train.event_rows:
+        out["notes"].append("the training event tasks have no meta.target_meta delta_time_numeric / occurred: no "
+                            "censoring distribution, the IPCW C-index and Brier score are not computed")
+    elif timed and train is not None:
+        weeks = sorted({r["week"] for r in timed})
+        if not set(weeks) <= set(LANDMARK_WEEKS):
+            out["notes"].append(f"the test horizons are not GDT's landmark weeks {', '.join(map(str, LANDMARK_WEEKS))}: "
+                                f"C-index per horizon present ({len(weeks)} horizons)")
+        out["events"] = event_cindex(timed, train.event_rows)
+        share = {cell: float(np.mean([o for _, o in r])) for cell, r in train.event_rows.items() if r}
+        majority = event_cindex([{**r, "majority": share.get(f"{r['indication']}|{r['event']}", 0.0)} for r in timed],
+                                train.event_rows, score_key="majority")  # one constant per cell: ties
+        out["events"]["baseline_majority"] = {"cindex_ipcw_average": majority["cindex_ipcw_average"],
+                                              "cindex_ipcw_metastasis": majority["cindex_ipcw_metastasis"]}
+        if rsf is not None:
+            scored = [{**r, "rsf": s} for r, s in zip(events, rsf) if r["time_weeks"] is not None and s is not None]
+            baseline = event_cindex(scored, train.event_rows, score_key="rsf")
+            out["events"]["baseline_rsf"] = {"cindex_ipcw_average": baseline["cindex_ipcw_average"],
+                                             "cindex_ipcw_metastasis": baseline["cindex_ipcw_metastasis"],
+                                             "cindex_ipcw": baseline["cindex_ipcw"], "fit": rsf_fit,
+                                             "training_rows_max": RSF_MAX_ROWS}
+    return out
+
+
+def _mae(pairs) -> float | None:
+    errors = [abs(a - b) for a, b in pairs if a is not None]
+    return float(np.mean(errors)) if errors else None
+
+
+def summary_table(metrics: dict) -> str:
+    """The markdown table of ``summary.md`` (also printed): metric, this model, baselines, GDT's
+    published value (the paper's, on its own data), n."""
+    gdt, ev = metrics.get("gdt", {}), metrics["events"]
+    fc, ge = gdt.get("forecasting", {}), gdt.get("events", {})
+
+    def f(x):
+        return "–" if x is None else f"{x:.3f}"
+
+    auroc = ev.get("auroc", {}).get("all", {}).get("all", {})
+    ci = auroc.get("ci95")
+    base = ev.get("baseline_majority", {})
+    rsf, majority = ge.get("baseline_rsf", {}), ge.get("baseline_majority", {})
+    n_cindex = sum(n for weeks in ge.get("n", {}).values() for n in weeks.values())
+    lines = [f"prompt: {gdt.get('prompt', 'training')}", "",
+             "| metric | this model | copy-forward | majority | RSF | GDT (paper, its own data) | n |",
+             "|---|---|---|---|---|---|---|",
+             f"| forecasting: median MAE ratio to copy-forward (mean of draws) | {f(fc.get('median_ratio'))} | "
+             f"{f(fc.get('copy_forward', {}).get('median_ratio'))} | – | – | {PUBLISHED['forecasting_median_ratio']} "
+             f"(best baseline {PUBLISHED['forecasting_best_baseline']}) | {len(fc.get('per_variable', {}))} cells, "
+             f"{fc.get('points', 0)} points |",
+             f"| forecasting: the same, 30 most frequent variables | {f(fc.get('median_ratio_top30'))} | "
+             f"{f(fc.get('copy_forward', {}).get('median_ratio'))} | – | – | {PUBLISHED['forecasting_median_ratio_top30']} | |",
+             f"| forecasting: median ratio, greedy answer | {f(fc.get('greedy', {}).get('median_ratio'))} | | | | | |",
+             f"| events: IPCW C-index, mean over death, progression, next line of therapy | "
+             f"{f(ge.get('cindex_ipcw_average'))} | – | {f(majority.get('cindex_ipcw_average'))} | "
+             f"{f(rsf.get('cindex_ipcw_average'))} | "
+             f"{PUBLISHED['events_cindex_average']} (RSF {PUBLISHED['events_rsf_cindex_average']}) | {n_cindex} tasks |",
+             f"| events: IPCW C-index, next metastasis | {f(ge.get('cindex_ipcw_metastasis'))} | – | "
+             f"{f(majority.get('cindex_ipcw_metastasis'))} | "
+             f"{f(rsf.get('cindex_ipcw_metastasis'))} | – | |",
+             f"| events: AUROC of P(occurred), uncensored | {f(auroc.get('auroc'))}"
+             f"{f' (95% CI {ci[0]:.3f}-{ci[1]:.3f})' if ci else ''} | – | – | – | – | {auroc.get('tasks', 0)} tasks |",
+             f"| events: accuracy | {f(ev.get('accuracy'))} | – | {f(base.get('accuracy'))} | – | – | "
+             f"{ev.get('tasks', 0)} tasks |"]
+    lines += [f"\nnote: {n}" for n in gdt.get("notes", [])]
+    return "\n".join(lines)
