@@ -44,7 +44,7 @@ TINY_MODEL = dict(vocab_size=VOCAB_SIZE, num_layers=2, num_heads=4, num_kv_heads
                   max_seq_len=2048, intermediate_dim=192, norm_eps=1e-5, rope_base=500000.0)
 DEMO_PATIENTS = 60
 DEMO_SPLITS_PER_LOT = 4
-DEMO_TOKEN_BUDGET = 2200  # generator estimate (Llama 3 tokens); about 1.5k tokens with the tiny vocabulary
+DEMO_TOKEN_BUDGET = 1450  # generator estimate (Llama 3 tokens); about 1.1k tokens a sample with the tiny vocabulary
 
 
 def train_bpe(texts, n_ranks: int) -> dict[bytes, int]:

@@ -122,10 +122,10 @@ def test_samples_longer_than_the_model_are_left_out_with_a_warning(demo_dir, tmp
 
     with caplog.at_level(logging.WARNING, logger="gdt_tune"):
         train_in_process(demo_dir, tmp_path / "run", "max_steps_per_epoch=1", "save_every_n_steps=null",
-                         "run_val_every_n_steps=1", "model.max_seq_len=1500", "dataset.max_seq_len=1500",
-                         "dataset_val.max_seq_len=1500")
+                         "run_val_every_n_steps=1", "model.max_seq_len=1200", "dataset.max_seq_len=1200",
+                         "dataset_val.max_seq_len=1200")
     warning = next(r.getMessage() for r in caplog.records if "longer than model.max_seq_len" in r.getMessage())
-    assert "of the chosen validation samples are longer than model.max_seq_len (1500) and are not scored, e.g. " in warning
+    assert "of the chosen validation samples are longer than model.max_seq_len (1200) and are not scored, e.g. " in warning
     listed = (tmp_path / "run" / "val_metrics_samples.txt").read_text().splitlines()
     assert listed and warning.split("e.g. ")[1] not in listed
     assert 0 <= logged(tmp_path / "run", "val_events_accuracy")[1] <= 1
