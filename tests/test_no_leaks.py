@@ -1,12 +1,12 @@
-"""No patient text leaves through the run's outputs: a 2-rank demo run with the disk logger, a
-1-rank run with wandb offline and a run stopped by a bad sample write logs, wandb files,
-checkpoints, the index cache and stdout/stderr; none may hold a line of any instruction or answer."""
+"""No patient text leaves through the run's outputs: a 2-rank demo run with the disk logger and a
+run stopped by a bad sample write logs, checkpoints, the index cache and stdout/stderr; none may
+hold a line of any instruction or answer. The wandb side: the shipped 8B config's run, wandb
+offline, is scanned the same way in tests/test_real_snapshot.py."""
 
 import json
 import re
 from pathlib import Path
 
-import pytest
 from recipe_utils import run_recipe
 
 MIN_LEN = 24  # shorter lines are templates ("Task 1 is ..."), not a patient's text
@@ -46,17 +46,12 @@ def test_leak_scanner_finds_a_planted_line(demo_dir):
 
 
 def test_no_patient_text_in_anything_a_run_writes(demo_dir, tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
     cache = tmp_path / "index-cache"
     monkeypatch.setenv("GDT_TUNE_CACHE_DIR", str(cache))
     monkeypatch.setenv("WANDB_MODE", "offline")
     outputs = []
     disk = run_recipe(demo_dir, tmp_path / "disk", "max_steps_per_epoch=12", "save_every_n_steps=5",
                       "run_val_every_n_steps=5", "async_checkpointing=true")
-    wandb = run_recipe(demo_dir, tmp_path / "wandb", "max_steps_per_epoch=4", "run_val_every_n_steps=2",
-                       "save_every_n_steps=2", "metric_logger=torchtune.training.metric_logging.WandBLogger",
-                       "metric_logger.project=gdt_test", nproc=1)
-    assert list((tmp_path / "wandb" / "logs" / "wandb").glob("offline-run-*/*.wandb"))
     assert list((tmp_path / "disk").glob("step_*/.metadata")) and list((tmp_path / "disk" / "logs").glob("*.txt"))
     # a bad sample whose text must not be echoed
     first = (demo_dir / "data" / "train" / "part-00000.jsonl").read_text().splitlines()[0]
@@ -65,10 +60,10 @@ def test_no_patient_text_in_anything_a_run_writes(demo_dir, tmp_path, monkeypatc
     bad.write_text(json.dumps(dict(json.loads(first), answer=12)) + "\n")
     failed = run_recipe(demo_dir, tmp_path / "failed", f"dataset.data_files={bad}", nproc=1, check=False)
     assert failed.returncode == 1 and f"{bad}:1: field 'answer' is a int" in failed.stderr
-    for proc in (disk, wandb, failed):
+    for proc in (disk, failed):
         outputs.append(("stdout/stderr", (proc.stdout + proc.stderr).encode()))
     files = [p for p in tmp_path.rglob("*") if p.is_file() and p != bad]
-    assert len(files) > 30
+    assert len(files) > 20
     outputs += [(str(p), p.read_bytes()) for p in files]
     found = needles(demo_dir / "data")
     assert sum(map(len, found.values())) > 1000

@@ -56,11 +56,6 @@ def parse_answer(text: str) -> list[Task]:
     return tasks
 
 
-def event_outcomes(text: str) -> list[tuple[str, str]]:
-    """(event name, outcome text) of every event prediction in ``text`` (also raw JSONL lines)."""
-    return _EVENT_RE.findall(text)
-
-
 def _parse_event(number: int, body: str, body_start: int) -> Task:
     m = _EVENT_RE.fullmatch(body.strip())
     if m is None:
