@@ -107,3 +107,42 @@ def test_clip_bounds_leave_outliers_out_and_clip_every_value():
     assert high < 20
     assert clipped_point(1e6, -5.0, 12.0, (low, high)) == (high, low, 12.0)
     assert clipped_point(12.0, None, None, None) == (12.0, None, None)
+
+
+def test_a_metric_whose_fields_are_missing_says_so_in_one_line():
+    from gdt_tune.eval.gdt_eval import TrainingSplit, gdt_metrics
+
+    untimed = [{"type": "event", "indication": "x", "event": "death", "week": 8.0, "time_weeks": None,
+                "occurred": None, "p_occurred": 0.4, "p_no_occurrence": 0.6}]
+    out = gdt_metrics(untimed, TrainingSplit(), "training")
+    assert out["events"] == {} and out["notes"] == [
+        "the test event tasks have no meta.target_meta delta_time_numeric / occurred: the IPCW C-index and Brier "
+        "score are not computed"]
+    timed = [{**untimed[0], "time_weeks": 5.0, "occurred": True}]
+    assert "the training event tasks have no meta.target_meta" in gdt_metrics(timed, TrainingSplit(), "gdt")["notes"][0]
+    assert gdt_metrics(timed, None, "training")["notes"][0].startswith("no --train-data:")
+
+
+def test_the_random_survival_forest_is_seeded_and_reads_the_instruction(demo_dir):
+    from gdt_tune.eval.evaluate import read_samples
+    from gdt_tune.eval.gdt_eval import event_rows, instruction_features, read_training, rsf_scores
+
+    train = read_training(demo_dir / "data" / "train", 150)
+    assert train.samples == 150 and train.rsf and train.event_rows and train.values
+    features = instruction_features(read_samples(demo_dir / "data" / "test", 1)[0][1]["instruction"])
+    assert isinstance(features["age"], float) and "demographics:gender" in features and "regimen" in features
+    assert any(k.startswith("lab:") for k in features) and features["visits"] >= 1
+    from converter_sample import INSTRUCTION
+
+    conv = instruction_features(INSTRUCTION)
+    assert conv["genetic:EGFR"] == "L858R" and conv["regimen"] == "carboplatin, pemetrexed" and conv["age"] == 67.0
+    assert conv["lab:creatinine [mass/volume] in serum or plasma - 2160-0"] == 0.92  # "0.92 mg/dl"
+    assert conv["lab:hemoglobin [mass per volume] in blood - 718-7"] == 11.85  # the last of the history
+    rows = event_rows(["t:1"] * 4, [{"task": 1, "event": e, "category": c, "horizon_weeks": 26.0, "time_weeks": 30.0,
+                                     "occurred": False} for e, c in [("death", "death"), ("next progression",
+                                                                                           "progression")] * 2],
+                      [[0.2, 0.5, 0.3]] * 4, ["enhanced_nsclc"] * 4)
+    first, fit = rsf_scores(train, rows, [features] * 4, seed=3)
+    again, _ = rsf_scores(train, rows, [features] * 4, seed=3)
+    assert first == again and all(s is None or 0 <= s <= 1 for s in first)
+    assert fit["death"]["rows"] <= 1000 and any(s is not None for s in first)

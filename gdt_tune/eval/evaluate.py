@@ -1,22 +1,25 @@
-"""``gdt-tune evaluate``: clinical-task metrics of a trained checkpoint on held-out samples.
+"""``gdt-tune evaluate``: clinical-task metrics of a trained checkpoint on held-out samples, GDT's
+own metrics among them (docs/evaluation.md).
 
-    gdt-tune evaluate [--nproc_per_node N] --checkpoint RUN/epoch_0 --data DATA/test --out eval/ [--config CONFIG]
+    gdt-tune evaluate [--nproc_per_node N] --checkpoint RUN/epoch_0 --data DATA/test --train-data DATA/train \
+        --out eval/ [--config CONFIG] [--prompt training|gdt]
 
 - Event tasks: the three completions are scored by mean per-token log-probability after the
   prompt and the true answer text up to that task's outcome, all tasks of a sample in one forward
-  (``gdt_tune.clinical.event_scoring``); a softmax over the three gives the probabilities.
-  Accuracy, Brier score, per-event confusion and calibration, against the training
-  set's majority outcome per event (training data: ``--train-data`` or the config's dataset), and
-  the AUROC of P(occurred) among uncensored tasks per event and horizon bucket with bootstrap 95%
-  intervals (horizons read from the instruction's task list).
+  (``gdt_tune.clinical.event_scoring``); a softmax over the three gives the probabilities. GDT's
+  IPCW C-index and Brier score per (indication, event, week) with the training split's censoring
+  distribution, against the majority outcome and a Random Survival Forest (``gdt_eval``); accuracy,
+  Brier, confusion, calibration and the AUROC of P(occurred) among uncensored tasks.
 - Forecasting tasks: the answer is generated greedily and ``--samples`` times sampled (GDT's 10 by
   default, temperature and top-p: ``gdt_tune.serving.GENERATION``) from one prefill of the prompt
-  (``gdt_tune.eval.generation``), parsed with ``parse_answer``; MAE and scaled MAE per
-  variable against the copy-forward baseline, and the share of unparseable outputs.
+  (``gdt_tune.eval.generation``), parsed with ``parse_answer``; GDT's MAE ratio to copy-forward per
+  (indication, variable) on clipped values, the forecast being the mean of the draws; the MAE per
+  variable and the share of unparseable outputs.
 
 With ``--nproc_per_node N`` (torchrun) batch b runs on rank b % N, each rank on its own device;
 rank 0 gathers and writes the same ``metrics.json`` as one process. Writes ``metrics.json``,
-``forecast_mae.png`` and ``event_calibration.png``. No sample text is logged or written.
+``predictions.jsonl``, ``summary.md``, ``forecast_mae.png`` and ``event_calibration.png``. No sample
+text is logged or written.
 """
 
 from __future__ import annotations

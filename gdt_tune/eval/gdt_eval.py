@@ -59,7 +59,8 @@ def event_category(record: dict, task) -> str:
 def instruction_features(instruction: str) -> dict[str, float | str]:
     """What the RSF sees of a sample, read from its instruction: demographics (``age`` as a number,
     the others as categories), the last value of each lab in the history, the number of visits and
-    weeks since the first, the genetic recap (gene = value) and the latest regimen."""
+    weeks since the first, the genetic recap (gene = value) and the latest regimen. A lab value is its
+    leading number (history values are the source's strings, units included)."""
     out: dict[str, float | str] = {}
     head = instruction.split(FIRST_VISIT_HEADER, 1)[0].split(DEMOGRAPHICS_HEADER, 1)[-1]
     for name, value in _ITEM_RE.findall(head):
@@ -70,8 +71,8 @@ def instruction_features(instruction: str) -> dict[str, float | str]:
             out[f"demographics:{name}"] = value
     history = instruction[:history_end(instruction)]
     for name, value in _ITEM_RE.findall(history):
-        if " - " in name and _NUMBER_RE.fullmatch(value):
-            out[f"lab:{name}"] = float(value)  # the last value wins
+        if " - " in name and (number := _NUMBER_RE.match(value)):  # "0.92 mg/dl": 0.92
+            out[f"lab:{name}"] = float(number.group())  # the last value wins
     spans = visit_spans(instruction)
     out["visits"] = float(len(spans))
     out["weeks_since_first_visit"] = float(sum(w for _, _, w in spans if w is not None))
@@ -189,6 +190,7 @@ def rsf_scores(train: TrainingSplit, rows: list[dict], features: list[dict], see
     rng = np.random.default_rng(seed)
     for category in sorted({r["event"] for r in rows}):
         data = [r for r in train.rsf if r[1] == category]
+        available = len(data)
         if len(data) > RSF_MAX_ROWS:
             data = [data[i] for i in sorted(rng.choice(len(data), RSF_MAX_ROWS, replace=False))]
         if len(data) < 10 or not any(o for *_, o in data):
@@ -207,7 +209,7 @@ def rsf_scores(train: TrainingSplit, rows: list[dict], features: list[dict], see
             for i, curve in zip(mine, curves):
                 at = np.searchsorted(times, rows[i]["week"], side="right") - 1
                 scores[i] = float(1.0 - (curve[at] if at >= 0 else 1.0))
-        fitted[category] = {"rows": len(data), "trees": RSF_TREES, "features": x.shape[1]}
+        fitted[category] = {"rows": len(data), "of": available, "trees": RSF_TREES, "features": x.shape[1]}
     return scores, fitted
 
 
@@ -256,6 +258,10 @@ def gdt_metrics(rows: list[dict], train: TrainingSplit | None, prompt: str, rsf:
         if rsf is not None:
             scored = [{**r, "rsf": s} for r, s in zip(events, rsf) if r["time_weeks"] is not None and s is not None]
             baseline = event_cindex(scored, train.event_rows, score_key="rsf")
+            sub = {c: f for c, f in (rsf_fit or {}).items() if f.get("of", 0) > f["rows"]}
+            if sub:
+                out["notes"].append("the Random Survival Forest trained on a seeded subsample: " + ", ".join(
+                    f"{c} {f['rows']:,} of {f['of']:,} rows" for c, f in sorted(sub.items())))
             out["events"]["baseline_rsf"] = {"cindex_ipcw_average": baseline["cindex_ipcw_average"],
                                              "cindex_ipcw_metastasis": baseline["cindex_ipcw_metastasis"],
                                              "cindex_ipcw": baseline["cindex_ipcw"], "fit": rsf_fit,
