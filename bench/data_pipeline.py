@@ -31,14 +31,15 @@ def gdt_sized_samples(tokenizer, n: int, lo: int = 6000, hi: int = 8000) -> list
 
     layout = Layout.build(tokenizer, DEFAULT_SYSTEM_PROMPT)
     out = []
-    seed = 0
-    while len(out) < n:
-        for _, s in generate_cohort(50, seed, 10, token_budget=7000):
+    for seed in range(200):  # ~7% of a cohort at this budget falls in 6k-8k tiny-tokenizer tokens
+        for _, s in generate_cohort(50, seed, 10, token_budget=10_000):
             k = len(layout.prompt_tokens(s["instruction"])) + len(layout.answer_tokens(s["answer"]))
             if lo <= k <= hi:
                 out.append(s)
-        seed += 1
-    return out[:n]
+        if len(out) >= n:
+            return out[:n]
+    raise SystemExit(f"error: 200 synthetic cohorts gave {len(out)} samples of {lo}-{hi} tokens, not {n}; "
+                     "raise the generator's token_budget in gdt_sized_samples")
 
 
 def write_jsonl(path: Path, samples: list[dict]) -> None:

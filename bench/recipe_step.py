@@ -12,6 +12,7 @@ best of ``--repeat`` interleaved runs. The stock recipe's tokens/s counts label 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,6 +34,7 @@ STOCK = "bench/stock_full_finetune_cpu.py"
 
 def run(recipe: str, work: Path, name: str, steps: int, r: int) -> dict:
     out = work / name
+    shutil.rmtree(out, ignore_errors=True)  # a fresh folder per run: repeats and later invocations alike
     common = [f"demo_dir={work / 'demo'}", f"output_dir={out}", f"max_steps_per_epoch={steps}", "epochs=1",
               "run_val_every_n_steps=null", "dataset_val=null", "save_every_n_steps=null", "shuffle=true"]
     if recipe == STOCK:  # it ignores our checkpoint and validation keys
