@@ -201,6 +201,7 @@ def rsf_scores(train: TrainingSplit, rows: list[dict], features: list[dict], see
         forest = RandomSurvivalForest(n_estimators=RSF_TREES, min_samples_leaf=10, max_features="sqrt",
                                       n_jobs=available_cpus(), random_state=seed)
         forest.fit(x, Surv.from_arrays(event=[o for *_, o in data], time=[t for _, _, t, _ in data]))
+        forest.set_params(n_jobs=1)  # the trees' average in one thread: the same numbers on every run
         mine = [i for i, r in enumerate(rows) if r["event"] == category]
         if mine:
             curves = forest.predict_survival_function(vectorizer.transform([keep(features[i]) for i in mine]),
