@@ -138,10 +138,10 @@ def test_the_random_survival_forest_is_seeded_and_reads_the_instruction(demo_dir
     assert conv["genetic:EGFR"] == "L858R" and conv["regimen"] == "carboplatin, pemetrexed" and conv["age"] == 67.0
     assert conv["lab:creatinine [mass/volume] in serum or plasma - 2160-0"] == 0.92  # "0.92 mg/dl"
     assert conv["lab:hemoglobin [mass per volume] in blood - 718-7"] == 11.85  # the last of the history
-    rows = event_rows(["t:1"] * 4, [{"task": 1, "event": e, "category": c, "horizon_weeks": 26.0, "time_weeks": 30.0,
-                                     "occurred": False} for e, c in [("death", "death"), ("next progression",
-                                                                                           "progression")] * 2],
-                      [[0.2, 0.5, 0.3]] * 4, ["enhanced_nsclc"] * 4)
+    rows = event_rows([{"where": "t:1", "task": 1, "event": e, "category": c, "indication": "enhanced_nsclc",
+                        "horizon_weeks": 26.0, "time_weeks": 30.0, "occurred": False}
+                       for e, c in [("death", "death"), ("next progression", "progression")] * 2],
+                      [[0.2, 0.5, 0.3]] * 4)
     first, fit = rsf_scores(train, rows, [features] * 4, seed=3)
     again, _ = rsf_scores(train, rows, [features] * 4, seed=3)
     assert first == again and all(s is None or 0 <= s <= 1 for s in first)

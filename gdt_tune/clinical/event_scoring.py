@@ -24,13 +24,19 @@ from gdt_tune.clinical.metrics import OUTCOMES, outcome_index
 from gdt_tune.data.answers import parse_answer
 from gdt_tune.data.layout import Layout
 from gdt_tune.data.records import event_time, task_target
-from gdt_tune.data.text import EVENT, EVENT_PROMPT, event_horizons
+from gdt_tune.data.text import EVENT, EVENT_CATEGORIES, EVENT_PROMPT, event_horizons
+
+
+def event_category(record: dict, task) -> str:
+    """The task's ``target_category`` (death, progression, lot, metastasis), from ``meta.target_meta``
+    or else from the event's name in the text."""
+    return task_target(record, task.number).get("target_category") or EVENT_CATEGORIES.get(task.event, task.event)
 
 
 def event_candidates(layout: Layout, record: dict) -> list[dict]:
     """For each event task: the context tokens (prompt, assistant header, answer up to the
     outcome), the three candidate completions' tokens, the true outcome, the horizon, and from
-    ``meta.target_meta`` when present its (``time_weeks``, ``occurred``) and ``category``."""
+    ``meta.target_meta`` when present its (``time_weeks``, ``occurred``); its ``category``."""
     answer = record["answer"].strip()
     context = [*layout.prompt_tokens(record["instruction"]), *layout.assistant_header]
     horizons = event_horizons(record["instruction"])
@@ -47,7 +53,7 @@ def event_candidates(layout: Layout, record: dict) -> list[dict]:
         time_weeks, occurred = event_time(record, task.number)
         out.append({"event": task.event, "truth": outcome_index(task.censored, task.occurred), "task": task.number,
                      "horizon_weeks": horizons[task.number][1], "time_weeks": time_weeks, "occurred": occurred,
-                     "category": task_target(record, task.number).get("target_category"),
+                     "category": event_category(record, task),
                      "context": context + encode(prefix, add_bos=False, add_eos=False),
                      # the "." after the outcome may merge with "\n": not scored
                      "candidates": [encode(f" {o}", add_bos=False, add_eos=False) for o in OUTCOMES]})

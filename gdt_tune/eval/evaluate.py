@@ -254,8 +254,7 @@ def evaluate(checkpoint, data, out, cfg=None, max_samples=None, train_data=None,
     metrics["forecasting"]["generation"] = {"greedy": 1, "sampled": samples, "temperature": TEMPERATURE,
                                             "top_p": TOP_P, "seed": seed,
                                             "generated_tokens": sum(i["generated_tokens"] for i in items)}
-    rows = forecast_rows(items, train.clip if train is not None else {}) + event_rows(
-        [t["where"] for t in tasks], tasks, probs, [t["indication"] for t in tasks])
+    rows = forecast_rows(items, train.clip if train is not None else {}) + event_rows(tasks, probs)
     rsf = rsf_fit = None
     event_only = [r for r in rows if r["type"] == "event"]
     if train is not None and train.rsf and any(r["time_weeks"] is not None for r in event_only):

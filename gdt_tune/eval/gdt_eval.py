@@ -3,7 +3,7 @@
 the per-item rows of ``predictions.jsonl``, the RSF baseline and the summary table::
 
     train = read_training(paths, max_samples=20000)
-    rows = forecast_rows(items, train.clip) + event_rows(tasks, probs)
+    rows = forecast_rows(items, train.clip) + event_rows(tasks, probs)   # tasks from score_events
     gdt = gdt_metrics(rows, train, prompt="training")   # metrics.json["gdt"]
 """
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gdt_tune.clinical.event_scoring import event_category
 from gdt_tune.clinical.gdt_metrics import (
     LANDMARK_WEEKS,
     PUBLISHED,
@@ -26,11 +27,10 @@ from gdt_tune.clinical.gdt_metrics import (
 )
 from gdt_tune.clinical.metrics import OCCURRED, forecast_points, outcome_index
 from gdt_tune.data.answers import parse_answer
-from gdt_tune.data.records import event_time, read_lines, resolve_data_files, task_target
+from gdt_tune.data.records import event_time, read_lines, resolve_data_files
 from gdt_tune.data.text import (
     DEMOGRAPHICS_HEADER,
     EVENT,
-    EVENT_CATEGORIES,
     FIRST_VISIT_HEADER,
     FORECASTING,
     SUMMARY_GENETIC,
@@ -48,12 +48,6 @@ RSF_MAX_ROWS, RSF_TREES, RSF_LABS = 1000, 100, 30
 def indication_of(record: dict) -> str:
     meta = record.get("meta")
     return str(meta.get("indication") or "unknown") if isinstance(meta, dict) else "unknown"
-
-
-def event_category(record: dict, task) -> str:
-    """The task's ``target_category`` (death, progression, lot, metastasis), from ``meta.target_meta``
-    or else from the event's name in the text."""
-    return task_target(record, task.number).get("target_category") or EVENT_CATEGORIES.get(task.event, task.event)
 
 
 def instruction_features(instruction: str) -> dict[str, float | str]:
@@ -136,13 +130,12 @@ def read_training(data, max_samples: int | None) -> TrainingSplit:
 
 
 # ---------------------------------------------------------------- rows of predictions.jsonl
-def event_rows(where: list[str], tasks: list[dict], probs: list[list[float]], indications: list[str]) -> list[dict]:
-    """One row per scored event task (``where``, ``indications``: per task)."""
-    return [{"where": w, "task": t["task"], "type": "event", "indication": ind,
-             "event": t.get("category") or EVENT_CATEGORIES.get(t["event"], t["event"]), "week": t["horizon_weeks"],
-             "p_occurred": p[OCCURRED], "p_no_occurrence": 1.0 - p[OCCURRED], "time_weeks": t.get("time_weeks"),
-             "occurred": t.get("occurred")}
-            for w, t, p, ind in zip(where, tasks, probs, indications)]
+def event_rows(tasks: list[dict], probs: list[list[float]]) -> list[dict]:
+    """One row per scored event task (``tasks``: evaluate's, each with its ``where`` and ``indication``)."""
+    return [{"where": t["where"], "task": t["task"], "type": "event", "indication": t["indication"],
+             "event": t["category"], "week": t["horizon_weeks"], "p_occurred": p[OCCURRED],
+             "p_no_occurrence": 1.0 - p[OCCURRED], "time_weeks": t["time_weeks"], "occurred": t["occurred"]}
+            for t, p in zip(tasks, probs)]
 
 
 def forecast_rows(items: list[dict], clip: dict[str, tuple[float, float]]) -> list[dict]:
