@@ -14,6 +14,7 @@ ends without a message of its own (the first rank's line is the one to read).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import signal
@@ -93,11 +94,24 @@ def _agent_store():
         return None
 
 
+def write_error_file(line: str) -> None:
+    """torchelastic's error-file protocol: under torchrun (``tune run``) the failure summary's
+    Root Cause then shows this line (``traceback : error: ...``) instead of ``error_file: <N/A>``."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": line.strip(), "timestamp": int(time.time())}, f)
+        except OSError:
+            pass  # the summary then says <N/A>; the line itself is still printed
+
+
 def report_error(line: str) -> None:
     """Write ``line`` to stderr once for all ranks: under torchrun, rank 0 writes it and posts it in
     the agent store; another rank writes its own line only when it differs from rank 0's (or rank
     0 posted none within ``ERROR_WAIT``). One ``write`` call, so lines of ranks never interleave."""
     rank = int(os.environ.get("RANK", "0"))
+    write_error_file(line)
     store = _agent_store()
     key = f"gdt_tune/error/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     if store is not None:

@@ -9,6 +9,7 @@ a final ``epoch_N`` or an interim ``step_N``::
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from gdt_tune.serving import check_serving, write_serving_files
@@ -102,11 +103,19 @@ def export_checkpoint(checkpoint, out, cfg=None, replace: bool = False) -> Path:
                 if not isinstance(hf, FullModelHFCheckpointer):
                     raise ValueError("config key 'checkpointer': export needs torchtune.training.FullModelHFCheckpointer")
                 prepare_for_save(hf)
-                hf.save_checkpoint({"model": {k: v.detach() for k, v in model.state_dict().items()}}, epoch=0)
+                # torchtune's own lines name a temporary folder and suggest "further training": not
+                # true of this export, whose one line cli prints
+                tt_log = logging.getLogger("torchtune.utils._logging")
+                level = tt_log.level
+                tt_log.setLevel(logging.WARNING)
+                try:
+                    hf.save_checkpoint({"model": {k: v.detach() for k, v in model.state_dict().items()}}, epoch=0)
+                finally:
+                    tt_log.setLevel(level)
                 for item in (Path(tmp) / "epoch_0").iterdir():
                     shutil.move(str(item), staging / item.name)
         else:
-            shutil.copytree(checkpoint, staging, dirs_exist_ok=True)
+            shutil.copytree(checkpoint, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns("COMPLETE"))
         write_serving_files(staging, tokenizer_model, tokenizer, prompt, max_seq_len, vocab_size)
         (staging / EXPORT_MARKER).write_text(json.dumps({"checkpoint": str(checkpoint.resolve())}, indent=1) + "\n")
         old = None

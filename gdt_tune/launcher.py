@@ -28,7 +28,13 @@ from pathlib import Path
 
 _TORCHRUN = re.compile(r"torch/distributed/(elastic|run\.py|launcher)|torch\.distributed\.elastic")
 _TORCHRUN_LOG = re.compile(r"^[WEI]\d{4} .*(torch/distributed/elastic|torch\.distributed\.elastic)")
+# a line of ours or of torchrun's that starts right after a progress bar's redraw (tqdm ends it with
+# "]" and starts the next with "\r"), on the bar's line
+_GLUED = re.compile(r"[\r\]](?=error: |[WEI]\d{4} \d\d:\d\d:\d\d)")
 _SAVED = re.compile(r"checkpoint: SIG(TERM|INT|HUP) received; saved step \d+")
+# torchrun's failure summary: the Root Cause block's rank and exit code (negative: killed by a signal)
+_ROOT_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
+_ROOT_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
 #: How often a log file is read again while torchrun runs (progress bars stay smooth).
 POLL_SECONDS = 0.05
 
@@ -41,13 +47,21 @@ class StderrFilter:
         self.saved_on_signal = False
         self._traceback: list[str] | None = None
         self._torchrun_failed = False
+        self.failed_rank: int | None = None  # torchrun's Root Cause: which rank, with what exit code
+        self.failed_exit: int | None = None
+        self._in_root_cause = False
 
     def feed(self, line: str) -> list[str]:
+        glued = _GLUED.search(line)
+        if glued:  # written onto a progress bar's line: the bar's line ends there
+            bar, rest = line[:glued.end()], line[glued.end():]
+            return ([f"{bar.rstrip(chr(13))}\n"] if bar.strip() else []) + self.feed(rest)
         if line.startswith("error: "):
             if line.strip() not in self.errors:
                 self.errors.append(line.strip())
             return []
         if self._torchrun_failed or _TORCHRUN_LOG.match(line):
+            self._read_root_cause(line)
             return []
         if self._traceback is not None:
             self._traceback.append(line)
@@ -60,12 +74,38 @@ class StderrFilter:
             return []
         return [line]
 
+    def _read_root_cause(self, line: str) -> None:
+        if line.startswith("Root Cause"):
+            self._in_root_cause = True
+        elif self._in_root_cause and (m := _ROOT_RANK.match(line)):
+            self.failed_rank = int(m.group(1))
+        elif self._in_root_cause and (m := _ROOT_EXIT.match(line)):
+            self.failed_exit, self._in_root_cause = int(m.group(1)), False
+
+    def failure(self, rc: int, command: str) -> str:
+        """The line for a failed run without an ``error:`` line of its own: which rank, and how it ended."""
+        what = "training" if command == "train" else command
+        rank, code = self.failed_rank, self.failed_exit
+        if rank is None or code is None or code == 0:
+            return f"error: {what} failed (exit code {rc})"
+        if code > 0:
+            return f"error: {what} failed: rank {rank} exited with code {code} (its traceback is in the full log)"
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = (" (often the out-of-memory killer: check the node's memory in dmesg or the scheduler's job report)"
+                if -code == signal.SIGKILL else "")
+        return f"error: {what} failed: rank {rank} was killed by {name}{hint}; the other ranks were stopped"
+
     def feed_partial(self, text: str) -> list[str]:
         """A progress-bar update (no newline): shown unless a torchrun report is being hidden."""
         return [] if self._torchrun_failed or self._traceback is not None else [text]
 
     def _end_traceback(self) -> list[str]:
         block, self._traceback = self._traceback or [], None
+        if block and block[-1].strip() == "KeyboardInterrupt":  # Ctrl-C in a process's start-up: said once at the end
+            return []
         if any(_TORCHRUN.search(x) for x in block):
             self._torchrun_failed = True  # its failure table follows: all of it goes to the log only
             return []
@@ -111,15 +151,21 @@ class Terminal:
 
     def __init__(self) -> None:
         self.gone = False
+        self._open_line: set[int] = set()  # streams whose last text did not end its line (a progress bar)
 
     def write(self, stream, text: str) -> None:
-        if self.gone:
+        if self.gone or not text:
             return
         try:
             stream.write(text)
             stream.flush()
         except OSError:
             self.gone = True
+        (self._open_line.discard if text.endswith("\n") else self._open_line.add)(id(stream))
+
+    def end_line(self, stream) -> None:
+        if id(stream) in self._open_line:
+            self.write(stream, "\n")
 
 
 def run_training(cmd: list[str], env: dict, command: str = "train") -> int:
@@ -157,20 +203,30 @@ def run_training(cmd: list[str], env: dict, command: str = "train") -> int:
             for line in shown.flush():
                 terminal.write(sys.stderr, line)
         rc = proc.wait()
+        rc = rc if rc >= 0 else 128 - rc  # torchrun killed by a signal: the shell's 128 + N
         stdout.join()
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+    terminal.end_line(sys.stderr)  # after a progress bar's last redraw
     if signal.SIGINT in received:
-        terminal.write(sys.stderr, f"stopped by Ctrl-C{' after saving the current step' if shown.saved_on_signal else ''}"
-                                   f"; full log: {path}\n")
+        if not shown.saved_on_signal and shown.errors:  # e.g. while indexing: the ranks said what they did
+            terminal.write(sys.stderr, f"{shown.errors[0]}\nfull log: {path}\n")
+        else:
+            terminal.write(sys.stderr, f"stopped by Ctrl-C{' after saving the current step' if shown.saved_on_signal else ''}"
+                                       f"; full log: {path}\n")
         return 130
-    if (signal.SIGTERM in received or signal.SIGHUP in received) and shown.saved_on_signal:
+    if signal.SIGTERM in received or signal.SIGHUP in received:
         name = "SIGTERM" if signal.SIGTERM in received else "SIGHUP"
-        terminal.write(sys.stderr, f"stopped by {name} after saving the current step; resume with "
-                                   f"resume_from_checkpoint=true; full log: {path}\n")
-        return 0
+        if shown.saved_on_signal:
+            terminal.write(sys.stderr, f"stopped by {name} after saving the current step; resume with "
+                                       f"resume_from_checkpoint=true; full log: {path}\n")
+            return 0
+        if rc != 0 and not shown.errors:  # before the first step (e.g. while indexing): nothing to save
+            terminal.write(sys.stderr, f"stopped by {name} before training started; nothing was saved; full log: "
+                                       f"{path}\n")
+            return rc
     if rc != 0:
-        first = shown.errors[0] if shown.errors else f"error: training failed (exit code {rc})"
+        first = shown.errors[0] if shown.errors else shown.failure(rc, command)
         terminal.write(sys.stderr, f"{first}\nfull log: {path}\n")
     return rc

@@ -173,8 +173,6 @@ CONFIG_CASES = [
     ("keep-1-with-async", overrides("async_checkpointing=true", "keep_last_n_checkpoints=1"),
      ["'keep_last_n_checkpoints' must be >= 2 with async_checkpointing=true"]),
     ("save-every-zero", overrides("save_every_n_steps=0"), ["config key 'save_every_n_steps': got 0"]),
-    ("balanced-without-group", overrides("balanced_steps=true"),
-     ["config key 'balance_group' is missing: with balanced_steps=true set it to the global batch"]),
     ("timeout-zero", overrides("checkpoint_timeout_minutes=0"),
      ["config key 'checkpoint_timeout_minutes': got 0; expected a number of minutes > 0"]),
     ("resume-number", overrides("resume_from_checkpoint=3"), ["config key 'resume_from_checkpoint': got 3"]),

@@ -93,7 +93,7 @@ def setup_in_process(cfg, train=False):
     try:
         recipe = FullFinetuneRecipe(cfg)
         recipe.setup()
-        if train:
+        if train and not recipe.finished:
             recipe.train()
         return recipe
     finally:

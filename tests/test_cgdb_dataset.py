@@ -320,3 +320,25 @@ def test_data_folder_entries_that_are_not_files_or_not_read_are_one_line(tmp_pat
                                                    f"({folder / 'more' / 'b.jsonl'}), which would not be read")):
         cgdb_instruct_dataset(tokenizer, data_files=folder)
     assert len(cgdb_instruct_dataset(tokenizer, data_files=str(folder / "*.jsonl"))) == 1
+
+
+def test_resume_contract_sees_a_same_size_same_mtime_edit_and_lets_a_touch_pass(tmp_path, tokenizer):
+    """The contract identifies the data by the index's content digests, not by timestamps: an edit
+    that keeps size and mtime is refused naming the file; a touch (or a copy) of the same text resumes."""
+    from gdt_tune.training.resume import compare, run_contract
+
+    def contract(files):
+        ds = cgdb_instruct_dataset(tokenizer, data_files=files)
+        return run_contract(seed=1, shuffle=True, dataset=ds, settings=ds.settings, world_size=1, accumulation=1,
+                            batch_size=1, lr=1e-5, save_every=2, schedule=None)
+
+    a = write(tmp_path / "d" / "a.jsonl", [row(i, f"p{i}") for i in range(1, 6)])
+    b = write(tmp_path / "d" / "b.jsonl", [row(i, f"p{i}") for i in range(6, 9)])
+    saved = contract(tmp_path / "d")
+    assert set(saved["data_files"]) == {"a.jsonl", "b.jsonl"} and saved["data_files"]["b.jsonl"]["samples"] == 3
+    os.utime(a, ns=(1, 1))  # a touch: other timestamps, the same text
+    assert compare(saved, contract(tmp_path / "d"), "step_2") == []
+    _edit_keeping_size_and_mtime(b, "history number 7.", "history number 9.")
+    with pytest.raises(ValueError, match=r"^resume: the training data changed since step_2 was written \(b\.jsonl: "
+                                         r"content changed \(same size and samples\)\); restore the data"):
+        compare(saved, contract(tmp_path / "d"), "step_2")

@@ -163,9 +163,11 @@ def test_resume_with_another_global_batch_warns_and_refuses_a_changed_seed(demo_
         train_in_process(demo_dir, out, *RESHARD, "resume_from_checkpoint=true")  # 1 rank
     assert "resume: global batch 2 -> 1 samples per step" in caplog.text
     assert sorted(logged(out)) == [4, 5, 6]
+    (out / "step_6").rename(tmp_path / "step_6")  # from step_3 again, with another seed
+    shutil.rmtree(out / "epoch_0")
     with pytest.raises(ValueError, match=r"^resume: config key 'seed' was 42 when .* set seed=42 to resume it"):
         train_in_process(demo_dir, out, *RESHARD, "resume_from_checkpoint=true", "seed=1")
-    assert (out / "step_6" / "COMPLETE").is_file()
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_3"]  # refused before anything was written
 
 
 def test_failed_save_stops_with_the_directory_and_keeps_earlier_checkpoints(demo_dir, tmp_path):

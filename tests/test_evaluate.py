@@ -2,6 +2,7 @@
 favours; both commands run end to end on the demo artefacts."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,6 +225,31 @@ def test_forecast_plot_marks_missing_values(monkeypatch, tmp_path):
     assert sorted(t.get_text() for t in ax.texts) == ["n/a", "n/a"]
     assert sorted(round(b.get_height(), 3) for b in ax.patches) == [0.2, 0.3, 0.5, 0.7]  # no zero bars
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["model, greedy", "model, sample mean", "copy-forward"]
+
+
+def test_a_plot_is_written_whole_or_not_at_all(monkeypatch, tmp_path):
+    """A killed or failing save (here: a full disk in the middle of the PNG) leaves the earlier file
+    as it was and no temporary file; a good one replaces it."""
+    import matplotlib.figure
+
+    import gdt_tune.eval.plots as plots
+
+    rows = {"hemoglobin - 718-7": {"mae_greedy": 0.1, "mae_sampled_mean": 0.5, "mae_copy_forward": 0.7}}
+    path = tmp_path / "forecast_mae.png"
+    path.write_bytes(b"earlier")
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def half_then_full_disk(self, target, **kwargs):
+        Path(target).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_full_disk)
+    with pytest.raises(OSError):
+        plots.forecast_mae_plot({"per_variable": rows}, path)
+    assert path.read_bytes() == b"earlier" and [p.name for p in tmp_path.iterdir()] == ["forecast_mae.png"]
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", real_savefig)
+    plots.forecast_mae_plot({"per_variable": rows}, path)
+    assert path.read_bytes()[:4] == b"\x89PNG" and [p.name for p in tmp_path.iterdir()] == ["forecast_mae.png"]
 
 
 def test_data_report_keys_splits_by_argument_and_counts_every_overlap(demo_dir, tokenizer, tmp_path):

@@ -89,6 +89,10 @@ def test_trained_epoch_and_exported_step_serve_like_training(demo_dir, tokenizer
                            "--out", str(exported), "--config", "tiny_gdt_cpu", f"demo_dir={demo_dir}"],
                           cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, TIKTOKEN_CACHE_DIR=""))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # only what is true of the export: no torchtune save path in a temporary folder, no DCP warning
+    assert proc.stderr == "" and proc.stdout.splitlines() == [
+        f"exported {run / 'step_2'} to {exported}: load it with transformers.AutoModelForCausalLM / AutoTokenizer, "
+        f"or serve it with vllm serve {exported}"], proc.stdout + proc.stderr
     trained = final_weights(run, 0)
     # pointed at the run's own epoch_0, export refuses and leaves the final weights as they are
     proc = subprocess.run([sys.executable, "-m", "gdt_tune.cli", "export", "--checkpoint", str(run / "step_2"),

@@ -75,23 +75,62 @@ def test_data_error_is_one_line_with_the_log_path(demo_dir, tmp_path):
     assert "ChildFailedError" in open(log).read()  # torchrun's report is kept in the log
 
 
-@pytest.mark.parametrize("how, code, said", [("ctrl-c", 130, "stopped by Ctrl-C after saving the current step"),
-                                             ("sigterm", 0, "stopped by SIGTERM after saving the current step"),
-                                             ("sighup", 0, "stopped by SIGHUP after saving the current step")])
-def test_ctrl_c_or_sigterm_saves_the_current_step_and_ends_cleanly(demo_dir, tmp_path, how, code, said):
+def test_ctrl_c_saves_the_current_step_and_ends_cleanly(demo_dir, tmp_path):
+    """The terminal signals the whole foreground group: the launcher, torchrun and the ranks. (SIGTERM
+    and SIGHUP through the launcher: the next test; the ranks' save on each signal: tests/test_signals.py
+    and test_kill_9_of_gdt_tune_saves_the_current_step_like_sigterm below.)"""
     out = tmp_path / "out"
     proc = _train(out, demo_dir, "max_steps_per_epoch=400", "save_every_n_steps=null")
     _wait_for_steps(out, proc)
-    if how in ("ctrl-c", "sighup"):  # the terminal signals the whole foreground group (closed: SIGHUP)
-        os.killpg(proc.pid, signal.SIGINT if how == "ctrl-c" else signal.SIGHUP)
-    else:
-        os.kill(proc.pid, signal.SIGTERM)  # Slurm may signal the launcher only
+    os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == code, err[-3000:]
-    assert said in err and "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert proc.returncode == 130, err[-3000:]
+    assert "stopped by Ctrl-C after saving the current step" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and "death signal" not in err
     saved = [p.name for p in out.glob("step_*")]
     assert len(saved) == 1 and (out / saved[0] / "COMPLETE").is_file()
     assert int(saved[0].split("_")[1]) == max(logged(out)) >= 3
+
+
+# What the launcher runs in place of torchrun: it saves on any stop signal, as the ranks do.
+FAKE_TORCHRUN = """
+import signal, sys, time
+def stop(signum, frame):
+    print(f"checkpoint: {signal.Signals(signum).name} received; saved step 3, exiting", flush=True)
+    sys.exit(130 if signum == signal.SIGINT else 0)
+for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+    signal.signal(s, stop)
+print("ready", flush=True)
+time.sleep(60)
+"""
+LAUNCHER = """
+import os, sys
+from gdt_tune.launcher import run_training
+sys.exit(run_training([sys.executable, "-c", sys.argv[1]], dict(os.environ)))
+"""
+
+
+# ... and one that has nothing to save yet (indexing): SIGTERM's default action ends it
+FAKE_TORCHRUN_STARTING = 'import time\nprint("ready", flush=True)\ntime.sleep(60)\n'
+
+
+@pytest.mark.parametrize("how, code, said, fake", [
+    ("sigterm", 0, "stopped by SIGTERM after saving the current step; resume with", FAKE_TORCHRUN),
+    ("sighup", 0, "stopped by SIGHUP after saving the current step", FAKE_TORCHRUN),
+    ("ctrl-c", 130, "stopped by Ctrl-C after saving the current step", FAKE_TORCHRUN),
+    ("sigterm", 143, "stopped by SIGTERM before training started; nothing was saved", FAKE_TORCHRUN_STARTING)])
+def test_the_launcher_forwards_a_signal_and_reports_the_save(tmp_path, how, code, said, fake):
+    env = dict(os.environ, GDT_TUNE_LOG_DIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, fake], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    while proc.stdout.readline() != "ready\n":
+        assert proc.poll() is None, proc.stderr.read()
+    if how == "sigterm":
+        os.kill(proc.pid, signal.SIGTERM)  # Slurm may signal the launcher only: it forwards it
+    else:  # the terminal signals the whole foreground group (a closed terminal: SIGHUP)
+        os.killpg(proc.pid, signal.SIGINT if how == "ctrl-c" else signal.SIGHUP)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code and said in err and "error:" not in err and "Traceback" not in err, err
 
 
 def _kill_and_wait_for_children(out, proc, children: int, timeout: float = 90) -> None:
@@ -167,3 +206,61 @@ def test_progress_bars_pass_through_as_they_update():
     assert list(pieces) == [("step 3\n", True), ("error: x\n", True), ("tail", True)]
     f = StderrFilter()
     assert f.feed_partial("50%|#####\\r") == ["50%|#####\\r"]
+
+
+RANK_1_KILLED = """
+import os, signal, time
+if os.environ["RANK"] == "1":
+    os.kill(os.getpid(), signal.SIGKILL)  # what the out-of-memory killer does
+time.sleep(60)
+"""
+
+
+def test_a_rank_killed_by_a_signal_is_named_with_the_signal(tmp_path, capsys, monkeypatch):
+    """A rank dies of SIGKILL (no error line of its own): the launcher names the rank and the
+    signal from torchrun's Root Cause, not only an exit code; for evaluate it says evaluate."""
+    from gdt_tune.launcher import run_training
+
+    monkeypatch.setenv("GDT_TUNE_LOG_DIR", str(tmp_path))
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_1_KILLED)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--monitor_interval", "0.1",
+                str(script)]
+    assert run_training(torchrun, dict(os.environ), command="evaluate") == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-2] == ("error: evaluate failed: rank 1 was killed by SIGKILL (often the out-of-memory "
+                                    "killer: check the node's memory in dmesg or the scheduler's job report); the "
+                                    "other ranks were stopped")
+    f = StderrFilter()
+    f.failed_rank, f.failed_exit = 0, 1
+    assert f.failure(1, "train") == "error: training failed: rank 0 exited with code 1 (its traceback is in the full log)"
+
+
+FAKE_INDEXING = """
+import os, signal, sys, time
+def stop(signum, frame):  # torchrun's warning lands on the bar's line; then the ranks' one line
+    os.write(2, b"indexing samples:  50%|#####     | 5/10 [00:01<00:01, 5.0it/s]"
+                b"W1203 12:00:00.000000 1 torch/distributed/elastic/agent/server/api.py:1] Received 2 death signal, "
+                b"shutting down workers\\n"
+                b"indexing samples:  60%|######    |\\rerror: interrupted (Ctrl-C) before training started; nothing "
+                b"was saved\\n")
+    sys.exit(130)
+signal.signal(signal.SIGINT, stop)
+os.write(2, b"indexing samples:  40%|####      |\\r")
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_ctrl_c_while_indexing_shows_the_ranks_line_on_a_line_of_its_own(tmp_path):
+    env = dict(os.environ, GDT_TUNE_LOG_DIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, FAKE_INDEXING], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    while proc.stdout.readline() != "ready\n":
+        assert proc.poll() is None, proc.stderr.read()
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "death signal" not in err, err
+    lines = err.split("\n")
+    assert lines[-3] == "error: interrupted (Ctrl-C) before training started; nothing was saved", err
+    assert lines[-2].startswith("full log: ") and lines[-1] == "", err

@@ -1,10 +1,13 @@
 """The FSDP2 recipe on CPU: recorded losses, learning, validation, final HF checkpoint, 1 and 2
 processes, bf16, config checks."""
 
+import os
+import subprocess
+
 import pytest
 import torch
 from omegaconf import OmegaConf
-from recipe_utils import REPO, final_weights, logged, run_recipe, train_in_process
+from recipe_utils import RECIPE, REPO, TINY, TUNE, final_weights, logged, run_recipe, train_in_process
 
 from gdt_tune.demo_assets import TINY_MODEL
 from gdt_tune.training.config import parse
@@ -131,11 +134,17 @@ def test_validation_with_fewer_samples_than_ranks(demo_dir, tmp_path):
 
 
 def test_an_error_of_every_rank_is_printed_once(demo_dir, tmp_path):
-    """2 ranks under plain torchrun, both failing the same way: rank 0 speaks for all; a line is never
-    interleaved with another rank's."""
-    proc = run_recipe(demo_dir, tmp_path / "out", "batch_size=100000", check=False)
-    errors = [line for line in proc.stderr.splitlines() if "error:" in line and "error_file" not in line]
+    """2 ranks under `tune run --nproc_per_node 2` (torchrun), both failing the same way: rank 0 speaks
+    for all; a line is never interleaved with another rank's; torchrun's failure summary shows the
+    line as its Root Cause (torchelastic's error file), not `error_file: <N/A>`."""
+    cmd = [TUNE, "run", "--nproc_per_node", "2", RECIPE, "--config", TINY, f"demo_dir={demo_dir}",
+           f"output_dir={tmp_path / 'out'}", "batch_size=100000"]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, TIKTOKEN_CACHE_DIR=""), capture_output=True, text=True,
+                          timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode != 0 and len(errors) == 1 and errors[0].startswith("error: dataset: "), proc.stderr[-3000:]
+    root_cause = proc.stderr.split("Root Cause (first observed failure):", 1)[1]
+    assert f"traceback : {errors[0]}" in root_cause and "<N/A>" not in root_cause, root_cause
 
 
 def test_validation_samples_without_patient_ids_are_named_in_a_warning(demo_dir, tmp_path, caplog):
@@ -187,3 +196,18 @@ def test_balanced_steps_warn_when_a_micro_batch_spans_two_groups(demo_dir, tmp_p
         setup_in_process(cfg)
     assert ("balanced_steps: balance_group=3 is not a multiple of batch_size x ranks = 2, so a micro-batch spans two "
             "groups of different lengths; set balance_group to the global batch (2)") in caplog.text
+
+
+def test_balanced_steps_without_a_group_use_the_global_batch(demo_dir, tmp_path, caplog):
+    import logging
+
+    from recipe_utils import load_config, setup_in_process
+
+    cfg = load_config(f"demo_dir={demo_dir}", f"output_dir={tmp_path / 'out'}", "batch_size=2",
+                      "gradient_accumulation_steps=3", "balanced_steps=true", "max_steps_per_epoch=1",
+                      "dataset_val=null", "run_val_every_n_steps=null", "val_metrics_samples=0")
+    with caplog.at_level(logging.INFO, logger="gdt_tune"):
+        recipe = setup_in_process(cfg)
+    assert ("balanced_steps: balance_group=6, the global batch (batch_size x ranks x gradient_accumulation_steps)"
+            in caplog.text) and "WARNING" not in caplog.text  # no "spans two groups"
+    assert recipe._sampler.group == 6

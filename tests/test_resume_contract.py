@@ -3,7 +3,7 @@ and batch layout, and the resume contract refuses or warns about each difference
 
 import pytest
 
-from gdt_tune.training.resume import REFUSED, WARNED, compare
+from gdt_tune.training.resume import REFUSED, WARNED, compare, data_changes
 from gdt_tune.training.sampling import GlobalOrderBatchSampler
 
 
@@ -72,3 +72,35 @@ def test_allowed_differences_warn_and_name_both_values():
                         "resume: optimizer.lr 1e-05 -> 2e-05", "resume: save_every_n_steps 100 -> 50"]
     halved = compare(_run(), _run(world_size=1, global_batch=1), "s")
     assert halved[-1].startswith("resume: global batch 2 -> 1 samples per step") and set(WARNED) >= {"world_size"}
+
+
+@pytest.mark.parametrize("saved, fix", [("off", "set balanced_steps=false to resume it"),
+                                        ("balance_group=8, balance_window=64",
+                                         "set balanced_steps=true balance_group=8 balance_window=64 to resume it")])
+def test_the_step_order_refusal_gives_a_fix_that_works_as_typed(saved, fix):
+    now = "off" if saved != "off" else "balance_group=8, balance_window=64"
+    with pytest.raises(ValueError) as e:
+        compare(_run(balanced_order=saved), _run(balanced_order=now), "step_4")
+    assert fix in str(e.value)
+
+
+FILES = {"a.jsonl": {"bytes": 100, "samples": 4, "content": "aa"}, "b.jsonl": {"bytes": 50, "samples": 2, "content": "bb"},
+         "c.jsonl": {"bytes": 70, "samples": 3, "content": "cc"}}
+
+
+def test_changed_data_is_refused_naming_each_file_and_what_changed():
+    now = {"a.jsonl": {"bytes": 100, "samples": 4, "content": "a2"},  # a same-size edit
+           "b.jsonl": {"bytes": 60, "samples": 3, "content": "b2"},  # an append
+           "d.jsonl": {"bytes": 10, "samples": 1, "content": "dd"}}  # c removed, d added
+    assert data_changes(FILES, FILES) == []
+    assert data_changes(FILES, now) == ["c.jsonl: removed", "d.jsonl: added",
+                                        "a.jsonl: content changed (same size and samples)",
+                                        "b.jsonl: size 50 -> 60 bytes, samples 2 -> 3"]
+    with pytest.raises(ValueError) as e:
+        compare(_run(data_files=FILES), _run(data_files=now, dataset="other"), "run/step_4")
+    assert str(e.value) == (
+        "resume: the training data changed since run/step_4 was written (c.jsonl: removed; d.jsonl: added; a.jsonl: "
+        "content changed (same size and samples); b.jsonl: size 50 -> 60 bytes, samples 2 -> 3); restore the data "
+        "it was trained on to resume it, or start a new run in a new output_dir")
+    # the same content under other timestamps (a copy, a touch): the old stamp hash differs, the resume goes on
+    assert compare(_run(data_files=FILES), _run(data_files=FILES, dataset="touched"), "s") == []

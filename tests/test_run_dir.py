@@ -45,7 +45,9 @@ def test_a_fresh_start_over_another_run_is_refused_or_moves_it_aside(demo_dir, t
     aside = out / f"previous-{first['run_id']}"
     moved = [p for p in out.glob("previous-*")]
     assert len(moved) == 1 and moved[0].name.startswith(aside.name)
-    assert {"step_2", "step_4", "epoch_0", "run.json"} <= {p.name for p in moved[0].iterdir()}  # never deleted
+    # every file the old run wrote moved, never deleted (its torchtune_config.yaml too: not overwritten)
+    assert {"step_2", "step_4", "epoch_0", "run.json", "torchtune_config.yaml", "logs"} <= {p.name for p in moved[0].iterdir()}
+    assert (out / "torchtune_config.yaml").is_file() and (out / "epoch_0" / "COMPLETE").read_text().split()[1] == "4"
     assert second["run_id"] != first["run_id"]
     assert (out / "step_4" / "COMPLETE").read_text() == second["run_id"]
 

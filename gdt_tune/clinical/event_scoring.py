@@ -164,14 +164,17 @@ def task_scores(packs: list[Pack], branch_scores: list[float]) -> list[list[floa
 
 
 def score_samples(head, samples: list[list[Pack]], pad_id: int, device, batch_size: int, progress=None,
-                  forwards: int = 0, filler: Pack | None = None) -> list[list[list[float]]]:
+                  forwards: int = 0, filler: Pack | None = None, stop=None) -> list[list[list[float]]] | None:
     """``[[s0, s1, s2] per task]`` of each sample's packs, ``batch_size`` packs per forward.
     ``progress(n)`` is called after each forward with its number of packs. With a sharded model,
     ``forwards``: at least that many forwards, the extra ones of ``filler`` (results dropped), so
-    that every rank joins the same collectives."""
+    that every rank joins the same collectives. ``stop()`` is asked before each forward (every rank
+    asks it equally often); when it says True, None is returned at once."""
     flat = [(i, pack) for i, packs in enumerate(samples) for pack in packs]
     branch_scores: list[list[float]] = [[] for _ in samples]
     for start in range(0, len(flat), batch_size):
+        if stop is not None and stop():
+            return None
         batch = flat[start:start + batch_size]
         values = iter(score_packs(head, [p for _, p in batch], pad_id, device))
         for i, pack in batch:
@@ -179,5 +182,7 @@ def score_samples(head, samples: list[list[Pack]], pad_id: int, device, batch_si
         if progress is not None:
             progress(len(batch))
     for _ in range(forwards - -(-len(flat) // batch_size)):
+        if stop is not None and stop():
+            return None
         score_packs(head, [filler], pad_id, device)
     return [task_scores(packs, scores) for packs, scores in zip(samples, branch_scores)]

@@ -14,6 +14,7 @@ import glob
 import json
 import multiprocessing as mp
 import os
+import signal
 from pathlib import Path
 
 from tqdm import tqdm
@@ -221,7 +222,8 @@ def map_chunks(files: list[Path], fn, args: tuple, workers: int, desc: str, show
               disable=not show_progress) as bar:
         if workers > 1 and len(jobs) > 1:
             ctx = mp.get_context("fork")  # workers only read and tokenize: no threads or collectives
-            with ctx.Pool(min(workers, len(jobs))) as pool:
+            # the workers ignore Ctrl-C (the terminal sends it to them too): this process stops them
+            with ctx.Pool(min(workers, len(jobs)), initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
                 outputs = pool.imap(_run_job, jobs)
                 for job, out in zip(jobs, outputs):
                     results.append((job[1], out))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -65,8 +66,9 @@ class CGDBInstructDataset(Dataset):
     :func:`cgdb_instruct_dataset`. Implements :class:`PatientDataset`."""
 
     def __init__(self, files: list[Path], rows: Rows, *, layout: Layout, max_seq_len: int, truncation: str,
-                 counts: dict[str, int], id_key_fingerprint: str, settings: dict):
+                 counts: dict[str, int], id_key_fingerprint: str, settings: dict, data_files: dict):
         self.files = [str(f) for f in files]
+        self.data_files = data_files  # what the resume contract compares (see file_identities)
         self._stamps = [_stamp(f) for f in self.files]
         self._rows = rows
         self._layout, self._max_seq_len, self._truncation = layout, max_seq_len, truncation
@@ -84,6 +86,11 @@ class CGDBInstructDataset(Dataset):
     def where_patient(self, patient_id: str) -> str:
         """``file:line`` of the first sample of a patient (by the hash from :meth:`patient_ids`)."""
         return self.where(int(np.flatnonzero(self._rows.patient == patient_id)[0]))
+
+    def selection_digest(self) -> str:
+        """Hash of the samples kept, in order (their instruction and answer): what the selection
+        (``patient_ids``, ``splits_per_patient_therapy``, the files' ``meta``) chose."""
+        return hashlib.blake2b(self._rows.digest.tobytes(), digest_size=8).hexdigest()
 
     def lengths(self) -> np.ndarray:
         """Tokens of each sample after the length cap, from the index (no sample is read)."""
@@ -113,6 +120,23 @@ class CGDBInstructDataset(Dataset):
         except ValueError as e:
             raise ValueError(f"{where}: invalid token layout: {e}") from None
         return {"tokens": tokens, "labels": labels}
+
+
+def file_identities(files: list[Path], rows: Rows) -> dict[str, dict]:
+    """``{name: {"bytes", "samples", "content"}}`` of each data file, before any selection:
+    ``content`` hashes the indexed samples' digests, so it is the file's text, whatever its
+    timestamps (a copy or a ``touch`` is the same data, a same-size edit is not). Names are the
+    file names, or paths below the files' common folder when two share a name."""
+    names = [f.name for f in files]
+    if len(set(names)) < len(names):
+        root = os.path.commonpath([str(f.parent) for f in files])
+        names = [os.path.relpath(f, root) for f in files]
+    out = {}
+    for i, (name, path) in enumerate(zip(names, files)):
+        digests = rows.digest[rows.file == i]
+        out[name] = {"bytes": os.stat(path).st_size, "samples": len(digests),
+                     "content": hashlib.blake2b(digests.tobytes(), digest_size=8).hexdigest()}
+    return out
 
 
 def _stamp(file) -> tuple[int, int]:
@@ -237,5 +261,6 @@ def cgdb_instruct_dataset(
                  ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "samples"))
     return CGDBInstructDataset(files, rows.take(kept), layout=layout, max_seq_len=max_seq_len, truncation=truncation,
                                counts=counts, id_key_fingerprint=key_fingerprint(key),
+                               data_files=file_identities(files, rows),
                                settings={"system_prompt": prompt, "max_seq_len": max_seq_len, "truncation": truncation,
                                          "splits_per_patient_therapy": splits_per_patient_therapy})

@@ -26,6 +26,7 @@ from gdt_tune.data.records import (
     read_chunk,
     resolve_data_files,
 )
+from gdt_tune.eval.atomic import write_atomically
 from gdt_tune.training.sampling import expected_rank_balance
 
 BINS = 40
@@ -167,6 +168,6 @@ def data_report(data: list[str], tokenizer, out, max_seq_len: int = DEFAULT_MAX_
               "rank's), one sample per rank, work = training FLOPs at the Llama-3.1-8B shape: in a random order, and "
               f"with `balanced_steps: true` (`balance_group: {world_size}`).", "", balance_line]
     lines += ["", "Plots: " + ", ".join(f"`lengths_{_file_name(n)}.png`" for n in names) + ", `task_mix.png`."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_atomically(out / "report.md", "\n".join(lines) + "\n")
     return {"splits": numbers, "overlap": overlap,
             "rank_balance": {"world_size": world_size, "random": random_order, "balanced": balanced}}

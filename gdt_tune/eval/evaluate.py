@@ -48,6 +48,7 @@ from gdt_tune.data.answers import parse_answer
 from gdt_tune.data.layout import GDT_EVAL_DATE_LINES, Layout
 from gdt_tune.data.records import read_lines, resolve_data_files
 from gdt_tune.data.text import FORECASTING, last_values
+from gdt_tune.eval.atomic import write_atomically
 from gdt_tune.eval.gdt_eval import (
     event_rows,
     forecast_rows,
@@ -156,8 +157,9 @@ def score_events(model, tokenizer, layout: Layout, records, batch_size: int, dev
             raise ValueError(f"{where}: cannot score its event tasks ({e})") from None
     head, results = LossOnlyHead(model, num_chunks=1), {}
     batches = _batches(len(samples), batch_size)
-    with tqdm(total=sum(len(packs[i]) for b in ranks.mine(len(batches)) for i in batches[b]), desc="scoring events",
-              unit="sample", disable=ranks.rank != 0, dynamic_ncols=True) as bar:
+    total = sum(len(packs[i]) for b in ranks.mine(len(batches)) for i in batches[b])
+    with tqdm(total=total, desc="scoring events", unit="sample", disable=ranks.rank != 0 or not total,
+              dynamic_ncols=True) as bar:
         for b in ranks.mine(len(batches)):
             results[b] = score_samples(head, [packs[i] for i in batches[b]], tokenizer.pad_id, device, batch_size,
                                        progress=bar.update)
@@ -185,8 +187,8 @@ def generate_forecasts(model, tokenizer, layout: Layout, records, samples: int, 
                           "where": where, "task": truth[0].number, "indication": indication_of(record)})
     draws = [(0.0, 1.0)] + [(TEMPERATURE, TOP_P)] * samples
     batches, results = _batches(len(items), batch_size), {}
-    for b in tqdm(ranks.mine(len(batches)), desc="generating forecasts", unit="batch", disable=ranks.rank != 0,
-                  dynamic_ncols=True):
+    for b in tqdm(ranks.mine(len(batches)), desc="generating forecasts", unit="batch",
+                  disable=ranks.rank != 0 or not batches, dynamic_ncols=True):
         chunk = batches[b]
         generator = torch.Generator().manual_seed(seed * 1_000_003 + b)  # the batch's draws, on any rank
         room = model.max_seq_len - max(len(prompts[i]) for i in chunk)  # the batch shares one length
@@ -273,13 +275,6 @@ def evaluate(checkpoint, data, out, cfg=None, max_samples=None, train_data=None,
     if tasks:
         calibration_plot(metrics["events"], out / "event_calibration.png")
     return metrics
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """A temporary name beside ``path``, then a rename: a killed evaluate leaves no half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def summary(metrics: dict) -> str:

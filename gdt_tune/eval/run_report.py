@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from gdt_tune.eval.atomic import write_atomically
+
 _LINE = re.compile(r"^Step (\d+) \| (.*)$")
 
 
@@ -94,5 +96,5 @@ def plot_run(run_dir, out=None) -> tuple[list[Path], str]:
         panels_plot(series, out / "val_metrics.png")
         plots.append(out / "val_metrics.png")
     text = "\n".join([f"# run {run_dir}", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in summary(run_dir, metrics)]])
-    (out / "summary.md").write_text(text + "\n")
+    write_atomically(out / "summary.md", text + "\n")
     return plots, text

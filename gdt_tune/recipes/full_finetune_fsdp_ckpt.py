@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -36,7 +37,7 @@ from gdt_tune.prompting import tokenizer_from_config
 from gdt_tune.serving import check_serving, write_serving_files
 from gdt_tune.training import float8
 from gdt_tune.training.activation_checkpointing import apply_activation_checkpointing
-from gdt_tune.training.checkpointing import CheckpointManager, Progress, SaveFailed
+from gdt_tune.training.checkpointing import COMPLETE_MARKER, CheckpointManager, Progress, SaveFailed
 from gdt_tune.training.config import check_components, check_paths, has_component, parse
 from gdt_tune.training.hf_weights import (
     Placeholders,
@@ -49,7 +50,7 @@ from gdt_tune.training.hf_weights import (
 from gdt_tune.training.loss_head import LossOnlyHead
 from gdt_tune.training.mfu import decoder_flops_per_token, mfu, peak_tflops
 from gdt_tune.training.resume import ResumePlan, dataset_settings, lr_schedule, run_contract
-from gdt_tune.training.run_dir import OutputDirLock, take_output_dir
+from gdt_tune.training.run_dir import OutputDirLock, finished, take_output_dir
 from gdt_tune.training.sampling import EvalBatchSampler, GlobalOrderBatchSampler, rank_balance
 
 log = logging.getLogger("gdt_tune")
@@ -59,7 +60,7 @@ def _run_record(contract: dict, progress: Progress) -> dict:
     """What rank 0 writes with each checkpoint (``checkpointing.read_run``). A plain function of
     its arguments: a closure over the recipe would make a reference cycle that keeps the model
     and its process groups alive until interpreter shutdown."""
-    return {**contract, "samples_in_epoch": progress.samples_in_epoch}
+    return {**contract, "samples_in_epoch": progress.samples_in_epoch, "validation_pending": progress.validation_pending}
 
 
 def one_line(error: BaseException) -> str:
@@ -127,19 +128,48 @@ class FullFinetuneRecipe:
         self._progress: Progress | None = None
         self._metric_samples = MetricSamples()  # val_metrics_samples: tasks, sequences, file:line
         self._flops_per_token = None  # (mean sequence length) -> FLOPs per token, for MFU
+        self._validated_step = -1  # the last step whose validation finished (and was logged)
+        self.finished = False  # set by setup(): a requeue of a run whose final checkpoint is written
+
+    def _final_folder(self) -> str:
+        """Where the last epoch's Hugging Face checkpoint goes (the checkpointer's output_dir, by
+        default the run's)."""
+        return os.path.join(self._cfg.checkpointer.get("output_dir", self._ckpt_cfg.output_dir),
+                            f"epoch_{self._train_cfg.epochs - 1}")
+
+    def _finished(self, steps: int) -> bool:
+        """With ``resume_from_checkpoint=true``: whether this output_dir's run has written its last
+        ``epoch_N`` after the ``steps`` this config trains (a Slurm requeue or a job array rerunning a
+        finished job). Says so in one line; then nothing is loaded or written and the run exits 0."""
+        if self._ckpt_cfg.resume_from_checkpoint is not True:
+            return False
+        run_id = finished(self._ckpt_cfg.output_dir, self._final_folder(), steps)
+        if run_id and self._is_rank_zero:
+            log.info("run %s has finished: %s is complete after step %d; nothing to do (to train further, start a "
+                     "new run from it: checkpointer.checkpoint_dir=%s)", run_id, self._final_folder(), steps,
+                     self._final_folder())
+        return run_id is not None
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg, out = self._cfg, self._ckpt_cfg.output_dir
         # Everything is checked before anything is written to output_dir: a bad config or bad data
-        # leaves an earlier run's folder as it was. The checkpoint first (its files only): a resumed
-        # run with seed=null takes the saved seed. Only this output_dir's run is resumed (run.json).
+        # leaves an earlier run's folder as it was. Datasets before the model: bad data fails in
+        # seconds, not after loading 16 GB of weights.
+        self._tokenizer = tokenizer_from_config(cfg.tokenizer)
+        self._train_ds = config.instantiate(cfg.dataset, self._tokenizer)
+        self._global_batch = self._batch_size * self._world * self._accum
+        self._steps_per_epoch = len(self._train_ds) // self._global_batch
+        if self._train_cfg.max_steps_per_epoch is not None:
+            self._steps_per_epoch = min(self._steps_per_epoch, self._train_cfg.max_steps_per_epoch)
+        self.finished = self._finished(self._steps_per_epoch * self._train_cfg.epochs)
+        if self.finished:
+            return
+        # The checkpoint (its files only): a resumed run with seed=null takes the saved seed. Only
+        # this output_dir's run is resumed (run.json).
         plan = ResumePlan.find(out, self._ckpt_cfg.resume_from_checkpoint, self._rank)
         if plan.seed is not None and self._train_cfg.seed is None:
             self._seed = training.set_seed(seed=plan.seed)
-        self._tokenizer = tokenizer_from_config(cfg.tokenizer)
-        # Datasets before the model: bad data fails in seconds, not after loading 16 GB of weights.
-        self._train_ds = config.instantiate(cfg.dataset, self._tokenizer)
         self._val_ds = config.instantiate(cfg.dataset_val, self._tokenizer) if has_component(cfg, "dataset_val") else None
         if self._val_ds is not None and len(self._val_ds) == 0:
             raise ValueError(f"dataset_val: no samples ({dropped_by_cap(self._val_ds)} dropped by the length cap); raise "
@@ -148,10 +178,6 @@ class FullFinetuneRecipe:
         self._settings = dataset_settings(self._train_ds, cfg.dataset)
         self._metric_samples = self._val_metric_samples()
         self._sampler, self._train_loader = self._setup_train_loader(self._train_ds)
-        self._global_batch = self._batch_size * self._world * self._accum
-        self._steps_per_epoch = len(self._train_ds) // self._global_batch
-        if self._train_cfg.max_steps_per_epoch is not None:
-            self._steps_per_epoch = min(self._steps_per_epoch, self._train_cfg.max_steps_per_epoch)
         if self._steps_per_epoch == 0:
             dropped = dropped_by_cap(self._train_ds)
             why = f" ({dropped} dropped by the length cap: raise dataset.max_seq_len)" if dropped else ""
@@ -199,6 +225,9 @@ class FullFinetuneRecipe:
             progress=self._progress, rank=self._rank,
             run_info=partial(_run_record, plan.contract, self._progress), run_id=identity["run_id"])
         self._interim.load(plan)
+        p = self._progress  # a resumed step's validation ran before its save, unless a signal cut it short
+        if p.global_step and self._validation_due(p.global_step) and not p.validation_pending:
+            self._validated_step = p.global_step
         self._interim.refuse_foreign_steps(self._progress.global_step + 1,
                                            self._progress.global_step + self._steps_left(self._progress))
 
@@ -262,6 +291,11 @@ class FullFinetuneRecipe:
                                  "(gdt_tune.datasets.cgdb_instruct_dataset); set balanced_steps=false")
             lengths = ds.lengths()
             across_ranks = self._batch_size * self._world
+            if d.balance_group is None:
+                d = self._data_cfg = replace(d, balance_group=self._global_batch)
+                if self._is_rank_zero:
+                    log.info("balanced_steps: balance_group=%d, the global batch (batch_size x ranks x "
+                             "gradient_accumulation_steps)", d.balance_group)
             if d.balance_group % across_ranks and self._is_rank_zero:
                 log.warning("balanced_steps: balance_group=%d is not a multiple of batch_size x ranks = %d, so a "
                             "micro-batch spans two groups of different lengths; set balance_group to the global "
@@ -415,11 +449,27 @@ class FullFinetuneRecipe:
             log.info("val_metrics_samples: %d event tasks of %d of the %d validation samples (listed in %s)", tasks,
                      len(chosen.where), len(self._val_ds), path)
 
+    def _run_validation(self) -> None:
+        """Validate and log. A stop signal (SIGTERM, Ctrl-C, SIGHUP) cuts it short within one batch on
+        every rank: nothing is logged, the caller saves the step with its validation pending, and the
+        resumed run runs that validation first."""
+        p = self._progress
+        values = self.validate()
+        p.validation_pending = values is None
+        if values is None:
+            if self._is_rank_zero:
+                log.warning("validation of step %d stopped by %s; the resumed run validates step %d first",
+                            p.global_step, self._interim.stop_signal, p.global_step)
+            return
+        self._validated_step = p.global_step
+        self._log(values)
+
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
+    def validate(self) -> dict[str, float] | None:
         """``val_loss`` (mean loss per label token over the whole validation set, each sample
         once), ``val_loss_forecasting`` and ``val_loss_events`` (``clinical.validation``) and,
-        with ``val_metrics_samples``, the event metrics of :meth:`_val_event_metrics`."""
+        with ``val_metrics_samples``, the event metrics of :meth:`_val_event_metrics`. None when
+        a stop signal arrived (asked of every rank before each batch)."""
         sampler = EvalBatchSampler(len(self._val_ds), self._log_cfg.batch_size_val or self._batch_size,
                                    self._rank, self._world)
         loader = DataLoader(self._val_ds, batch_sampler=sampler, collate_fn=self._collate())
@@ -431,6 +481,9 @@ class FullFinetuneRecipe:
         batches = iter(loader)
         for _ in tqdm(range(sampler.num_batches_all_ranks), desc="validation", leave=False,
                       disable=not self._is_rank_zero):
+            if self._interim.poll("validation"):
+                self._model.train()
+                return None
             batch = next(batches, None)
             if batch is None:  # this rank ran out (or had none): a masked batch keeps FSDP collectives matched
                 last = last or self._collate()([self._val_ds[0]])
@@ -452,11 +505,14 @@ class FullFinetuneRecipe:
         out = {"val_loss": loss[0] / max(n[0], 1.0)}
         out.update({f"val_loss_{kind}": loss[1 + i] / n[1 + i] for i, kind in enumerate(KINDS) if n[1 + i]})
         if any(self._metric_samples.packs):
-            out.update(self._val_event_metrics())
+            events = self._val_event_metrics()
+            if events is None:
+                return None
+            out.update(events)
         return out
 
     @torch.no_grad()
-    def _val_event_metrics(self) -> dict[str, float]:
+    def _val_event_metrics(self) -> dict[str, float] | None:
         """The event metrics of the ``val_metrics_samples`` subset with the sharded model in place:
         sample i is scored on rank i % world (one forward per sample, ``clinical.event_scoring``),
         every rank runs as many forwards (FSDP's all-gathers stay matched), the scores are gathered."""
@@ -467,8 +523,11 @@ class FullFinetuneRecipe:
                        for r in range(self._world))
         self._model.eval()
         scores = score_samples(self._head, [packs[i] for i in mine], self._tokenizer.pad_id, self._device, size,
-                               forwards=forwards, filler=next(p for sample in packs for p in sample))
+                               forwards=forwards, filler=next(p for sample in packs for p in sample),
+                               stop=lambda: self._interim.poll("event scoring"))
         self._model.train()
+        if scores is None:  # a stop signal
+            return None
         parts = [None] * self._world
         dist.all_gather_object(parts, dict(zip(mine, scores)))
         by_sample = {i: s for part in parts for i, s in part.items()}
@@ -486,17 +545,25 @@ class FullFinetuneRecipe:
         if self._profiler is not None:
             self._profiler.start()
         try:
-            stopped = self._train_epochs(bar)
+            # resumed after a signal cut this step's validation short: that validation first
+            stopped = p.validation_pending and self._validate_or_stop()
+            stopped = stopped or self._train_epochs(bar)
         finally:
             bar.close()
             if self._profiler is not None:
                 self._profiler.stop()
                 self._profiler = None
-        if stopped:
+        if stopped or (self._val_ds is not None and self._validated_step != p.global_step and self._validate_or_stop()):
             return
-        if self._val_ds is not None and not self._validation_due(p.global_step):  # not just done
-            self._log(self.validate())
-        self.save_final(self._train_cfg.epochs - 1)
+        self.save_final()
+
+    def _validate_or_stop(self) -> bool:
+        """Validation outside the step loop (a resumed step's pending one, the final one): True when
+        a signal stopped it, after saving the step (with its validation pending)."""
+        self._run_validation()
+        if self._interim.stop_requested:
+            self._interim.save(self._progress.global_step)
+        return self._interim.stop_requested
 
     def _train_epochs(self, bar) -> bool:
         """The steps left, epoch by epoch; True when a signal stopped training (after saving)."""
@@ -525,7 +592,7 @@ class FullFinetuneRecipe:
                     bar.set_postfix(loss=f"{values['loss']:.4f}")
                     self._log_metrics(values, window)
                 if self._validation_due(p.global_step):
-                    self._log(self.validate())
+                    self._run_validation()
                 started = time.perf_counter()
                 if self._interim.save(p.global_step):
                     self._log({"checkpoint_blocked_seconds": time.perf_counter() - started})
@@ -584,15 +651,20 @@ class FullFinetuneRecipe:
         self._log(payload)
         window.update(tokens=0.0, label_tokens=0.0, seq_len=0.0, rank_balance=0.0, steps=0, t0=time.perf_counter())
 
-    def save_final(self, epoch: int) -> None:
-        """Consolidated Hugging Face checkpoint in ``${output_dir}/epoch_{epoch}/``, written by rank 0."""
-        self._interim.close()
+    def save_final(self) -> None:
+        """Consolidated Hugging Face checkpoint of the last epoch in ``${output_dir}/epoch_N/``, written
+        by rank 0, its ``COMPLETE`` marker last. A stop signal during it is only noted: stopping would
+        lose the finished run, finishing it is the fastest way out (docs/reliability.md, "Signals")."""
+        self._interim.wait()
         state = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
         if self._is_rank_zero:
-            self._hf_checkpointer.save_checkpoint({training.MODEL_KEY: state}, epoch=epoch)
-            folder = os.path.join(self._cfg.checkpointer.get("output_dir", self._ckpt_cfg.output_dir), f"epoch_{epoch}")
+            self._hf_checkpointer.save_checkpoint({training.MODEL_KEY: state}, epoch=self._train_cfg.epochs - 1)
+            folder = self._final_folder()
             write_serving_files(folder, self._cfg.tokenizer.path, self._tokenizer, *trained_with(self._settings),
                                 self._vocab_size)
+            # last: the folder is whole (a requeue of this run then has nothing to do, see finished())
+            with open(os.path.join(folder, COMPLETE_MARKER), "w") as f:
+                f.write(f"{self._interim.run_id}\n{self._progress.global_step}\n")
             log.info("final checkpoint: %s (serves with the training prompt: tokenizer.json, chat template, "
                      "generation_config.json)", folder)
         dist.barrier()
@@ -628,6 +700,8 @@ def recipe_main(cfg: DictConfig) -> None:
         if recipe._is_rank_zero:
             log.info("config:\n%s", OmegaConf.to_yaml(loggable_config(cfg)))
         recipe.setup()
+        if recipe.finished:  # a requeue of a finished run
+            return
         recipe.train()
         if recipe.interrupted:
             raise SystemExit(130)
@@ -636,9 +710,6 @@ def recipe_main(cfg: DictConfig) -> None:
         raise SystemExit(1) from None
     except FailedElsewhere:  # another rank failed and printed why
         raise SystemExit(1) from None
-    except KeyboardInterrupt:  # Ctrl-C before training (during training it saves and stops)
-        print("error: interrupted (Ctrl-C) before training started; nothing was saved", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
     finally:
         if recipe is not None and dist.is_initialized():
             recipe.cleanup()
@@ -649,5 +720,13 @@ def recipe_main(cfg: DictConfig) -> None:
         gc.collect()
 
 
+def main() -> None:
+    try:
+        sys.exit(recipe_main())
+    except KeyboardInterrupt:  # Ctrl-C before training (during training it saves and stops)
+        print("error: interrupted (Ctrl-C) before training started; nothing was saved", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+
+
 if __name__ == "__main__":
-    sys.exit(recipe_main())
+    main()

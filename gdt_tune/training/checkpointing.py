@@ -36,6 +36,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,9 @@ class Progress(Stateful):
         self.global_step = self.epoch = self.step_in_epoch = 0
         self.tokens_seen = self.samples_in_epoch = 0
         self.seed, self.world_size = seed, world_size
+        # a signal cut the validation of global_step short: the resumed run runs it first (saved,
+        # like samples_in_epoch, in the run record)
+        self.validation_pending = False
 
     def advance(self, tokens: float, samples: int) -> None:
         self.global_step += 1
@@ -139,9 +143,10 @@ def is_complete(path: Path) -> bool:
 
 
 def run_of(path: Path) -> str | None:
-    """The run id in a checkpoint's ``COMPLETE`` marker ("" for checkpoints before run ids)."""
+    """The run id in a checkpoint's ``COMPLETE`` marker ("" for checkpoints before run ids); a
+    final ``epoch_N``'s marker has the global step on its second line."""
     try:
-        return (path / COMPLETE_MARKER).read_text().strip()
+        return (path / COMPLETE_MARKER).read_text().split("\n", 1)[0].strip()
     except OSError:
         return None
 
@@ -284,7 +289,9 @@ def load_model_weights(path: Path, model: torch.nn.Module, fix: str) -> None:
         raise ValueError(f"checkpoint {path} is not usable ({problem})")
     check_model_shapes(Path(path), model.state_dict(), fix)
     state = {MODEL_OPTIM_KEY: {"model": model.state_dict()}}
-    dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    with warnings.catch_warnings():  # one process (evaluate, export) reads it all: DCP warns that it assumes so
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
     model.load_state_dict(state[MODEL_OPTIM_KEY]["model"])
 
 
@@ -434,6 +441,7 @@ class CheckpointManager:
             torch.manual_seed(seed)  # also every CUDA device
         p.world_size = world
         p.samples_in_epoch = plan.record["samples_in_epoch"]
+        p.validation_pending = bool(plan.record.get("validation_pending", False))
         if plan.contract is not None:
             self._apply_learning_rate(plan.record.get("lr"), plan.contract.get("lr"))
         self._last_saved = p.global_step
@@ -458,22 +466,32 @@ class CheckpointManager:
             scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
     # ---------------------------------------------------------- save
+    def poll(self, during: str = "per-step") -> bool:
+        """Whether any rank has seen SIGTERM, SIGINT or SIGHUP (one all-reduce on the control group;
+        every rank must call it at the same points). Sets ``stop_requested`` and ``stop_signal``.
+        Long phases between steps (validation, event scoring) call it per batch, so a signal stops
+        them within one batch."""
+        flags = self._signals.clone()
+        self._control(f"the {during} signal all-reduce", dist.all_reduce, flags, op=dist.ReduceOp.MAX)
+        if flags.any() and not self.stop_requested:
+            self.stop_requested = True
+            self.stop_signal = next(s.name for s, seen in zip(STOP_SIGNALS, flags.tolist()) if seen)
+        return self.stop_requested
+
     def save(self, step: int) -> bool:
         """Called after every optimizer step. Saves on the interval, and on SIGTERM, SIGINT or SIGHUP (seen
         by any rank), after which ``stop_requested`` is set. Returns whether a save was started."""
-        flags = self._signals.clone()
-        self._control("the per-step signal all-reduce", dist.all_reduce, flags, op=dist.ReduceOp.MAX)
-        if flags.any():
-            self.stop_requested = True
-            self.stop_signal = next(s.name for s, seen in zip(STOP_SIGNALS, flags.tolist()) if seen)
+        self.poll()
         self._finish_if_done()
-        if not (self.stop_requested or should_save(step, self.every)) or step == self._last_saved:
+        if not (self.stop_requested or should_save(step, self.every)):
             return False
-        self._write(step, wait=self.stop_requested)
+        started = step != self._last_saved
+        if started:
+            self._write(step, wait=self.stop_requested)
         if self.stop_requested and self.rank == 0:
             log.warning("checkpoint: %s received; saved step %d, exiting (resume with resume_from_checkpoint=true)",
                         self.stop_signal, step)
-        return True
+        return started
 
     def _control(self, what: str, collective, *args, **kwargs) -> None:
         """A collective of the training thread, on the control group: a rank that does not join
@@ -551,6 +569,10 @@ class CheckpointManager:
         except (Exception, CheckpointException) as e:
             raise _save_failed(path, e) from None
         self._complete(path)
+
+    def wait(self) -> None:
+        """Wait for an async save in flight (before the final save: one CPU copy of the state at a time)."""
+        self._wait_in_flight()
 
     def close(self) -> None:
         """Wait for an async save in flight and for pruning, and restore the signal handlers."""

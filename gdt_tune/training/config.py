@@ -100,8 +100,8 @@ class Data:
     num_workers: int = integer(0, "DataLoader worker processes per rank", minimum=0)
     balanced_steps: bool = flag(False, "each step's global batch holds samples of similar length, so every rank "
                                        "does about the same work (training.sampling.balanced_order)")
-    balance_group: int | None = integer(None, "with balanced_steps: samples of similar length per group; set it "
-                                              "to the global batch (batch_size x ranks x accumulation)", null=True)
+    balance_group: int | None = integer(None, "with balanced_steps: samples of similar length per group; null: the "
+                                              "global batch (batch_size x ranks x accumulation)", null=True)
     balance_window: int = integer(64, "with balanced_steps: groups sorted by length together (larger: better "
                                       "balance, less shuffling)")
 
@@ -219,9 +219,6 @@ def _check_combinations(rc: RecipeConfig, cuda_available: bool) -> None:
     if c.async_checkpointing and c.keep_last_n_checkpoints < 2:
         raise ValueError("config key 'keep_last_n_checkpoints' must be >= 2 with async_checkpointing=true "
                          "(the newest save may still be in flight); raise it or set async_checkpointing=false")
-    if rc.data.balanced_steps and rc.data.balance_group is None:
-        raise ValueError("config key 'balance_group' is missing: with balanced_steps=true set it to the global batch "
-                         "(batch_size x ranks x gradient_accumulation_steps), or set balanced_steps=false")
     loss = str(cfg.loss.get("_component_", ""))
     if not loss.endswith("CEWithChunkedOutputLoss"):
         raise ValueError(f"config key 'loss._component_': got {loss!r}; expected torchtune.modules.loss.CEWithChunkedOutputLoss")

@@ -5,7 +5,9 @@ and samples, length cap and selection), the optimisation (global batch, learning
 position in the data, counted in samples of the epoch's global order. On resume:
 
 - refused, with one line naming the key, both values and the fix: ``seed``, ``shuffle``, the
-  dataset (files, sizes, modification times, samples after selection), ``dataset.max_seq_len``,
+  data (each file's size, sample count and content hash from the index, so a copy or a ``touch``
+  resumes and a same-size edit does not; the line names each file added, removed or changed; and
+  the samples after selection), ``dataset.max_seq_len``,
   ``dataset.truncation``, ``dataset.splits_per_patient_therapy``, the LR schedule when there is
   one (``lr_scheduler`` and its length in steps: ``epochs``, ``max_steps_per_epoch`` and the global
   batch may not change then), the step order (``balanced_steps``, ``balance_group``,
@@ -51,8 +53,11 @@ REFUSED = {
                                    "set dataset.splits_per_patient_therapy={saved}"),
     "dataset": ("the training data (files, sizes, modification times)", "restore the data it was trained on"),
     "samples": ("the number of training samples after selection", "restore the data and selection it was trained on"),
+    "selection": ("the training samples kept by the selection (dataset.patient_ids, "
+                  "dataset.splits_per_patient_therapy, the files' meta)", "restore the data and selection it was trained on"),
     "balanced_order": ("the step order (balanced_steps, balance_group, balance_window)",
-                       "set them as they were ({saved})"),
+                       lambda saved: "set balanced_steps=false" if saved == "off" else
+                       f"set balanced_steps=true {saved.replace(', ', ' ')}"),
     "lr_schedule": ("the LR schedule (lr_scheduler; its length: epochs x steps per epoch, which max_steps_per_epoch "
                     "and the global batch set)", "keep lr_scheduler, epochs, max_steps_per_epoch and the global batch "
                     "as they were"),
@@ -77,12 +82,36 @@ def dataset_fingerprint(dataset) -> str:
     return h.hexdigest()[:16]
 
 
+def data_files(dataset) -> dict[str, dict] | None:
+    """A gdt_tune dataset's ``{file: {"bytes", "samples", "content"}}`` (from its index), else None."""
+    return getattr(dataset, "data_files", None)
+
+
+def data_changes(saved: dict[str, dict], current: dict[str, dict]) -> list[str]:
+    """What changed, file by file: ``"a.jsonl: removed"``, ``"b.jsonl: added"``, ``"c.jsonl: size
+    1200 -> 1300 bytes, samples 10 -> 11"``, ``"d.jsonl: content changed (same size and samples)"``."""
+    out = [f"{name}: removed" for name in saved if name not in current]
+    out += [f"{name}: added" for name in current if name not in saved]
+    for name in (n for n in saved if n in current and saved[n] != current[n]):
+        was, now = saved[name], current[name]
+        parts = [f"{what} {was[key]} -> {now[key]}{unit}" for key, what, unit in
+                 (("bytes", "size", " bytes"), ("samples", "samples", "")) if was[key] != now[key]]
+        out.append(f"{name}: {', '.join(parts) or 'content changed (same size and samples)'}")
+    return out
+
+
 def compare(saved: dict, current: dict, path) -> list[str]:
     """Raise ValueError for the first refused difference; return the warnings for allowed ones."""
+    if "data_files" in saved and (changes := data_changes(saved["data_files"], current.get("data_files") or {})):
+        raise ValueError(f"resume: the training data changed since {path} was written ({'; '.join(changes)}); "
+                         "restore the data it was trained on to resume it, or start a new run in a new output_dir")
     for key, (what, fix) in REFUSED.items():
+        if key == "dataset" and "data_files" in saved:  # the file stamps of checkpoints before data_files
+            continue
         if key in saved and saved[key] != current.get(key):
             raise ValueError(f"resume: {what} was {saved[key]!r} when {path} was written but is "
-                             f"{current.get(key)!r} now; {fix.format(saved=saved[key])} to resume it, or "
+                             f"{current.get(key)!r} now; {fix(saved[key]) if callable(fix) else fix.format(saved=saved[key])} "
+                             "to resume it, or "
                              "start a new run in a new output_dir")
     warnings = [f"resume: {name} {saved[key]} -> {current.get(key)}" for key, name in WARNED.items()
                 if key in saved and saved[key] != current.get(key)]
@@ -145,7 +174,9 @@ def run_contract(*, seed: int, shuffle: bool, dataset, settings: dict, world_siz
                  batch_size: int, lr: float, save_every: int | None, schedule: str | None,
                  balanced_order: str = "off") -> dict:
     """What this run's data order and optimisation depend on (refused or warned by :func:`compare`)."""
+    files = data_files(dataset)
     return {"seed": seed, "shuffle": shuffle, "dataset": dataset_fingerprint(dataset), "samples": len(dataset),
+            **({"data_files": files, "selection": dataset.selection_digest()} if files is not None else {}),
             "max_seq_len": trained_with(settings)[1], "truncation": settings.get("truncation", "gdt"),
             "splits_per_patient_therapy": settings.get("splits_per_patient_therapy"), "world_size": world_size,
             "gradient_accumulation_steps": accumulation, "batch_size": batch_size,

@@ -37,9 +37,10 @@ log = logging.getLogger("gdt_tune")
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
 PREVIOUS_PREFIX = "previous-"
-#: What a run writes in output_dir (all that ``overwrite_output_dir`` moves aside; data, models and
-#: anything else of the user's stay where they are).
-RUN_OUTPUT = re.compile(r"^(run\.json|step_\d+|epoch_\d+|logs|profiling|recipe_state|wandb|val_metrics_samples\.txt|\.deleting-.*)$")
+#: What a run writes in output_dir, and what ``gdt-tune plot-run`` writes beside it (all that
+#: ``overwrite_output_dir`` moves aside; data, models and anything else of the user's stay where they are).
+RUN_OUTPUT = re.compile(r"^(run\.json|torchtune_config\.yaml|step_\d+|epoch_\d+|logs|profiling|recipe_state|wandb|"
+                        r"val_metrics_samples\.txt|loss\.png|val_metrics\.png|summary\.md|\.deleting-.*)$")
 
 
 def _now() -> str:
@@ -58,6 +59,20 @@ def read_identity(output_dir) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         raise ValueError(f"{path} is unreadable; restore it, or move the folder's contents away to start fresh") from None
+
+
+def finished(output_dir, final_folder, steps: int) -> str | None:
+    """The run id of ``output_dir``'s run when it has written its final checkpoint after ``steps``
+    steps (``final_folder``, the last ``epoch_N``, whose ``COMPLETE`` marker holds run.json's id and
+    the step), else None: a requeue of a finished run has nothing to do, while a run given more steps
+    (a raised ``max_steps_per_epoch``) resumes."""
+    identity = read_identity(output_dir)
+    run_id = identity.get("run_id") if identity else None
+    try:
+        marker = (Path(final_folder) / COMPLETE_MARKER).read_text().split()
+    except OSError:
+        return None
+    return run_id if run_id and marker == [run_id, str(steps)] else None
 
 
 def _previous_checkpoints(output_dir: Path) -> list[str]:
