@@ -2,7 +2,9 @@
 the user sees short:
 
 - the ranks' ``error: ...`` lines are collected and the first one is printed once at the end,
-  with the path of the full log (every line of stderr, tracebacks included);
+  with the path of the full log (every line of stderr, tracebacks included); a rank that died
+  without one (killed by a signal: the OOM killer's SIGKILL) is named with its signal, from
+  torchrun's Root Cause;
 - torchrun's own tracebacks (ChildFailedError, SignalException) and its failure table are left
   out of the terminal (they are in the log); a rank's unexpected traceback is shown;
 - Ctrl-C and SIGTERM reach the ranks, which save the current step and stop; the launcher then

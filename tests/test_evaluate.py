@@ -128,6 +128,14 @@ def test_evaluate_final_and_interim_checkpoints_of_a_demo_run(demo_dir, tmp_path
     assert gdt_prompt.returncode == 0, gdt_prompt.stderr[-3000:]
     assert json.loads((tmp_path / "gdt" / "metrics.json").read_text())["gdt"]["prompt"] == "gdt"
     assert "prompt: gdt" in gdt_prompt.stdout and "no --train-data" in gdt_prompt.stdout
+    # samples without an event task: no calibration plot, no empty "scoring events" bar
+    lines = (demo_dir / "data" / "test" / "part-00000.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "no_events.jsonl").write_text("".join(x for x in lines if "time to event" not in json.loads(x)["answer"]))
+    no_events = _cli("evaluate", "--checkpoint", str(tmp_path / "run" / "epoch_0"), "--out", str(tmp_path / "fc"),
+                     "--data", str(tmp_path / "no_events.jsonl"), "--samples", "0")
+    assert no_events.returncode == 0 and "scoring events" not in no_events.stderr, no_events.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "fc").iterdir()) == ["forecast_mae.png", "metrics.json",
+                                                                    "predictions.jsonl", "summary.md"]
     # no sample text in what it wrote or printed
     answer_line = "Here is the prediction: the event ("
     written = "".join((tmp_path / "final" / n).read_text() for n in ("metrics.json", "predictions.jsonl", "summary.md"))

@@ -20,7 +20,7 @@ def balanced_order(order: list[int], lengths, group: int, window: int, seed: int
     YAML (the recipe; docs/performance.md, "Length-balanced steps")::
 
         balanced_steps: true
-        balance_group: 8        # samples per group: the run's global batch (batch_size x ranks x accumulation)
+        balance_group: 8        # samples per group; null (default): the global batch (batch_size x ranks x accumulation)
         balance_window: 64      # groups sorted together: larger balances better, shuffles less
     """
     order, span = np.asarray(order, dtype=np.int64), group * window
