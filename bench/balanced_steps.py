@@ -3,7 +3,7 @@ cohorts at several history budgets, answer-only labels), 2 CPU ranks, one sample
 recipe's step time in a random order vs with ``balanced_steps: true``, as a ratio in one run.
 
     python bench/balanced_steps.py                  # 60 steps, 2 runs of each, about 2 min
-    python bench/balanced_steps.py --steps 10 --repeat 1   # the CI version (bench/smoke.py)
+    python bench/balanced_steps.py --steps 10 --repeat 2   # the CI version (bench/smoke.py)
 
 Step time = median wall-clock gap between consecutive logged steps after the first 4 (each rank
 waits for the other in FSDP's collectives, so a step takes as long as its longer sample); the best

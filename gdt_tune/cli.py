@@ -290,7 +290,8 @@ def _data_report(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``gdt-tune``'s parser, every subcommand with its options (also read by the docs' command test)."""
     ap = _Parser(prog="gdt-tune", description="Train GDT-style clinical digital-twin models with torchtune.")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="run the recipe with torchrun from any folder: gdt-tune train [--nproc_per_node N "
@@ -361,8 +362,12 @@ def main(argv=None) -> int:
     r.add_argument("--world-size", type=_at_least(1), default=8, help="ranks of the expected rank balance, random vs "
                    "length-balanced steps (default 8)")
     r.set_defaults(func=_data_report)
+    return ap
+
+
+def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.argv = argv
     return args.func(args)
 
