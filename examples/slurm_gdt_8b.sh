@@ -1,7 +1,9 @@
 #!/bin/bash
 # GDT 8B full fine-tune on Slurm: N nodes x 8 GPUs, requeued on preemption.
 # Slurm sends SIGTERM before it kills a job: the recipe then finishes the current step, writes
-# ${output_dir}/step_N and exits 0; the requeued job resumes from the newest complete checkpoint.
+# ${output_dir}/step_N and exits 0 (within one batch during a validation); the requeued job resumes
+# from the newest complete checkpoint. A requeue of a finished run (its last epoch_N complete) says
+# so and exits 0 without loading anything. --signal gives the final save of 16 GB time to finish.
 #SBATCH --job-name=gdt-8b
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -17,7 +19,9 @@ set -euo pipefail
 OUT=${OUT:-/shared/runs/gdt}
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 RESUME=false
-ls "$OUT"/step_*/COMPLETE >/dev/null 2>&1 && RESUME=true
+if compgen -G "$OUT/step_*/COMPLETE" >/dev/null || compgen -G "$OUT/epoch_*/COMPLETE" >/dev/null; then
+  RESUME=true
+fi
 
 srun --kill-on-bad-exit=1 gdt-tune train \
   --nnodes "$SLURM_NNODES" --nproc_per_node 8 \
