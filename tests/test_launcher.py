@@ -46,8 +46,11 @@ def test_filter_hides_torchrun_but_not_a_rank_crash():
     assert f.errors == ["error: data.jsonl:3: invalid JSON"]  # collected once, printed once at the end
 
 
-def _train(out, demo_dir, *overrides):
-    cmd = [sys.executable, "-m", "gdt_tune.cli", "train", "--nproc_per_node", "2", "--config", TINY,
+def _train(out, demo_dir, *overrides, nproc=1):
+    """`gdt-tune train` of the tiny config; one rank unless asked (what these tests watch is the
+    launcher, torchrun and a rank; two ranks agreeing on a signal: tests/test_signals.py,
+    tests/test_checkpoint_manager.py)."""
+    cmd = [sys.executable, "-m", "gdt_tune.cli", "train", "--nproc_per_node", str(nproc), "--config", TINY,
            f"demo_dir={demo_dir}", f"output_dir={out}", "dataset_val=null", "~lr_scheduler", "run_val_every_n_steps=null", *overrides]
     env = dict(os.environ, TIKTOKEN_CACHE_DIR="", GDT_TUNE_LOG_DIR=str(out.parent / "launcher-logs"),
                PYTHONUNBUFFERED="1")

@@ -50,8 +50,8 @@ def test_no_patient_text_in_anything_a_run_writes(demo_dir, tmp_path, monkeypatc
     monkeypatch.setenv("GDT_TUNE_CACHE_DIR", str(cache))
     monkeypatch.setenv("WANDB_MODE", "offline")
     outputs = []
-    disk = run_recipe(demo_dir, tmp_path / "disk", "max_steps_per_epoch=12", "save_every_n_steps=5",
-                      "run_val_every_n_steps=5", "async_checkpointing=true")
+    disk = run_recipe(demo_dir, tmp_path / "disk", "max_steps_per_epoch=10", "save_every_n_steps=5",
+                      "run_val_every_n_steps=5", "val_metrics_samples=8", "async_checkpointing=true")
     assert list((tmp_path / "disk").glob("step_*/.metadata")) and list((tmp_path / "disk" / "logs").glob("*.txt"))
     # a bad sample whose text must not be echoed
     first = (demo_dir / "data" / "train" / "part-00000.jsonl").read_text().splitlines()[0]
