@@ -161,3 +161,12 @@ def test_the_check_sees_a_renamed_flag_and_a_mistyped_key():
     assert problems("python bench/recipe_step.py --repeats 2") == ["unknown flag --repeats"]
     assert problems("python -m gdt_tune.data.synthetic --patient 3 --out d") == ["unknown flag --patient"]
     assert problems("gdt-tune train --nproc_per_node 2 --config tiny_gdt_cpu ~lr_scheduler save_every_n_steps=5") == []
+
+
+def test_every_test_the_docs_name_exists():
+    """`tests/test_x.py::test_name` in README.md and docs/*.md: the file defines that test."""
+    refs = {m for doc in DOCS for m in re.findall(r"tests/(test_\w+\.py)::(\w+)", doc.read_text())}
+    assert len(refs) > 10
+    missing = [f"{f}::{name}" for f, name in sorted(refs)
+               if not re.search(rf"^def {name}\(", (REPO / "tests" / f).read_text(), flags=re.M)]
+    assert missing == []
