@@ -7,7 +7,7 @@ identical to an uninterrupted run). ``.ci/run`` runs it after ``pytest -q``: the
 2-rank trainings, which the unit and integration suite (README, about 5 minutes on 2 cores) keeps
 to the few that must.
 
-    python bench/smoke.py                   # all, two at a time, about 8 minutes on 2 cores
+    python bench/smoke.py                   # all, two at a time, about 7 minutes on 2 cores
     python bench/smoke.py checkpoint.py     # one
 """
 
