@@ -34,7 +34,7 @@ def demo_tokenizer(work: Path):
     """The demo's tiny BPE tokenizer (1014 ranks + Llama 3 specials), built once under ``work``."""
     from torchtune.models.llama3 import llama3_tokenizer
 
-    from gdt_tune.demo_assets import prepare_demo
+    from gdt_tune.cli.demo_assets import prepare_demo
 
     os.environ["TIKTOKEN_CACHE_DIR"] = ""
     root = prepare_demo(work / "demo")

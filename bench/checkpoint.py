@@ -27,7 +27,7 @@ MODEL_115M = dict(vocab_size=16384, num_layers=6, num_heads=16, num_kv_heads=4, 
 
 def prepare(work: Path, dims: dict) -> Path:
     """A model folder: random weights of shape ``dims`` in HF format + the demo tokenizer."""
-    from gdt_tune.demo_assets import write_model
+    from gdt_tune.cli.demo_assets import write_model
 
     model = work / f"model_{dims['num_layers']}x{dims['embed_dim']}_{dims['vocab_size']}"
     if not (model / "model.safetensors").exists():
@@ -50,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     demo_tokenizer(work)
-    from gdt_tune.demo_assets import TINY_MODEL
+    from gdt_tune.cli.demo_assets import TINY_MODEL
 
     dims = TINY_MODEL if args.tiny else MODEL_115M
     model = prepare(work, dims)

@@ -58,11 +58,12 @@ def main() -> None:
     from gdt_tune.eval.evaluate import read_samples
     from gdt_tune.eval.generation import generate_draws
     from gdt_tune.eval.reference import generate_answers, score_sequences
-    from gdt_tune.serving import TEMPERATURE, TOP_P
+    from gdt_tune.runtime.torch_env import torch_dtype
+    from gdt_tune.trained.serving import TEMPERATURE, TOP_P
     from gdt_tune.training.loss_head import LossOnlyHead
 
     work, device = Path(args.work), torch.device(args.device)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    dtype = torch_dtype(args.dtype)
     tokenizer = demo_tokenizer(work)
     data = work / f"cohort_{args.budget}"
     if not (data / "test").is_dir():

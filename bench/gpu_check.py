@@ -39,7 +39,7 @@ def losses(rows: list[dict]) -> dict[int, float]:
 def tiny_run_and_resume(work: Path, cuda: bool, steps: int) -> list[list]:
     """Train the tiny model ``steps`` steps with async saves at steps/2, resume from there into a
     new output_dir, and compare the losses of the second half step by step."""
-    from gdt_tune.demo_assets import prepare_demo
+    from gdt_tune.cli.demo_assets import prepare_demo
 
     demo = prepare_demo(work / "demo")
     half = steps // 2
@@ -74,7 +74,7 @@ def evaluate_rows(work: Path, cuda: bool) -> list[list]:
     rows, brier = [], {}
     for dtype in ("bf16", "fp32"):
         out = work / f"eval_{dtype}"
-        cmd = [sys.executable, "-m", "gdt_tune.cli", "evaluate", "--checkpoint", str(work / "tiny_full" / "epoch_0"),
+        cmd = [sys.executable, "-m", "gdt_tune.cli.main", "evaluate", "--checkpoint", str(work / "tiny_full" / "epoch_0"),
                "--data", str(work / "demo" / "data" / "test"), "--out", str(out), "--max-samples", "8",
                "--samples", "1", "--device", "cuda" if cuda else "cpu", "--dtype", dtype]
         t0 = time.time()

@@ -46,7 +46,7 @@ def random_hf_checkpoint(folder: Path, dims: dict, dtype, demo: Path) -> None:
     from torchtune.models.convert_weights import tune_to_hf
     from torchtune.models.llama3 import llama3
 
-    from gdt_tune.demo_assets import hf_config
+    from gdt_tune.cli.demo_assets import hf_config
 
     if (folder / "DONE").exists():
         return
@@ -145,7 +145,7 @@ def run_variants(model: str, variants: list[str], work: Path, seq: int, steps: i
     """Run each variant; returns (a header describing the setup, table rows)."""
     import torch
 
-    from gdt_tune.demo_assets import TINY_MODEL
+    from gdt_tune.cli.demo_assets import TINY_MODEL
     from gdt_tune.training.mfu import decoder_flops_per_token, mfu, peak_tflops
 
     cuda = torch.cuda.is_available()

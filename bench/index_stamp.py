@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command_line, machine, table  # noqa: E402
 
-from gdt_tune.datasets._index import file_stamp  # noqa: E402
+from gdt_tune.runtime.files import file_stamp  # noqa: E402
 
 
 def main() -> None:

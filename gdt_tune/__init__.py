@@ -11,7 +11,7 @@ def __getattr__(name: str):
     """``prompt`` and ``Prompt`` on first use: ``import gdt_tune.data...`` (the synthetic generator,
     the format) does not load torch and torchtune."""
     if name in __all__:
-        from gdt_tune import prompting
+        from gdt_tune.trained import prompting
 
         return getattr(prompting, name)
     raise AttributeError(f"module 'gdt_tune' has no attribute {name!r}")

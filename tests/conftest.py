@@ -22,7 +22,7 @@ def _index_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     """The prepare-demo assets (cohort, tokenizer, tiny HF model), built once per session."""
-    from gdt_tune.demo_assets import prepare_demo
+    from gdt_tune.cli.demo_assets import prepare_demo
 
     return prepare_demo(tmp_path_factory.mktemp("demo"))
 

@@ -93,7 +93,7 @@ def setup_in_process(cfg, train=False):
     try:
         recipe = FullFinetuneRecipe(cfg)
         recipe.setup()
-        if train and not recipe.finished:
+        if train and not recipe.already_trained:
             recipe.train()
         return recipe
     finally:
@@ -110,3 +110,11 @@ def train_in_process(demo_dir, output_dir, *overrides):
     """The tiny config trained in this process as a world of one (what ``run_recipe(..., nproc=1)``
     does, without starting torchrun and a rank); returns the recipe."""
     return setup_in_process(load_config(f"demo_dir={demo_dir}", f"output_dir={output_dir}", *overrides), train=True)
+
+
+def load_trained(checkpoint, cfg, device, dtype):
+    """(model, tokenizer, system prompt) of a trained folder, as the tools open it."""
+    from gdt_tune.trained.model import open_trained
+
+    trained = open_trained(checkpoint, cfg)
+    return trained.load(device, dtype), trained.tokenizer, trained.system_prompt

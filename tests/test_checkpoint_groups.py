@@ -12,7 +12,10 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 from two_ranks import run_two_ranks
 
-from gdt_tune.training.checkpointing import CheckpointManager, Progress, SaveFailed, is_complete
+from gdt_tune.runtime.errors import OneLineError
+from gdt_tune.training.checkpointing import CheckpointManager, Progress
+from gdt_tune.training.step_dirs import is_complete
+from gdt_tune.training.stop_signals import StopSignals
 
 STEP_SECONDS, WRITE_DELAY = 0.2, 0.8
 
@@ -22,8 +25,9 @@ def _manager(folder, rank, **kw):
     model = torch.nn.Linear(4, 3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     progress = Progress(seed=0, world_size=2)
+    signals = StopSignals(kw.get("timeout", dt.timedelta(minutes=10))).listen()
     ckpt = CheckpointManager(folder, model=model, optimizer=optimizer, lr_scheduler=None, progress=progress,
-                             rank=rank, run_info=lambda: {"samples_in_epoch": progress.samples_in_epoch}, **kw)
+                             signals=signals, rank=rank, **kw)
     return model, optimizer, progress, ckpt
 
 
@@ -68,7 +72,7 @@ def _rank_one_stops_answering(folder, rank):
     started = time.monotonic()
     try:
         ckpt.save(1)
-    except SaveFailed as e:
+    except OneLineError as e:
         return str(e), time.monotonic() - started
     return "no error", time.monotonic() - started
 

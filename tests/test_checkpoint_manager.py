@@ -11,8 +11,10 @@ import torch.distributed as dist
 from recipe_utils import _free_port
 
 import gdt_tune.training.checkpointing as ckpt_mod
-from gdt_tune.training.checkpointing import COMPLETE_MARKER, CheckpointManager, Progress, find_resume, read_run
-from gdt_tune.training.resume import ResumePlan
+from gdt_tune.training.checkpointing import CheckpointManager, Progress, read_run
+from gdt_tune.training.resume import ResumePlan, find_resume
+from gdt_tune.training.step_dirs import Marker, is_complete, read_marker
+from gdt_tune.training.stop_signals import StopSignals
 
 
 @pytest.fixture
@@ -39,7 +41,12 @@ def _step(model, optimizer, progress):
 
 def _manager(tmp_path, model, optimizer, progress, **kw):
     return CheckpointManager(tmp_path, model=model, optimizer=optimizer, lr_scheduler=None, progress=progress,
-                             rank=0, run_info=lambda: {"samples_in_epoch": progress.samples_in_epoch}, **kw)
+                             signals=StopSignals().listen(), rank=0, contract={"seed": progress.seed, "lr": 0.1}, **kw)
+
+
+def _close(ckpt):
+    ckpt.close()
+    ckpt.signals.close()
 
 
 @pytest.mark.parametrize("async_save", [False, True])
@@ -55,16 +62,20 @@ def test_saves_on_the_interval_keeps_k_and_restores_exactly(tmp_path, world_of_o
         if progress.global_step == 4:
             saved = {k: v.clone() for k, v in model.state_dict().items()}
             rng_after_4 = torch.rand(3)  # consumes the RNG after the save
-    ckpt.close()
+    _close(ckpt)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step_")) == ["step_4", "step_6"]
-    assert all((tmp_path / s / COMPLETE_MARKER).is_file() for s in ("step_4", "step_6"))
-    assert read_run(tmp_path / "step_4") == (1, {"samples_in_epoch": 8})
+    assert all(is_complete(tmp_path / s) for s in ("step_4", "step_6"))
+    assert read_marker(tmp_path / "step_6") == Marker("", 6)
+    # the run record: the contract and the whole Progress of the step
+    assert read_run(tmp_path / "step_4") == (1, {"seed": 7, "lr": 0.1, "global_step": 4, "epoch": 0, "step_in_epoch": 4,
+                                                 "tokens_seen": 40, "world_size": 1, "samples_in_epoch": 8,
+                                                 "validation_pending": False})
 
     model2, optimizer2 = _trainer(seed=1)
     progress2 = Progress(seed=0, world_size=1)
     ckpt2 = _manager(tmp_path, model2, optimizer2, progress2)
     ckpt2.load(ResumePlan.find(tmp_path, str(tmp_path / "step_4"), rank=0))
-    ckpt2.close()
+    _close(ckpt2)
     assert all(torch.equal(saved[k], v) for k, v in model2.state_dict().items())
     assert (progress2.global_step, progress2.samples_in_epoch, progress2.tokens_seen, progress2.seed) == (4, 8, 40, 7)
     assert optimizer2.state_dict()["state"][0]["step"] == 4
@@ -78,14 +89,14 @@ def test_sigterm_or_ctrl_c_saves_the_current_step_and_requests_a_stop(tmp_path, 
     progress = Progress(seed=0, world_size=1)
     ckpt = _manager(tmp_path, model, optimizer, progress, save_every_n_steps=100, run_id="run-a")
     _step(model, optimizer, progress)
-    assert not ckpt.save(1) and not ckpt.stop_requested
-    os.kill(os.getpid(), signum)  # no KeyboardInterrupt: the manager's handler only notes it
+    assert not ckpt.save(1) and not ckpt.signals.requested
+    os.kill(os.getpid(), signum)  # no KeyboardInterrupt: the handler only notes it
     _step(model, optimizer, progress)
-    assert ckpt.save(2) and ckpt.stop_requested and ckpt.stop_signal == name
-    ckpt.close()
+    assert ckpt.save(2) and ckpt.signals.requested and ckpt.signals.name == name
+    _close(ckpt)
     assert find_resume(tmp_path, True, rank=0, run_id="run-a") == tmp_path / "step_2"
-    assert (tmp_path / "step_2" / COMPLETE_MARKER).read_text() == "run-a"
-    assert signal.getsignal(signum) is not ckpt._on_signal  # handlers restored
+    assert read_marker(tmp_path / "step_2") == Marker("run-a", 2)
+    assert signal.getsignal(signum) is not ckpt.signals._on_signal  # handlers restored
 
 
 def test_any_save_failure_is_one_line_and_keeps_earlier_checkpoints(tmp_path, world_of_one, monkeypatch):
@@ -109,7 +120,7 @@ def test_any_save_failure_is_one_line_and_keeps_earlier_checkpoints(tmp_path, wo
     _step(model, optimizer, progress)
     with pytest.raises(ckpt_mod.SaveFailed) as e:
         ckpt.save(2)
-    ckpt.close()
+    _close(ckpt)
     assert str(e.value) == (f"checkpoint: saving {tmp_path / 'step_2'} failed (RuntimeError: [enforce fail at "
                             "inline_container.cc:672] . unexpected pos 64 vs 0); earlier checkpoints are intact; "
                             "free disk space or fix permissions, then resume")
@@ -131,7 +142,7 @@ def test_a_timed_out_save_collective_is_one_line_naming_it(tmp_path, world_of_on
     _step(model, optimizer, progress)
     with pytest.raises(ckpt_mod.SaveFailed) as e:
         ckpt.save(1)
-    ckpt.close()
+    _close(ckpt)
     assert str(e.value) == (
         f"checkpoint: saving {tmp_path / 'step_1'} timed out in a DCP collective on the checkpoint save group "
         "(DistBackendError: [gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 600000ms for recv operation "
@@ -148,7 +159,7 @@ def test_another_runs_complete_step_is_neither_resumed_nor_deleted(tmp_path, wor
     _step(model, optimizer, progress)
     _step(model, optimizer, progress)
     assert theirs.save(2)
-    theirs.close()
+    _close(theirs)
     before = {p.name: p.read_bytes() for p in (tmp_path / "step_2").iterdir()}
     ours = _manager(tmp_path, model, optimizer, Progress(seed=0, world_size=1), save_every_n_steps=2, run_id="run-b")
     with pytest.raises(ValueError, match=r"^output_dir: .*step_2 is a complete checkpoint of another run \(run-a\) "
@@ -157,7 +168,7 @@ def test_another_runs_complete_step_is_neither_resumed_nor_deleted(tmp_path, wor
     ours.refuse_foreign_steps(3, 4)  # a run that starts after step 2 never writes there
     with pytest.raises(ckpt_mod.SaveFailed, match=r"^checkpoint: .*step_2 is a complete checkpoint of another run"):
         ours.save(2)
-    ours.close()
+    _close(ours)
     assert {p.name: p.read_bytes() for p in (tmp_path / "step_2").iterdir()} == before
     assert find_resume(tmp_path, True, rank=0, run_id="run-a") == tmp_path / "step_2"
 

@@ -8,16 +8,21 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from gdt_tune.training.checkpointing import (
-    COMPLETE_MARKER,
+from gdt_tune.training.checkpointing import saved_model_shapes
+from gdt_tune.training.model_shapes import refuse_other_model
+from gdt_tune.training.resume import find_resume
+from gdt_tune.training.step_dirs import (
+    MARKER,
     METADATA,
-    check_model_shapes,
     checkpoint_problem,
-    find_resume,
     list_checkpoints,
     should_save,
     to_prune,
 )
+
+
+def check_model_shapes(path, model_state):
+    refuse_other_model(f"checkpoint {path}", saved_model_shapes(path), model_state, "fix")
 
 warnings.filterwarnings("ignore", message=".*process group.*")
 
@@ -28,7 +33,7 @@ def make(root, step, complete=True, metadata=True):
     if metadata:
         (d / METADATA).write_bytes(b"x")
     if complete:
-        (d / COMPLETE_MARKER).write_text("")
+        (d / MARKER).write_text("")
     return d
 
 
@@ -54,7 +59,7 @@ def real(root, step, world=1, shape=(4, 3)):
     dcp.save(state, checkpoint_id=str(path))
     for r in range(world):
         torch.save({"rng": None, "world_size": world}, path / f"rank_{r}.pt")
-    (path / COMPLETE_MARKER).write_text("")
+    (path / MARKER).write_text("")
     return path
 
 
@@ -63,7 +68,7 @@ def shard_of(path):
 
 
 @pytest.mark.parametrize("damage, problem", [
-    (lambda p: (p / COMPLETE_MARKER).unlink(), "no COMPLETE marker"),
+    (lambda p: (p / MARKER).unlink(), "no COMPLETE marker"),
     (lambda p: (p / METADATA).unlink(), "no .metadata file"),
     (lambda p: (p / METADATA).write_bytes(b"garbage"), "unreadable .metadata"),
     (lambda p: shard_of(p).write_bytes(shard_of(p).read_bytes()[:-9]), "is truncated"),
@@ -127,11 +132,11 @@ def test_folder_remover_hides_at_once_and_deletes_off_thread(tmp_path, monkeypat
     folder stops being a checkpoint at once, and close() waits until it is gone."""
     import threading
 
-    from gdt_tune.training.checkpointing import FolderRemover, list_checkpoints
+    from gdt_tune.training.checkpointing import FolderRemover
 
     for step in (2, 4):
         (tmp_path / f"step_{step}").mkdir()
-        (tmp_path / f"step_{step}" / COMPLETE_MARKER).write_text("")
+        (tmp_path / f"step_{step}" / MARKER).write_text("")
         (tmp_path / f"step_{step}" / "__0_0.distcp").write_bytes(b"x" * 1000)
     (tmp_path / ".deleting-step_0-1").mkdir()  # left by a crash
     release, removing = threading.Event(), []
@@ -148,7 +153,7 @@ def test_folder_remover_hides_at_once_and_deletes_off_thread(tmp_path, monkeypat
     remover.remove(tmp_path / "step_2")  # returns while the delete is blocked
     assert [p.name for _, p, _ in list_checkpoints(tmp_path)] == ["step_4"]
     hidden = [p for p in tmp_path.iterdir() if p.name.startswith(".deleting-step_2-")]
-    assert len(hidden) == 1 and not (hidden[0] / COMPLETE_MARKER).exists()
+    assert len(hidden) == 1 and not (hidden[0] / MARKER).exists()
     release.set()
     remover.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4"]

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from gdt_tune.cli import CONFIGS, RECIPE_MODULE, main, train_command
+from gdt_tune.cli.main import CONFIGS, RECIPE_MODULE, main, train_command
 
 
 def test_train_command_single_node_and_multi_node(tmp_path):
@@ -49,7 +49,7 @@ def test_cp_into_a_missing_folder_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("make_args, code, message", [
     (lambda d, t: ["evaluate", "--checkpoint", str(t / "nope"), "--data", str(d / "data" / "test")], 1,
-     "error: --checkpoint {t}/nope is not a folder; pass a step_N or epoch_N folder of a run"),
+     "error: --checkpoint {t}/nope is not a folder; give a run's step_N or epoch_N"),
     (lambda d, t: ["evaluate", "--checkpoint", str(d / "model"), "--data", str(d / "data"), "--max-samples", "-3"], 2,
      "error: argument --max-samples: '-3' is not an integer >= 1 (see gdt-tune evaluate --help)"),
     (lambda d, t: ["evaluate", "--data", "x"], 2, "error: the following arguments are required: --checkpoint"),
@@ -63,7 +63,7 @@ def test_cp_into_a_missing_folder_is_one_line(tmp_path, capsys):
     (lambda d, t: ["data-report", "--data", "x", "--tokenizer", "y", "--max-seq-len", "8"], 2,
      "error: argument --max-seq-len: '8' is not an integer >= 16"),
     (lambda d, t: ["export", "--checkpoint", str(t / "nope"), "--out", str(t / "x")], 1,
-     "error: --checkpoint {t}/nope is not a folder; give a run's epoch_N or step_N"),
+     "error: --checkpoint {t}/nope is not a folder; give a run's step_N or epoch_N"),
     (lambda d, t: ["export", "--checkpoint", str(d / "data"), "--out", str(t / "x")], 1,
      "error: --checkpoint {d}/data is neither an interim step_N nor a final epoch_N folder"),
     (lambda d, t: ["evaluate", "--checkpoint", str(d / "model"), "--data", str(d / "data" / "test"), "--out",
@@ -84,7 +84,7 @@ def test_cli_errors_are_one_line_naming_the_option(make_args, code, message, dem
 
 
 def test_evaluate_command_runs_the_same_arguments_under_torchrun():
-    from gdt_tune.cli import evaluate_command
+    from gdt_tune.cli.main import evaluate_command
 
     for argv in (["evaluate", "--nproc_per_node", "4", "--checkpoint", "C", "--data", "D"],
                  ["evaluate", "--checkpoint", "C", "--nproc_per_node=4", "--data", "D"]):
@@ -99,7 +99,7 @@ def test_tilde_key_removes_a_key_as_tune_run_does(tmp_path):
     trains with ``~lr_scheduler``); torchtune's parse drops the key; evaluate and export drop it too."""
     from recipe_utils import load_config
 
-    from gdt_tune.cli import _load_config
+    from gdt_tune.cli.main import _load_config
     from gdt_tune.training.config import parse
 
     cmd = train_command(["--nproc_per_node", "2", "--config", "tiny_gdt_cpu", "~lr_scheduler", "a=1"])

@@ -32,7 +32,7 @@ def test_typed_values_and_defaults_from_the_tiny_config():
         cfg.pop(key, None)
     rc = parse(cfg, cuda_available=False)
     assert (rc.training.clip_grad_norm, rc.training.float8, rc.training.custom_sharded_layers) == (None, False, None)
-    assert rc.training.fsdp_reshard_after_forward is True and rc.logging.batch_size_val == 4  # set in the YAML
+    assert rc.training.fsdp_reshard_after_forward is True and rc.validation.batch_size_val == 4  # set in the YAML (its own section, the same key)
 
 
 @pytest.mark.parametrize("override, message", [

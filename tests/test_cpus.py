@@ -2,7 +2,7 @@
 
 import os
 
-from gdt_tune.cpus import available_cpus, cgroup_cpu_quota
+from gdt_tune.runtime.cpus import available_cpus, cgroup_cpu_quota
 
 
 def test_cgroup_quota_v2_v1_and_none(tmp_path):

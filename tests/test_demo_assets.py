@@ -8,7 +8,7 @@ import torch
 from torchtune.models.llama3 import llama3
 from torchtune.training import FullModelHFCheckpointer
 
-from gdt_tune.demo_assets import SPECIAL_TOKEN_NAMES, TINY_MODEL, prepare_demo, train_bpe
+from gdt_tune.cli.demo_assets import SPECIAL_TOKEN_NAMES, TINY_MODEL, prepare_demo, train_bpe
 
 
 def test_prepare_demo_is_idempotent(demo_dir):

@@ -55,7 +55,7 @@ def _flags_in_source(path: Path) -> set[str]:
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
-    from gdt_tune.cli import build_parser
+    from gdt_tune.cli.main import build_parser
 
     action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return dict(action.choices)
@@ -68,7 +68,7 @@ def _torchrun_flags() -> set[str]:
 
 
 def _config(name: str | None):
-    from gdt_tune.cli import resolve_config
+    from gdt_tune.cli.main import resolve_config
 
     try:
         return OmegaConf.load(resolve_config(name or "tiny_gdt_cpu"))
@@ -104,7 +104,7 @@ def problems(command: str) -> list[str]:
     out, overrides, config = [], [], None
     if words[:2] == ["tune", "run"]:
         flags, rest = _torchrun_flags() | {"--config"}, words[2:]
-    elif words[0] == "gdt-tune" or words[1:3] == ["-m", "gdt_tune.cli"]:
+    elif words[0] == "gdt-tune" or words[1:3] == ["-m", "gdt_tune.cli.main"]:
         rest = words[1:] if words[0] == "gdt-tune" else words[3:]
         if not rest or rest[0].startswith("-"):
             return []

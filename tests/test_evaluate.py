@@ -59,7 +59,7 @@ def _cli(*args):
     import io
     from types import SimpleNamespace
 
-    from gdt_tune.cli import main
+    from gdt_tune.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -145,18 +145,16 @@ def test_evaluate_final_and_interim_checkpoints_of_a_demo_run(demo_dir, tmp_path
     bad = _cli("evaluate", "--checkpoint", str(tmp_path / "run" / "step_4"), "--out", str(tmp_path / "x"), *common)
     assert bad.returncode == 1 and "pass the training --config too" in bad.stderr
     # a config of another model shape is refused for step_N and epoch_N, naming the first tensor
-    from recipe_utils import load_config
-
-    from gdt_tune.trained import load_model_and_tokenizer
+    from recipe_utils import load_config, load_trained
 
     other = load_config(f"demo_dir={demo_dir}", "model.num_layers=3", "model.embed_dim=128")
     for folder in ("step_4", "epoch_0"):
         with pytest.raises(ValueError, match=r"holds another model \((layers\.0\.attn\.k_proj\.weight|layers\.2\.)"):
-            load_model_and_tokenizer(tmp_path / "run" / folder, other, torch.device("cpu"), torch.float32)
+            load_trained(tmp_path / "run" / folder, other, torch.device("cpu"), torch.float32)
     shallow = load_config(f"demo_dir={demo_dir}", "model.num_layers=1")  # missing layers: not silently truncated
     for folder in ("step_4", "epoch_0"):
         with pytest.raises(ValueError, match=r"holds another model \(layers\.1\.\S+: saved \(\d+"):
-            load_model_and_tokenizer(tmp_path / "run" / folder, shallow, torch.device("cpu"), torch.float32)
+            load_trained(tmp_path / "run" / folder, shallow, torch.device("cpu"), torch.float32)
 
 
 def test_data_report_on_the_demo_data(demo_dir, tokenizer, tmp_path):
@@ -192,9 +190,9 @@ def test_data_report_on_the_demo_data(demo_dir, tokenizer, tmp_path):
 def test_scores_equal_a_full_forward(demo_dir, tokenizer, dtype, tol):
     """Scores from the hidden states at the scored positions equal a full forward pass of the same
     model, in fp32 and in bf16 (the head runs in the model's dtype: bf16 used to crash)."""
-    from gdt_tune.trained import load_model_and_tokenizer
+    from recipe_utils import load_trained
 
-    model, _, _ = load_model_and_tokenizer(demo_dir / "model", None, torch.device("cpu"), dtype)
+    model, _, _ = load_trained(demo_dir / "model", None, torch.device("cpu"), dtype)
     assert model.output.weight.dtype == dtype
     pairs = [([1014, 5, 6, 7], [8, 9]), ([1014, 300], [301, 302, 303])]
     got = score_sequences(model, pairs, tokenizer.pad_id, torch.device("cpu"), batch_size=2)
@@ -303,7 +301,7 @@ def test_evaluate_on_two_ranks_writes_the_metrics_of_one_process(demo_dir, tmp_p
               "--seed", "3"]
     one = _cli("evaluate", *common, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "gdt_tune.cli", "evaluate", "--nproc_per_node", "2", *common,
+    two = subprocess.run([sys.executable, "-m", "gdt_tune.cli.main", "evaluate", "--nproc_per_node", "2", *common,
                           "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = ((tmp_path / name / "metrics.json").read_text() for name in ("one", "two"))

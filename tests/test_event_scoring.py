@@ -13,9 +13,9 @@ from gdt_tune.training.loss_head import LossOnlyHead
 
 @pytest.fixture(scope="module")
 def demo_model(demo_dir):
-    from gdt_tune.trained import load_model_and_tokenizer
+    from recipe_utils import load_trained
 
-    return load_model_and_tokenizer(demo_dir / "model", None, torch.device("cpu"), torch.float32)
+    return load_trained(demo_dir / "model", None, torch.device("cpu"), torch.float32)
 
 
 def _reference(model, tasks, pad_id):

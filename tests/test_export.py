@@ -10,7 +10,7 @@ import gdt_tune
 from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT, Layout
 from gdt_tune.datasets import cgdb_instruct_dataset
 from gdt_tune.eval.evaluate import read_samples
-from gdt_tune.serving import write_serving_files
+from gdt_tune.trained.serving import write_serving_files
 
 transformers = pytest.importorskip("transformers")
 
@@ -85,7 +85,7 @@ def test_trained_epoch_and_exported_step_serve_like_training(demo_dir, tokenizer
     train_in_process(demo_dir, run, "max_steps_per_epoch=2", "save_every_n_steps=2", "dataset_val=null",
                      "run_val_every_n_steps=null")
     exported = tmp_path / "exported"
-    proc = subprocess.run([sys.executable, "-m", "gdt_tune.cli", "export", "--checkpoint", str(run / "step_2"),
+    proc = subprocess.run([sys.executable, "-m", "gdt_tune.cli.main", "export", "--checkpoint", str(run / "step_2"),
                            "--out", str(exported), "--config", "tiny_gdt_cpu", f"demo_dir={demo_dir}"],
                           cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, TIKTOKEN_CACHE_DIR=""))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -95,7 +95,7 @@ def test_trained_epoch_and_exported_step_serve_like_training(demo_dir, tokenizer
         f"or serve it with vllm serve {exported}"], proc.stdout + proc.stderr
     trained = final_weights(run, 0)
     # pointed at the run's own epoch_0, export refuses and leaves the final weights as they are
-    proc = subprocess.run([sys.executable, "-m", "gdt_tune.cli", "export", "--checkpoint", str(run / "step_2"),
+    proc = subprocess.run([sys.executable, "-m", "gdt_tune.cli.main", "export", "--checkpoint", str(run / "step_2"),
                            "--out", str(run / "epoch_0"), "--config", "tiny_gdt_cpu", f"demo_dir={demo_dir}"],
                           cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, TIKTOKEN_CACHE_DIR=""))
     assert proc.returncode == 1 and proc.stderr.startswith(f"error: --out {run / 'epoch_0'} is not empty (")
@@ -119,7 +119,7 @@ def test_trained_epoch_and_exported_step_serve_like_training(demo_dir, tokenizer
 
 
 def test_export_writes_only_into_a_new_or_empty_folder_or_over_an_earlier_export(demo_dir, tmp_path):
-    from gdt_tune.export import EXPORT_MARKER, export_checkpoint
+    from gdt_tune.cli.export import EXPORT_MARKER, export_checkpoint
 
     source = demo_dir / "model"  # an HF folder, like a run's epoch_N
     files = lambda folder: {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}  # noqa: E731
@@ -155,7 +155,7 @@ def test_export_writes_only_into_a_new_or_empty_folder_or_over_an_earlier_export
 def test_export_checks_the_serving_files_before_any_work(demo_dir, tmp_path):
     """A checkpoint whose tokenizer cannot serve its model is refused before anything is copied or
     read: here config.json says 1000 embedding rows, below every special token (1014-1023)."""
-    from gdt_tune.export import export_checkpoint
+    from gdt_tune.cli.export import export_checkpoint
 
     source = tmp_path / "epoch_0"
     shutil.copytree(demo_dir / "model", source)

@@ -8,13 +8,13 @@ from gdt_tune.data.layout import Layout
 from gdt_tune.eval.evaluate import read_samples
 from gdt_tune.eval.generation import generate_draws, pick_tokens
 from gdt_tune.eval.reference import generate_answers
-from gdt_tune.serving import TEMPERATURE, TOP_P
+from gdt_tune.trained.serving import TEMPERATURE, TOP_P
 
 
 def test_greedy_draw_equals_a_prefill_per_draw(demo_dir):
-    from gdt_tune.trained import load_model_and_tokenizer
+    from recipe_utils import load_trained
 
-    model, tok, prompt = load_model_and_tokenizer(demo_dir / "model", None, torch.device("cpu"), torch.float32)
+    model, tok, prompt = load_trained(demo_dir / "model", None, torch.device("cpu"), torch.float32)
     layout = Layout.build(tok, prompt)
     prompts = [[*layout.prompt_tokens(r["instruction"]), *layout.assistant_header]
                for _, r in read_samples(demo_dir / "data" / "test", 6)]

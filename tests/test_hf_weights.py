@@ -33,7 +33,7 @@ def _load_both_ways(demo_dir, out, rank):
     from torchtune.models.llama3 import llama3
     from torchtune.training import FullModelHFCheckpointer
 
-    from gdt_tune.demo_assets import TINY_MODEL
+    from gdt_tune.cli.demo_assets import TINY_MODEL
     from gdt_tune.training.hf_weights import tune_shapes, weights_for_rank
 
     def checkpointer():

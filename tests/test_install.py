@@ -39,7 +39,7 @@ def test_wheel_runs_the_demo_from_another_folder(tmp_path):
     assert "final HF checkpoint" in proc.stdout
     assert (elsewhere / "demo" / "run" / "epoch_0" / "config.json").is_file()
     # a shipped config by name resolves inside the installed package (the demo above trained with it)
-    check = "from gdt_tune.cli import resolve_config; print(resolve_config('tiny_gdt_cpu'))"
+    check = "from gdt_tune.cli.main import resolve_config; print(resolve_config('tiny_gdt_cpu'))"
     assert _run([venv / "bin" / "python", "-c", check], elsewhere).stdout.strip().startswith(str(site))
     _run([gdt, "cp", "llama3_1_8b_gdt_full", "."], elsewhere)
     assert (elsewhere / "llama3_1_8b_gdt_full.yaml").read_text() == (

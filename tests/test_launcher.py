@@ -11,7 +11,7 @@ import time
 import pytest
 from recipe_utils import REPO, TINY, logged
 
-from gdt_tune.launcher import StderrFilter
+from gdt_tune.cli.launcher import StderrFilter
 
 TORCHRUN_FAILURE = """\
 E1126 03:14:35.1 1 torch/distributed/elastic/multiprocessing/api.py:874] failed (exitcode: 1) local_rank: 0
@@ -50,7 +50,7 @@ def _train(out, demo_dir, *overrides, nproc=1):
     """`gdt-tune train` of the tiny config; one rank unless asked (what these tests watch is the
     launcher, torchrun and a rank; two ranks agreeing on a signal: tests/test_signals.py,
     tests/test_checkpoint_manager.py)."""
-    cmd = [sys.executable, "-m", "gdt_tune.cli", "train", "--nproc_per_node", str(nproc), "--config", TINY,
+    cmd = [sys.executable, "-m", "gdt_tune.cli.main", "train", "--nproc_per_node", str(nproc), "--config", TINY,
            f"demo_dir={demo_dir}", f"output_dir={out}", "dataset_val=null", "~lr_scheduler", "run_val_every_n_steps=null", *overrides]
     env = dict(os.environ, TIKTOKEN_CACHE_DIR="", GDT_TUNE_LOG_DIR=str(out.parent / "launcher-logs"),
                PYTHONUNBUFFERED="1")
@@ -108,7 +108,7 @@ time.sleep(60)
 """
 LAUNCHER = """
 import os, sys
-from gdt_tune.launcher import run_training
+from gdt_tune.cli.launcher import run_training
 sys.exit(run_training([sys.executable, "-c", sys.argv[1]], dict(os.environ)))
 """
 
@@ -155,7 +155,7 @@ def _kill_and_wait_for_children(out, proc, children: int, timeout: float = 90) -
 
 WATCHED = """
 import os, signal, sys, time
-from gdt_tune.coordination import watch_launcher
+from gdt_tune.runtime.coordination import watch_launcher
 signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[1], "w").write("SIGTERM"), os._exit(0)))
 watch_launcher(poll_seconds=0.05)
 open(sys.argv[1] + ".ready", "w").close()
@@ -198,7 +198,7 @@ def test_kill_9_of_gdt_tune_saves_the_current_step_like_sigterm(demo_dir, tmp_pa
 
 def test_progress_bars_pass_through_as_they_update():
     """tqdm redraws with \\r and no newline: those updates are shown at once, not held back."""
-    from gdt_tune.launcher import segments
+    from gdt_tune.cli.launcher import segments
 
     read, write = os.pipe()
     pieces = segments(read)
@@ -222,7 +222,7 @@ time.sleep(60)
 def test_a_rank_killed_by_a_signal_is_named_with_the_signal(tmp_path, capsys, monkeypatch):
     """A rank dies of SIGKILL (no error line of its own): the launcher names the rank and the
     signal from torchrun's Root Cause, not only an exit code; for evaluate it says evaluate."""
-    from gdt_tune.launcher import run_training
+    from gdt_tune.cli.launcher import run_training
 
     monkeypatch.setenv("GDT_TUNE_LOG_DIR", str(tmp_path))
     script = tmp_path / "ranks.py"

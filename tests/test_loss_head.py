@@ -8,7 +8,7 @@ import torch
 from torchtune.models.llama3 import llama3
 from torchtune.modules.loss import CEWithChunkedOutputLoss
 
-from gdt_tune.demo_assets import TINY_MODEL
+from gdt_tune.cli.demo_assets import TINY_MODEL
 from gdt_tune.training.loss_head import LossOnlyHead
 
 

@@ -14,7 +14,7 @@ from meta_assets import TOKENIZER, reference_tokenizer
 from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT, Layout
 from gdt_tune.data.synthetic import generate_cohort
 from gdt_tune.datasets import cgdb_instruct_dataset
-from gdt_tune.serving import write_serving_files
+from gdt_tune.trained.serving import write_serving_files
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 128_256  # Llama-3.1-8B-Instruct's embedding rows

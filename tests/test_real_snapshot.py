@@ -99,13 +99,13 @@ def test_resume_from_step_2_ends_bit_identical(run, tmp_path):
 
 
 def test_transformers_loads_epoch_0_with_torchtunes_logits(run):
-    from gdt_tune.trained import load_model_and_tokenizer
+    from recipe_utils import load_trained
 
     _, _, out, _ = run
     epoch = out / "epoch_0"
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(epoch), torch_dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(epoch))
-    model, tt_tokenizer, prompt = load_model_and_tokenizer(epoch, None, torch.device("cpu"), torch.float32)
+    model, tt_tokenizer, prompt = load_trained(epoch, None, torch.device("cpu"), torch.float32)
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "hemoglobin - 718-7 is 12.5, ECOG is 1."}],
                                         add_generation_prompt=True, tokenize=True)
     ids = torch.tensor([ids["input_ids"] if not isinstance(ids, list) else ids])
@@ -117,7 +117,7 @@ def test_transformers_loads_epoch_0_with_torchtunes_logits(run):
 
 
 def test_evaluate_reads_epoch_0(run, tmp_path, capsys):
-    from gdt_tune.cli import main
+    from gdt_tune.cli.main import main
 
     _, data, out, _ = run
     assert main(["evaluate", "--checkpoint", str(out / "epoch_0"), "--data", str(data / "test"), "--out",
@@ -137,7 +137,7 @@ def test_export_of_step_2_serves_with_torchtunes_special_tokens(run, meta_assets
 
     snapshot, data, out, _ = run
     served = tmp_path / "served"
-    from gdt_tune.cli import main
+    from gdt_tune.cli.main import main
 
     assert main(["export", "--checkpoint", str(out / "step_2"), "--out", str(served), "--config",
                  "llama3_1_8b_gdt_full", f"model_dir={snapshot}", f"data_dir={data}", f"output_dir={out}",

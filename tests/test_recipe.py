@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from recipe_utils import RECIPE, REPO, TINY, TUNE, final_weights, logged, run_recipe, train_in_process
 
-from gdt_tune.demo_assets import TINY_MODEL
+from gdt_tune.cli.demo_assets import TINY_MODEL
 from gdt_tune.training.config import parse
 
 pytestmark = pytest.mark.xdist_group("thirty_steps")  # one worker computes the shared runs
@@ -175,7 +175,7 @@ class _Changed(torch.utils.data.Dataset):
 
 
 def test_errors_from_dataloader_workers_become_their_one_line():
-    from gdt_tune.recipes.full_finetune_fsdp_ckpt import one_line
+    from gdt_tune.runtime.errors import one_line
 
     with pytest.raises(ValueError) as e:
         next(iter(torch.utils.data.DataLoader(_Changed(), num_workers=1)))
@@ -210,4 +210,4 @@ def test_balanced_steps_without_a_group_use_the_global_batch(demo_dir, tmp_path,
         recipe = setup_in_process(cfg)
     assert ("balanced_steps: balance_group=6, the global batch (batch_size x ranks x gradient_accumulation_steps)"
             in caplog.text) and "WARNING" not in caplog.text  # no "spans two groups"
-    assert recipe._sampler.group == 6
+    assert recipe._batches.sampler.group == 6

@@ -3,13 +3,15 @@ it aside), resume and pruning within the run, and the output_dir lock. In proces
 
 import json
 import os
+import shutil
 import socket
 
 import pytest
 from recipe_utils import load_config, setup_in_process
 
-from gdt_tune.training.checkpointing import find_resume, to_prune
+from gdt_tune.training.resume import find_resume
 from gdt_tune.training.run_dir import OutputDirLock
+from gdt_tune.training.step_dirs import MARKER, read_marker, to_prune
 
 SHORT = ("max_steps_per_epoch=4", "save_every_n_steps=2", "keep_last_n_checkpoints=2", "dataset_val=null",
          "run_val_every_n_steps=null")
@@ -25,7 +27,7 @@ def test_a_fresh_start_over_another_run_is_refused_or_moves_it_aside(demo_dir, t
     first = json.loads((out / "run.json").read_text())
     assert set(first) == {"run_id", "config_hash", "started"}
     assert sorted(p.name for p in out.glob("step_*")) == ["step_2", "step_4"]
-    assert (out / "step_4" / "COMPLETE").read_text() == first["run_id"]
+    assert read_marker(out / "step_4").run_id == first["run_id"]
     before = sorted(p.name for p in out.iterdir())
 
     with pytest.raises(ValueError) as e:
@@ -47,9 +49,9 @@ def test_a_fresh_start_over_another_run_is_refused_or_moves_it_aside(demo_dir, t
     assert len(moved) == 1 and moved[0].name.startswith(aside.name)
     # every file the old run wrote moved, never deleted (its torchtune_config.yaml too: not overwritten)
     assert {"step_2", "step_4", "epoch_0", "run.json", "torchtune_config.yaml", "logs"} <= {p.name for p in moved[0].iterdir()}
-    assert (out / "torchtune_config.yaml").is_file() and (out / "epoch_0" / "COMPLETE").read_text().split()[1] == "4"
+    assert (out / "torchtune_config.yaml").is_file() and read_marker(out / "epoch_0").step == 4
     assert second["run_id"] != first["run_id"]
-    assert (out / "step_4" / "COMPLETE").read_text() == second["run_id"]
+    assert read_marker(out / "step_4").run_id == second["run_id"]
 
 
 def test_resume_and_pruning_only_consider_this_run(demo_dir, tmp_path):
@@ -59,15 +61,16 @@ def test_resume_and_pruning_only_consider_this_run(demo_dir, tmp_path):
     # a complete checkpoint of another run, newer than ours (e.g. copied in by mistake)
     stranger = out / "step_9"
     stranger.mkdir()
-    for name in ("COMPLETE", ".metadata", "rank_0.pt"):
-        (stranger / name).write_text("other-run" if name == "COMPLETE" else "x")
+    for name in (MARKER, ".metadata", "rank_0.pt"):
+        (stranger / name).write_text("other-run" if name == MARKER else "x")
     assert find_resume(out, True, rank=0, run_id=run_id) == out / "step_4"
     assert stranger not in to_prune(out, 1, run_id)
+    shutil.rmtree(out / "epoch_0")  # as if stopped before its final save (a finished run stays finished)
     recipe = setup_in_process(load_config(f"demo_dir={demo_dir}", f"output_dir={out}", *SHORT,
                                           "max_steps_per_epoch=6", "resume_from_checkpoint=true"), train=True)
     assert recipe._progress.global_step == 6
     assert json.loads((out / "run.json").read_text())["run_id"] == run_id  # the same run, continued
-    assert stranger.is_dir() and (out / "step_6" / "COMPLETE").read_text() == run_id
+    assert stranger.is_dir() and read_marker(out / "step_6").run_id == run_id
 
 
 def test_a_second_run_on_a_locked_output_dir_is_refused_naming_the_holder(demo_dir, tmp_path):

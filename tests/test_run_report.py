@@ -1,6 +1,7 @@
 """`gdt-tune plot-run`: curves and summary from DiskLogger files, resumed runs merged."""
 
 from gdt_tune.eval.run_report import plot_run, read_logs, smooth
+from gdt_tune.training.step_dirs import METADATA, write_marker
 
 
 def _log(path, lines):
@@ -19,7 +20,8 @@ def test_plot_run_merges_resumed_logs_and_summarises(tmp_path):
                                            (3, {"checkpoint_blocked_seconds": 0.1})])
     for name in ("step_2", "step_3"):
         (tmp_path / name).mkdir()
-    (tmp_path / "step_3" / "COMPLETE").write_text("")
+    (tmp_path / "step_3" / METADATA).write_text("")
+    write_marker(tmp_path / "step_3", "run-a", 3)
     (tmp_path / "epoch_0").mkdir()
     metrics = read_logs(tmp_path)
     assert metrics["loss"] == {1: 4.0, 2: 3.0, 3: 2.0} and metrics["val_loss"] == {2: 3.5}

@@ -15,7 +15,8 @@ import torch
 from recipe_utils import final_weights, logged, train_in_process
 
 import gdt_tune.clinical.event_scoring as event_scoring
-import gdt_tune.recipes.full_finetune_fsdp_ckpt as recipe_module
+import gdt_tune.training.validator as validator_module
+from gdt_tune.training.step_dirs import read_marker
 
 pytestmark = pytest.mark.xdist_group("signals")  # one worker trains the uninterrupted run
 
@@ -37,7 +38,7 @@ class SignalAt:
 
     def __init__(self, monkeypatch, module, name: str, step: int, nth: int = 2):
         self.calls, self.after_signal, self.armed = 0, 0, False
-        original, run_validation = getattr(module, name), recipe_module.FullFinetuneRecipe._run_validation
+        original, validate = getattr(module, name), validator_module.Validator.validate
 
         def counted(*args, **kwargs):
             if self.armed:
@@ -47,21 +48,21 @@ class SignalAt:
                     os.kill(os.getpid(), signal.SIGTERM)
             return original(*args, **kwargs)
 
-        def validation(recipe):
-            self.armed = recipe._progress.global_step == step
+        def validation(validator, model, at_step):
+            self.armed = at_step == step
             try:
-                return run_validation(recipe)
+                return validate(validator, model, at_step)
             finally:
                 self.armed = False
 
         monkeypatch.setattr(module, name, counted)
-        monkeypatch.setattr(recipe_module.FullFinetuneRecipe, "_run_validation", validation)
+        monkeypatch.setattr(validator_module.Validator, "validate", validation)
 
 
 @pytest.mark.parametrize("where, module, name, step", [
-    ("validation loss", recipe_module, "label_kinds", 4),      # called once per validation batch
-    ("event scoring", event_scoring, "score_packs", 4),         # once per scoring forward
-    ("final validation", recipe_module, "label_kinds", 6),     # after the last step, before epoch_0
+    ("validation loss", validator_module, "label_kinds", 4),      # once per validation sample (batch_size_val=1)
+    ("event scoring", event_scoring, "score_packs", 4),            # once per scoring forward
+    ("final validation", validator_module, "label_kinds", 6),     # after the last step, before epoch_0
 ])
 def test_a_signal_during_validation_saves_the_step_and_the_resume_validates_it_first(
         demo_dir, tmp_path, monkeypatch, caplog, uninterrupted, where, module, name, step):
@@ -94,11 +95,11 @@ def test_a_requeue_of_a_finished_run_loads_and_writes_nothing(demo_dir, tmp_path
     """(A run given more steps than it finished with resumes: tests/test_run_dir.py.)"""
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
-    marker = (out / "epoch_0" / "COMPLETE").read_text().split()
-    assert marker[1] == "6" and marker[0] == json.loads((out / "run.json").read_text())["run_id"]
+    marker = read_marker(out / "epoch_0")
+    assert marker.step == 6 and marker.run_id == json.loads((out / "run.json").read_text())["run_id"]
     before = _files(out)
     with caplog.at_level(logging.INFO, logger="gdt_tune"):
         recipe = train_in_process(demo_dir, out, *RUN, "resume_from_checkpoint=true")
-    assert recipe.finished and recipe._model is None  # no weights loaded
+    assert recipe.already_trained and recipe._model is None  # no weights loaded
     assert f"has finished: {out}/epoch_0 is complete after step 6; nothing to do" in caplog.text
     assert _files(out) == before  # nothing written, not even logs

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from recipe_utils import REPO, logged, train_in_process
 from torchtune.models.llama3 import llama3
 
-from gdt_tune.demo_assets import TINY_MODEL
+from gdt_tune.cli.demo_assets import TINY_MODEL
 from gdt_tune.training.activation_checkpointing import apply_activation_checkpointing, layers_to_checkpoint
 from gdt_tune.training.config import parse
 from gdt_tune.training.float8 import convert_to_float8, float8_problem

@@ -26,7 +26,7 @@ def run(demo_dir, tmp_path_factory):
 def _val_set(cfg):
     from torchtune import config
 
-    from gdt_tune.prompting import tokenizer_from_config
+    from gdt_tune.trained.prompting import tokenizer_from_config
 
     tokenizer = tokenizer_from_config(cfg.tokenizer)
     return config.instantiate(cfg.dataset_val, tokenizer), tokenizer
@@ -60,11 +60,11 @@ def test_event_metrics_equal_evaluate_of_the_step_checkpoint(run, tmp_path):
 def test_loss_per_task_type_equals_a_plain_forward(run):
     """The recipe's sharded, per-token sums equal a plain forward of step_2's weights over the
     whole validation set, attributed by the same rule."""
-    from gdt_tune.trained import load_model_and_tokenizer
+    from recipe_utils import load_trained
 
     out, cfg = run
     ds, tokenizer = _val_set(cfg)
-    model, _, _ = load_model_and_tokenizer(out / "step_2", cfg, torch.device("cpu"), torch.float32)
+    model, _, _ = load_trained(out / "step_2", cfg, torch.device("cpu"), torch.float32)
     sums, counts = [0.0, 0.0, 0.0], [0, 0, 0]
     with torch.no_grad():
         for i in range(len(ds)):

@@ -22,7 +22,7 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
 from gdt_tune.clinical.metrics import OUTCOMES, outcome_index
 from gdt_tune.data.answers import parse_answer
-from gdt_tune.data.layout import Layout
+from gdt_tune.data.layout import Layout, shift_labels
 from gdt_tune.data.records import event_time, task_target
 from gdt_tune.data.text import EVENT, EVENT_CATEGORIES, EVENT_PROMPT, event_horizons
 
@@ -108,8 +108,8 @@ def pack_sample(tasks: list[dict], limit: int) -> list[Pack]:
 
 
 def pack_tensors(packs: list[Pack], pad_id: int) -> dict[str, torch.Tensor]:
-    """Padded ``tokens``, ``input_pos``, boolean ``mask`` [b, s, s] (True: attend) and shifted
-    ``labels`` (position t predicts ``labels[t]``) of a batch of packs."""
+    """Padded ``tokens``, ``input_pos``, boolean ``mask`` [b, s, s] (True: attend) and ``labels``
+    shifted as training shifts them (``data.layout.shift_labels``) of a batch of packs."""
     length = max(map(len, packs))
     tokens = torch.full((len(packs), length), pad_id, dtype=torch.long)
     labels = torch.full((len(packs), length), CROSS_ENTROPY_IGNORE_IDX, dtype=torch.long)
@@ -129,7 +129,8 @@ def pack_tensors(packs: list[Pack], pad_id: int) -> dict[str, torch.Tensor]:
             pos[b, at:end] = torch.arange(start, start + len(toks))
             segment[b, at:end] = k
             sees_trunk_below[b, at:end] = start
-            labels[b, at + scored_from: end - 1] = torch.tensor(toks[scored_from + 1:], dtype=torch.long)
+            scored = [CROSS_ENTROPY_IGNORE_IDX] * (scored_from + 1) + toks[scored_from + 1:]
+            labels[b, at:end] = torch.tensor(shift_labels(scored), dtype=torch.long)
             at = end
     index = torch.arange(length)
     trunk_key = (segment == 0)[:, None, :] & (pos[:, None, :] < sees_trunk_below[:, :, None])

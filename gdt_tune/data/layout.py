@@ -41,6 +41,13 @@ def trained_with(dataset) -> tuple[str, int]:
     return system_prompt_or_default(dataset.get("system_prompt")), dataset.get("max_seq_len") or DEFAULT_MAX_SEQ_LEN
 
 
+def shift_labels(labels: list[int]) -> list[int]:
+    """A sample's labels as targets of the position before (position t predicts token t+1); the last
+    position predicts nothing. The one place that shifts labels: training rows
+    (``training.batches``) and event scoring (``clinical.event_scoring``) both call it."""
+    return [*labels[1:], CROSS_ENTROPY_IGNORE_IDX]
+
+
 def system_prompt_or_default(system_prompt: str | None) -> str:
     """``system_prompt``, or gdt_tune's default when it is None (unset)."""
     return DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt

@@ -245,7 +245,7 @@ CHUNK_BYTES = 32 * 2**20
 
 def default_index_workers() -> int:
     """All CPUs this process may use (only one process per node indexes), quota included."""
-    from gdt_tune.cpus import available_cpus
+    from gdt_tune.runtime.cpus import available_cpus
 
     return available_cpus()
 

@@ -1,3 +1,9 @@
-from gdt_tune.datasets.cgdb_instruct import CGDBInstructDataset, PatientDataset, cgdb_instruct_dataset, dropped_by_cap
+from gdt_tune.datasets.cgdb_instruct import (
+    CGDBInstructDataset,
+    PatientDataset,
+    cgdb_instruct_dataset,
+    dropped_by_cap,
+    refuse_shared_patients,
+)
 
-__all__ = ["CGDBInstructDataset", "PatientDataset", "cgdb_instruct_dataset", "dropped_by_cap"]
+__all__ = ["CGDBInstructDataset", "PatientDataset", "cgdb_instruct_dataset", "dropped_by_cap", "refuse_shared_patients"]

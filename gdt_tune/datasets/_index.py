@@ -18,6 +18,7 @@ import numpy as np
 
 from gdt_tune.data.layout import Layout, apply_cap
 from gdt_tune.data.records import default_index_workers, lot_of, map_chunks, patient_of, read_chunk
+from gdt_tune.runtime.files import atomic_output, file_stamp
 
 log = logging.getLogger("gdt_tune")
 
@@ -43,13 +44,13 @@ class FileIndex:
     lots: np.ndarray  # str
 
     def save(self, path: Path, stamp: str) -> None:
-        """``stamp``: :func:`file_stamp` of the file as it was indexed. An index that does not fit its
+        """``stamp``: ``str(file_stamp(file))`` as it was indexed (``runtime.files``: what an edit
+        cannot keep, as git's index: size, mtime, and the inode and its ctime). An index that does not fit its
         file is never written (see :meth:`fits`)."""
         if not self.fits(stamp_size(stamp)):
             raise RuntimeError(f"internal error: the index of {path.name} does not fit its file; not cached")
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, stamp=np.asarray(stamp), **{f.name: getattr(self, f.name) for f in fields(self)})
-        os.replace(tmp, path)
+        with atomic_output(path) as tmp, open(tmp, "wb") as out:
+            np.savez(out, stamp=np.asarray(stamp), **{f.name: getattr(self, f.name) for f in fields(self)})
 
     @classmethod
     def load(cls, path: Path) -> tuple[FileIndex, str]:
@@ -67,16 +68,8 @@ class FileIndex:
         return bool(np.all(self.offsets[1:] >= ends[:-1]) and (len(ends) == 0 or ends[-1] <= size))
 
 
-def file_stamp(path: Path) -> str:
-    """What an edit of ``path`` cannot keep: size, modification time, and the inode and its change
-    time (ctime: set by the kernel on every write and on every ``touch``/``utime``, never by a user),
-    as git's index does. One ``stat`` call, whatever the file's size."""
-    st = path.stat()
-    return f"{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
-
-
 def stamp_size(stamp: str) -> int:
-    """The file size in a :func:`file_stamp`."""
+    """The file size in a stored stamp (``str(file_stamp(path))``)."""
     return int(stamp.split("|", 1)[0])
 
 
@@ -187,7 +180,7 @@ def index_files(files: list[Path], layout: Layout, max_seq_len: int, truncation:
     # the file's now and it fits the file
     cached = [cache_dir / f"{path.stem[:40]}-{hashlib.sha256(f'{path.resolve()}|{settings}'.encode()).hexdigest()[:24]}.npz"
               for path in files]
-    stamps = {path: file_stamp(path) for path in files}
+    stamps = {path: str(file_stamp(path)) for path in files}
     indexes: dict[Path, FileIndex] = {}
     for path, c in zip(files, cached):
         index, stamp = FileIndex.load(c) if c.exists() else (None, "")

@@ -12,7 +12,6 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from gdt_tune.coordination import node_first
 from gdt_tune.data.layout import (
     DEFAULT_MAX_SEQ_LEN,
     GDT_SYSTEM_PROMPT_SHA256,
@@ -27,6 +26,8 @@ from gdt_tune.data.layout import (
 from gdt_tune.data.records import read_record, resolve_data_files
 from gdt_tune.datasets._index import id_key, index_files, key_fingerprint, keyed_hash
 from gdt_tune.datasets.selection import Rows, select
+from gdt_tune.runtime.coordination import node_first
+from gdt_tune.runtime.files import file_stamp
 
 log = logging.getLogger("gdt_tune")
 
@@ -54,6 +55,27 @@ class PatientDataset(Protocol):
     def lengths(self): ...  #: tokens of each sample after the cap (balanced_steps)
 
 
+def refuse_shared_patients(first, second, keys: tuple[str, str] = ("dataset", "dataset_val"),
+                           warn: bool = True) -> None:
+    """ValueError when two :class:`PatientDataset` splits share a patient, naming where (``file:line``
+    of each), never the id; other datasets are not checked. ``keys``: what to call them; ``warn``: log
+    how many samples lack ``meta.patientid`` (rank 0)."""
+    if not (isinstance(first, PatientDataset) and isinstance(second, PatientDataset)):
+        return
+    if first.id_key_fingerprint != second.id_key_fingerprint:
+        raise ValueError(f"{keys[0]}.cache_dir and {keys[1]}.cache_dir hold different id-hashing keys, so their "
+                         "patient overlap cannot be checked; give both the same cache_dir")
+    for key, ds in zip(keys, (first, second)):
+        if (missing := ds.counts.get("no_patient_id", 0)) and warn:
+            log.warning("%s: %d of %d samples have no meta.patientid, so whether their patients also appear in "
+                        "the other split cannot be checked; give every sample meta.patientid", key, missing, len(ds))
+    shared = first.patient_ids() & second.patient_ids()
+    if shared:
+        one = min(shared)  # named by where it is, not by its id
+        raise ValueError(f"{keys[0]} and {keys[1]} share {len(shared)} patients (e.g. the patient of "
+                         f"{first.where_patient(one)} and {second.where_patient(one)}); split them by patient")
+
+
 def dropped_by_cap(dataset) -> int:
     """Samples the length cap dropped from a :class:`PatientDataset` (0 for another dataset)."""
     counts = dataset.counts if isinstance(dataset, PatientDataset) else {}
@@ -69,7 +91,7 @@ class CGDBInstructDataset(Dataset):
                  counts: dict[str, int], id_key_fingerprint: str, settings: dict, data_files: dict):
         self.files = [str(f) for f in files]
         self.data_files = data_files  # what the resume contract compares (see file_identities)
-        self._stamps = [_stamp(f) for f in self.files]
+        self._stamps = [file_stamp(f) for f in self.files]
         self._rows = rows
         self._layout, self._max_seq_len, self._truncation = layout, max_seq_len, truncation
         self.counts = counts
@@ -105,7 +127,7 @@ class CGDBInstructDataset(Dataset):
         """Sample ``index`` as read from its file (validated; not capped)."""
         where, file = self.where(index), self._rows.file[index]
         with open(self.files[file], "rb") as f:
-            if _stamp(f.fileno()) != self._stamps[file]:
+            if not file_stamp(f.fileno()).same_content(self._stamps[file]):
                 raise ValueError(f"{where}: the file changed after it was indexed; restart to re-index it")
             f.seek(int(self._rows.offset[index]))
             raw = f.read(int(self._rows.length[index]))
@@ -137,11 +159,6 @@ def file_identities(files: list[Path], rows: Rows) -> dict[str, dict]:
         out[name] = {"bytes": os.stat(path).st_size, "samples": len(digests),
                      "content": hashlib.blake2b(digests.tobytes(), digest_size=8).hexdigest()}
     return out
-
-
-def _stamp(file) -> tuple[int, int]:
-    st = os.stat(file)
-    return st.st_size, st.st_mtime_ns
 
 
 def _read_patient_ids(patient_ids) -> set[str]:

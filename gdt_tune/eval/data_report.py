@@ -26,7 +26,7 @@ from gdt_tune.data.records import (
     read_chunk,
     resolve_data_files,
 )
-from gdt_tune.eval.atomic import write_atomically
+from gdt_tune.runtime.files import write_atomically
 from gdt_tune.training.sampling import expected_rank_balance
 
 BINS = 40

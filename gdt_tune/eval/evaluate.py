@@ -11,7 +11,7 @@ own metrics among them (docs/evaluation.md).
   distribution, against the majority outcome and a Random Survival Forest (``gdt_eval``); accuracy,
   Brier, confusion, calibration and the AUROC of P(occurred) among uncensored tasks.
 - Forecasting tasks: the answer is generated greedily and ``--samples`` times sampled (GDT's 10 by
-  default, temperature and top-p: ``gdt_tune.serving.GENERATION``) from one prefill of the prompt
+  default, temperature and top-p: ``gdt_tune.trained.serving.GENERATION``) from one prefill of the prompt
   (``gdt_tune.eval.generation``), parsed with ``parse_answer``; GDT's MAE ratio to copy-forward per
   (indication, variable) on clipped values, the forecast being the mean of the draws; the MAE per
   variable and the share of unparseable outputs.
@@ -43,12 +43,10 @@ from gdt_tune.clinical.metrics import (
     majority_baseline,
     softmax,
 )
-from gdt_tune.coordination import init_distributed
 from gdt_tune.data.answers import parse_answer
 from gdt_tune.data.layout import GDT_EVAL_DATE_LINES, Layout
 from gdt_tune.data.records import read_lines, resolve_data_files
 from gdt_tune.data.text import FORECASTING, last_values
-from gdt_tune.eval.atomic import write_atomically
 from gdt_tune.eval.gdt_eval import (
     event_rows,
     forecast_rows,
@@ -60,8 +58,11 @@ from gdt_tune.eval.gdt_eval import (
     summary_table,
 )
 from gdt_tune.eval.generation import generate_draws
-from gdt_tune.serving import TEMPERATURE, TOP_P
-from gdt_tune.trained import load_model_and_tokenizer
+from gdt_tune.runtime.coordination import init_distributed
+from gdt_tune.runtime.files import write_atomically
+from gdt_tune.runtime.torch_env import DTYPES, torch_dtype
+from gdt_tune.trained.model import open_trained
+from gdt_tune.trained.serving import TEMPERATURE, TOP_P
 from gdt_tune.training.config import unwritable_folder
 from gdt_tune.training.loss_head import LossOnlyHead
 
@@ -89,9 +90,6 @@ def parsed_forecast(text: str) -> dict | None:
 
 
 # ---------------------------------------------------------------- command
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
 def check_output_folder(out: Path) -> None:
     """``--out`` must be a folder this process can write (checked before any work)."""
     if (blocker := unwritable_folder(out)) == out and not out.is_dir():
@@ -113,7 +111,7 @@ def _device_and_dtype(device, dtype, local_rank: int) -> tuple[torch.device, tor
         raise ValueError(f"--dtype {dtype}: expected bf16 or fp32")
     if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = torch.device("cuda", local_rank)  # --nproc_per_node: one device per rank
-    return device, DTYPES[dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    return device, torch_dtype(dtype or ("bf16" if device.type == "cuda" else "fp32"))
 
 
 class Ranks:
@@ -234,8 +232,9 @@ def evaluate(checkpoint, data, out, cfg=None, max_samples=None, train_data=None,
         resolve_data_files(train_data, "--train-data")  # a wrong path fails before the model loads
     ranks = Ranks(device.type)
     try:
-        model, tokenizer, system_prompt = load_model_and_tokenizer(checkpoint, cfg, device, dtype)
-        layout = evaluation_layout(tokenizer, system_prompt, prompt)
+        trained = open_trained(checkpoint, cfg)
+        model, tokenizer = trained.load(device, dtype), trained.tokenizer
+        layout = evaluation_layout(tokenizer, trained.system_prompt, prompt)
         tasks, probs, scoring = score_events(model, tokenizer, layout, records, batch_size, device, ranks)
         items = generate_forecasts(model, tokenizer, layout, records, samples, batch_size, device, dtype, seed, ranks)
     finally:

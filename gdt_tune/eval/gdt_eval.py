@@ -170,7 +170,7 @@ def rsf_scores(train: TrainingSplit, rows: list[dict], features: list[dict], see
     from sksurv.ensemble import RandomSurvivalForest
     from sksurv.util import Surv
 
-    from gdt_tune.cpus import available_cpus
+    from gdt_tune.runtime.cpus import available_cpus
 
     lab_counts = Counter(k for f, _, _, _ in train.rsf for k in f if k.startswith("lab:"))
     labs = {k for k, _ in lab_counts.most_common(RSF_LABS)}

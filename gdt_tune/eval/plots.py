@@ -6,7 +6,7 @@ from pathlib import Path
 
 import matplotlib
 
-from gdt_tune.eval.atomic import atomic_output
+from gdt_tune.runtime.files import atomic_output
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

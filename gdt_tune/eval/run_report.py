@@ -14,7 +14,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from gdt_tune.eval.atomic import write_atomically
+from gdt_tune.runtime.files import write_atomically
+from gdt_tune.training.step_dirs import final_dirs, list_checkpoints
 
 _LINE = re.compile(r"^Step (\d+) \| (.*)$")
 
@@ -61,7 +62,7 @@ def summary(run_dir: Path, metrics: dict[str, dict[int, float]]) -> list[tuple[s
     loss, val = metrics.get("loss", {}), metrics.get("val_loss", {})
     last = sorted(loss)[-10:]
     tps, balance = metrics.get("tokens_per_second_per_device", {}), metrics.get("rank_balance", {})
-    steps = sorted(p for p in run_dir.glob("step_*") if (p / "COMPLETE").is_file())
+    steps = [p for _, p, complete in list_checkpoints(run_dir) if complete]
     rows = [("steps logged", f"{min(loss)}..{max(loss)} ({len(loss)} values)" if loss else "none"),
             ("tokens seen", f"{int(max(metrics['tokens_seen'].values())):,}" if metrics.get("tokens_seen") else "n/a"),
             ("tokens/s per device (mean)", f"{sum(tps.values()) / len(tps):,.0f}" if tps else "n/a"),
@@ -72,7 +73,7 @@ def summary(run_dir: Path, metrics: dict[str, dict[int, float]]) -> list[tuple[s
               for name, values in validation_series(metrics).items()],
             ("rank balance (mean; 1.0: no rank waits)", f"{sum(balance.values()) / len(balance):.3f}" if balance else "n/a"),
             ("interim checkpoints", ", ".join(p.name for p in steps) or "none"),
-            ("final checkpoints", ", ".join(p.name for p in sorted(run_dir.glob("epoch_*"))) or "none")]
+            ("final checkpoints", ", ".join(p.name for p in final_dirs(run_dir)) or "none")]
     return rows
 
 

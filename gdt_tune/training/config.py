@@ -1,9 +1,9 @@
 """The recipe's config: one typed dataclass per concern (training, data loading, checkpoints,
-logging and validation), each field with its default, its check and a line of documentation.
+logging, validation), each field with its default, its check and a line of documentation.
 Unknown keys, the "did you mean" hint, type and range errors all come from these fields::
 
     rc = parse(cfg, cuda_available=torch.cuda.is_available())   # ValueError naming the key and the fix
-    rc.training.batch_size, rc.checkpoints.keep_last_n_checkpoints, ...
+    rc.training.batch_size, rc.checkpoints.keep_last_n_checkpoints, rc.validation.val_metrics_samples, ...
 
 The YAML stays flat, as torchtune's recipes (``batch_size: 1``, ``save_every_n_steps: 5000``), and
 ``tune run ... key=value`` overrides work as before. Components (``model``, ``tokenizer``,
@@ -104,6 +104,10 @@ class Data:
                                               "global batch (batch_size x ranks x accumulation)", null=True)
     balance_window: int = integer(64, "with balanced_steps: groups sorted by length together (larger: better "
                                       "balance, less shuffling)")
+    packing: bool = flag(False, "rows of exactly dataset.max_seq_len tokens, each holding whole samples that see only "
+                                "themselves (training.batches); false: one sample a row, as GDT")
+    pack_window: int = integer(1024, "with packing: consecutive samples of the order placed together best-fit-decreasing "
+                                     "(larger: fuller rows, less shuffling)")
 
 
 @dataclass(frozen=True)
@@ -128,13 +132,19 @@ class Checkpoints:
 
 @dataclass(frozen=True)
 class Logging:
-    """Metrics, validation and profiling."""
+    """Metrics and profiling."""
 
     log_every_n_steps: int = integer(1, "log loss, throughput and MFU every N optimizer steps")
     log_peak_memory_stats: bool = flag(True, "log peak CUDA memory")
     mfu_peak_tflops: float | None = positive(
         None, "the GPU's dense bf16 TFLOP/s for MFU; null: looked up from the GPU's name",
         "the GPU's dense bf16 TFLOP/s (e.g. 989 for an H100 SXM) or null to look it up from the GPU's name")
+
+
+@dataclass(frozen=True)
+class Validation:
+    """When and how ``dataset_val`` is validated (``gdt_tune.training.validator``)."""
+
     run_val_every_n_steps: int | None = integer(None, "validation loss every N steps; null: at the end only",
                                                 null=True)
     batch_size_val: int | None = integer(None, "validation batch per rank; null: batch_size", null=True)
@@ -148,7 +158,7 @@ COMPONENTS = {"model": True, "tokenizer": True, "checkpointer": True, "dataset":
               "loss": True, "dataset_val": False, "lr_scheduler": False, "metric_logger": False, "profiler": False}
 #: Free keys for interpolation (``${model_dir}/...``).
 FREE_KEYS = ("demo_dir", "model_dir", "data_dir")
-SECTIONS = (Training, Data, Checkpoints, Logging)
+SECTIONS = (Training, Data, Checkpoints, Logging, Validation)
 
 
 @dataclass(frozen=True)
@@ -159,6 +169,7 @@ class RecipeConfig:
     data: Data
     checkpoints: Checkpoints
     logging: Logging
+    validation: Validation
     cfg: DictConfig
 
 
@@ -208,14 +219,17 @@ def parse(cfg: DictConfig, cuda_available: bool) -> RecipeConfig:
 
 
 def _check_combinations(rc: RecipeConfig, cuda_available: bool) -> None:
-    t, c, lg, cfg = rc.training, rc.checkpoints, rc.logging, rc.cfg
+    t, c, v, cfg = rc.training, rc.checkpoints, rc.validation, rc.cfg
     if t.device == "cuda" and not cuda_available:
         raise ValueError("config key 'device': cuda, but no CUDA device is visible; set device=cpu or run on a GPU node")
     if t.device == "cpu" and t.fsdp_cpu_offload:
         raise ValueError("config key 'fsdp_cpu_offload': true with device=cpu; set fsdp_cpu_offload=false")
-    if lg.run_val_every_n_steps is not None and not has_component(cfg, "dataset_val"):
+    if v.run_val_every_n_steps is not None and not has_component(cfg, "dataset_val"):
         raise ValueError("config key 'run_val_every_n_steps' is set but 'dataset_val' is missing; add dataset_val "
                          "or set run_val_every_n_steps=null")
+    if rc.data.packing and rc.data.balanced_steps:
+        raise ValueError("config key 'balanced_steps': with packing=true every row has the same length, so there is "
+                         "nothing to balance; set balanced_steps=false")
     if c.async_checkpointing and c.keep_last_n_checkpoints < 2:
         raise ValueError("config key 'keep_last_n_checkpoints' must be >= 2 with async_checkpointing=true "
                          "(the newest save may still be in flight); raise it or set async_checkpointing=false")

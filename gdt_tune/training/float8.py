@@ -6,6 +6,9 @@ The output head stays in bf16 (its logits feed the loss directly)::
 
 Apply :func:`convert_to_float8` on the meta-device model before sharding, and call
 :func:`after_optimizer_step` after each optimizer step (one all-reduce for all weight scales).
+torch's ``_scaled_mm`` needs every inner dimension divisible by 16, and in the weight-gradient
+matmul that dimension is the micro-batch's token count: with float8 the recipe pads every row to a
+multiple of 16 tokens (``training.batches``; the padding has no label and no sample sees it).
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ def _float8_eligible(module: torch.nn.Module, fqn: str) -> bool:
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
-def convert_to_float8(model: torch.nn.Module) -> list[str]:
-    """Swap the eligible linear layers for torchao ``Float8Linear``; returns their names."""
+def convert_to_float8(model: torch.nn.Module, emulate: bool = False) -> list[str]:
+    """Swap the eligible linear layers for torchao ``Float8Linear``; returns their names. ``emulate``:
+    torchao's float8 maths in fp32 (any device; the tests' CPU check of the padding)."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     names = [n for n, m in model.named_modules() if _float8_eligible(m, n)]
-    convert_to_float8_training(model, config=Float8LinearConfig(enable_fsdp_float8_all_gather=True),
+    convert_to_float8_training(model, config=Float8LinearConfig(enable_fsdp_float8_all_gather=True, emulate=emulate),
                                module_filter_fn=_float8_eligible)
     return names
 

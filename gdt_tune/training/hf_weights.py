@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torchtune
 
+from gdt_tune.training.model_shapes import shape_mismatch
+
 log = logging.getLogger("gdt_tune")
 TESTED_TORCHTUNE = ("0.6.",)
 
@@ -88,8 +90,6 @@ def init_rope_buffers(model: torch.nn.Module, device: torch.device, dtype: torch
 def check_weights_fit(shapes: dict[str, tuple], model: torch.nn.Module, checkpoint_dir) -> None:
     """ValueError naming the first weight whose shape (``{name: shape}``, from the HF checkpoint in
     ``checkpoint_dir``) differs from ``model``'s (config key ``model``)."""
-    from gdt_tune.training.checkpointing import shape_mismatch
-
     mismatch = shape_mismatch(shapes, {k: tuple(v.shape) for k, v in model.state_dict().items()})
     if mismatch:
         name, theirs, ours = mismatch

@@ -50,6 +50,22 @@ def peak_tflops(device_name: str) -> float | None:
     return None
 
 
+def device_peak_tflops(device, configured: float | None, warn: bool = True) -> float | None:
+    """The peak for MFU: ``mfu_peak_tflops`` when set, else the CUDA GPU's by its name (a warning for
+    an unknown one); None on CPU."""
+    if configured is not None or device.type != "cuda":
+        return configured
+    import logging
+
+    import torch
+
+    peak = peak_tflops(torch.cuda.get_device_name(device))
+    if peak is None and warn:
+        logging.getLogger("gdt_tune").warning("mfu: unknown GPU %r; set mfu_peak_tflops=<its dense bf16 TFLOP/s> to "
+                                              "log MFU", torch.cuda.get_device_name(device))
+    return peak
+
+
 def flops_per_token(params_without_embedding: int, num_layers: int, dim: int, seq_len: float) -> float:
     """Training FLOPs per token, forward and backward (PaLM appendix B)."""
     return 6.0 * params_without_embedding + 12.0 * num_layers * dim * seq_len

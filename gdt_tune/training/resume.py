@@ -11,7 +11,7 @@ position in the data, counted in samples of the epoch's global order. On resume:
   ``dataset.truncation``, ``dataset.splits_per_patient_therapy``, the LR schedule when there is
   one (``lr_scheduler`` and its length in steps: ``epochs``, ``max_steps_per_epoch`` and the global
   batch may not change then), the step order (``balanced_steps``, ``balance_group``,
-  ``balance_window``), and the model shape (checked against the weights by
+  ``balance_window``), how samples fill rows (``packing``, ``pack_window``), and the model shape (checked against the weights by
   ``checkpointing.check_model_shapes``);
 - allowed with a one-line warning: the world size (the sharded state is resharded),
   ``gradient_accumulation_steps``, ``batch_size`` and so the global batch, ``optimizer.lr`` (applied
@@ -33,6 +33,7 @@ manager::
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,9 +41,14 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from gdt_tune.data.layout import trained_with
-from gdt_tune.training.checkpointing import find_resume, read_run
+from gdt_tune.runtime.files import file_stamp
+from gdt_tune.training.checkpointing import read_run
 from gdt_tune.training.run_dir import read_identity
+from gdt_tune.training.step_dirs import checkpoint_problem, is_interim_checkpoint, list_checkpoints
 
+log = logging.getLogger("gdt_tune")
+
+ROWS_PLAIN = "one sample a row"
 #: key -> (what to call it, the fix)
 REFUSED = {
     "seed": ("config key 'seed'", "set seed={saved}"),
@@ -58,6 +64,8 @@ REFUSED = {
     "balanced_order": ("the step order (balanced_steps, balance_group, balance_window)",
                        lambda saved: "set balanced_steps=false" if saved == "off" else
                        f"set balanced_steps=true {saved.replace(', ', ' ')}"),
+    "rows": ("how samples fill rows (packing, pack_window)", lambda saved: "set packing=false" if saved == ROWS_PLAIN
+             else f"set packing=true pack_window={saved.rsplit('=', 1)[-1]}"),
     "lr_schedule": ("the LR schedule (lr_scheduler; its length: epochs x steps per epoch, which max_steps_per_epoch "
                     "and the global batch set)", "keep lr_scheduler, epochs, max_steps_per_epoch and the global batch "
                     "as they were"),
@@ -76,8 +84,8 @@ def dataset_fingerprint(dataset) -> str:
     files = getattr(dataset, "files", None) or []
     h = hashlib.sha256()
     for f in sorted(files):
-        st = os.stat(f)
-        h.update(f"{os.path.basename(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        stamp = file_stamp(f)
+        h.update(f"{os.path.basename(f)}|{stamp.size}|{stamp.mtime_ns}\n".encode())
     h.update(f"{type(dataset).__name__}|{len(dataset)}".encode())
     return h.hexdigest()[:16]
 
@@ -120,6 +128,37 @@ def compare(saved: dict, current: dict, path) -> list[str]:
                         "(batch_size x ranks x gradient_accumulation_steps): the data continues from the same "
                         "sample, but the steps are not those of the uninterrupted run")
     return warnings
+
+
+def find_resume(output_dir, resume, rank: int, run_id: str | None = None) -> Path | None:
+    """The checkpoint to resume from (``resume_from_checkpoint``: false, true or a step_N path), or
+    None for a fresh start. With true, the newest of run ``run_id`` (``run.json``); damaged or
+    unfinished checkpoints are skipped with a warning. Raises ValueError when none is usable."""
+    if resume is False or resume is None:
+        return None
+    if resume is not True:
+        path = Path(resume)
+        if (path / "config.json").is_file() and not is_interim_checkpoint(path):
+            raise ValueError(f"config key 'resume_from_checkpoint': {path} is a final Hugging Face checkpoint "
+                             "(epoch_N), which holds no optimizer state or data position; pass a step_N folder, "
+                             "or fine-tune from it in a new run with checkpointer.checkpoint_dir=" + str(path))
+        problem = checkpoint_problem(path) if path.is_dir() else "not a folder"
+        if problem:
+            raise ValueError(f"config key 'resume_from_checkpoint': {path} is not usable ({problem}); "
+                             "pass another step_N folder, or true for the newest usable one")
+        return path
+    skipped = []
+    for _, candidate, _ in reversed(list_checkpoints(output_dir, run_id)):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            if skipped and rank == 0:
+                log.warning("checkpoint: skipping %s", "; ".join(skipped))
+            return candidate
+        skipped.append(f"{candidate.name} ({problem})")
+    if skipped and rank == 0:
+        log.warning("checkpoint: skipping %s", "; ".join(skipped))
+    raise ValueError(f"config key 'resume_from_checkpoint': no usable step_N checkpoint in {output_dir}; "
+                     "set resume_from_checkpoint=false to start fresh")
 
 
 @dataclass(frozen=True)
@@ -172,7 +211,7 @@ def lr_schedule(block, steps: int) -> str | None:
 
 def run_contract(*, seed: int, shuffle: bool, dataset, settings: dict, world_size: int, accumulation: int,
                  batch_size: int, lr: float, save_every: int | None, schedule: str | None,
-                 balanced_order: str = "off") -> dict:
+                 balanced_order: str = "off", rows: str = ROWS_PLAIN) -> dict:
     """What this run's data order and optimisation depend on (refused or warned by :func:`compare`)."""
     files = data_files(dataset)
     return {"seed": seed, "shuffle": shuffle, "dataset": dataset_fingerprint(dataset), "samples": len(dataset),
@@ -181,4 +220,4 @@ def run_contract(*, seed: int, shuffle: bool, dataset, settings: dict, world_siz
             "splits_per_patient_therapy": settings.get("splits_per_patient_therapy"), "world_size": world_size,
             "gradient_accumulation_steps": accumulation, "batch_size": batch_size,
             "global_batch": batch_size * world_size * accumulation, "lr": lr, "save_every_n_steps": save_every,
-            "lr_schedule": schedule, "balanced_order": balanced_order}
+            "lr_schedule": schedule, "balanced_order": balanced_order, "rows": rows}

@@ -10,7 +10,7 @@ YAML::
   resume it, choose a new output_dir, or set ``overwrite_output_dir=true``, which moves the old
   files aside (never deletes them).
 - ``run.json`` holds the run id, the config hash and the start time; every checkpoint's
-  ``COMPLETE`` marker holds the run id, and pruning and ``resume_from_checkpoint=true`` only
+  marker (``training.step_dirs``) holds the run id, and pruning and ``resume_from_checkpoint=true`` only
   consider checkpoints of this run.
 - ``.lock`` is an advisory lock (``flock``) held by rank 0 for the whole run, with the holder's
   pid, host and start time: a second run on the same output_dir (a requeue while the old job's
@@ -31,7 +31,17 @@ import socket
 import uuid
 from pathlib import Path
 
-from gdt_tune.training.checkpointing import COMPLETE_MARKER, list_checkpoints, run_of
+from gdt_tune.runtime.files import write_atomically
+from gdt_tune.training.step_dirs import (
+    DELETING_PREFIX,
+    FINAL_DIR,
+    STEP_DIR,
+    Marker,
+    final_dirs,
+    list_checkpoints,
+    owner,
+    read_marker,
+)
 
 log = logging.getLogger("gdt_tune")
 RUN_FILE = "run.json"
@@ -39,8 +49,13 @@ LOCK_FILE = ".lock"
 PREVIOUS_PREFIX = "previous-"
 #: What a run writes in output_dir, and what ``gdt-tune plot-run`` writes beside it (all that
 #: ``overwrite_output_dir`` moves aside; data, models and anything else of the user's stay where they are).
-RUN_OUTPUT = re.compile(r"^(run\.json|torchtune_config\.yaml|step_\d+|epoch_\d+|logs|profiling|recipe_state|wandb|"
-                        r"val_metrics_samples\.txt|loss\.png|val_metrics\.png|summary\.md|\.deleting-.*)$")
+RUN_OUTPUT = re.compile(r"^(run\.json|torchtune_config\.yaml|logs|profiling|recipe_state|wandb|val_metrics_samples\.txt|"
+                        r"loss\.png|val_metrics\.png|summary\.md|" + re.escape(DELETING_PREFIX) + ".*)$")
+
+
+def run_output(name: str) -> bool:
+    """Whether ``name`` in output_dir is something a run (or plot-run) wrote."""
+    return bool(RUN_OUTPUT.match(name) or STEP_DIR.match(name) or FINAL_DIR.match(name))
 
 
 def _now() -> str:
@@ -61,29 +76,21 @@ def read_identity(output_dir) -> dict | None:
         raise ValueError(f"{path} is unreadable; restore it, or move the folder's contents away to start fresh") from None
 
 
-def finished(output_dir, final_folder, steps: int) -> str | None:
-    """The run id of ``output_dir``'s run when it has written its final checkpoint after ``steps``
-    steps (``final_folder``, the last ``epoch_N``, whose ``COMPLETE`` marker holds run.json's id and
-    the step), else None: a requeue of a finished run has nothing to do, while a run given more steps
-    (a raised ``max_steps_per_epoch``) resumes."""
+def finished_run(output_dir, final_folder) -> Marker | None:
+    """The marker of ``final_folder`` (the last ``epoch_N``) when it is whole and written by
+    ``output_dir``'s run (run.json's id), else None. A finished run stays finished: a requeue of it
+    has nothing to do, whatever the config now says (to train further, start a new run from it)."""
     identity = read_identity(output_dir)
     run_id = identity.get("run_id") if identity else None
-    try:
-        marker = (Path(final_folder) / COMPLETE_MARKER).read_text().split()
-    except OSError:
-        return None
-    return run_id if run_id and marker == [run_id, str(steps)] else None
+    marker = read_marker(final_folder)
+    return marker if run_id and marker is not None and marker.run_id == run_id else None
 
 
 def _previous_checkpoints(output_dir: Path) -> list[str]:
     """Another run's work in ``output_dir``: complete ``step_N`` and ``epoch_N`` folders (an
     unfinished step_N is a crash leftover, removed by the next run's pruning)."""
-    if not output_dir.is_dir():
-        return []
-    epochs = sorted((p for p in output_dir.glob("epoch_*") if p.is_dir() and p.name[len("epoch_"):].isdigit()),
-                    key=lambda p: int(p.name[len("epoch_"):]))
-    steps = [p for _, p, _ in list_checkpoints(output_dir) if (p / COMPLETE_MARKER).is_file()]
-    return [p.name for p in epochs + steps]
+    steps = [p for _, p, complete in list_checkpoints(output_dir) if complete]
+    return [p.name for p in final_dirs(output_dir) + steps]
 
 
 class OutputDirLock:
@@ -154,7 +161,7 @@ def claim(output_dir, *, resuming: str | None, overwrite: bool, config_text: str
         aside = output_dir / f"{PREVIOUS_PREFIX}{identity['run_id'] if identity else 'run'}-{uuid.uuid4().hex[:6]}"
         aside.mkdir()
         for name in sorted(os.listdir(output_dir)):
-            if RUN_OUTPUT.match(name):
+            if run_output(name):
                 os.rename(output_dir / name, aside / name)
         log.warning("output_dir: overwrite_output_dir=true moved the earlier run's files to %s (other files stay)",
                     aside)
@@ -164,9 +171,7 @@ def claim(output_dir, *, resuming: str | None, overwrite: bool, config_text: str
 
 
 def _write(output_dir: Path, identity: dict) -> None:
-    tmp = output_dir / f"{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(identity, indent=1) + "\n")
-    os.replace(tmp, output_dir / RUN_FILE)
+    write_atomically(output_dir / RUN_FILE, json.dumps(identity, indent=1) + "\n")
 
 
 def take_output_dir(output_dir, lock: OutputDirLock | None, resume_path: Path | None, first: bool, *,
@@ -179,7 +184,7 @@ def take_output_dir(output_dir, lock: OutputDirLock | None, resume_path: Path | 
         return read_identity(output_dir)
     lock.acquire()
     here = resume_path is not None and Path(resume_path).resolve().parent == output_dir.resolve()
-    identity = claim(output_dir, resuming=(run_of(resume_path) or "") if here else None, overwrite=overwrite,
+    identity = claim(output_dir, resuming=(owner(resume_path) or "") if here else None, overwrite=overwrite,
                      config_text=config_text)
     log.info("run %s (config %s, started %s) in %s", identity["run_id"], identity["config_hash"], identity["started"],
              output_dir)

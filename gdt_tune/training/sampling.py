@@ -58,7 +58,7 @@ def expected_rank_balance(lengths, world_size: int, window: int = 64, seed: int 
     return mean_balance(order), mean_balance(balanced_order(order, lengths, world_size, window, seed + 1))
 
 
-class GlobalOrderBatchSampler(Sampler[list[int]]):
+class GlobalOrderBatchSampler(Sampler[list]):
     """This rank's micro-batches of one global order per epoch, from any sample on.
 
     ``order`` is ``randperm(n)`` seeded with ``seed + epoch`` (or ``range(n)`` without shuffling):
@@ -69,38 +69,66 @@ class GlobalOrderBatchSampler(Sampler[list[int]]):
     micro-batches thus takes samples ``S .. S + B*W*a`` of the order, whatever ``B``, ``W`` and
     ``a`` are, which is what lets a run resume on another number of ranks. With ``lengths`` (the
     samples' token counts) the order is :func:`balanced_order` of it, in groups of ``group``.
+
+    With ``rows`` (``rows(order, seed) -> [row, ...]``, ``training.batches.RowPlan.rows``) the order
+    is cut into rows first and the batches hold rows instead of samples (``samples_of(row)`` samples
+    each); ``S`` is then the samples of the rows consumed, which the same rows reach on any world size.
     """
 
     def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool,
-                 lengths=None, group: int = 0, window: int = 64):
+                 lengths=None, group: int = 0, window: int = 64, rows=None, samples_of=None):
         self.num_samples, self.batch_size = num_samples, batch_size
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle = seed, shuffle
         self.lengths, self.group, self.window = lengths, group, window
-        self.epoch, self.start = 0, 0
+        self._rows, self._samples_of = rows, samples_of
+        self._cache: tuple[int, list, np.ndarray] | None = None  # (epoch, its rows, samples before each row)
+        self.epoch, self.first = 0, 0
 
     def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
         """Iterate epoch ``epoch`` from sample ``start_sample`` of its global order on."""
-        self.epoch, self.start = epoch, start_sample
+        self.epoch, self.first = epoch, self._first_row(epoch, start_sample)
 
-    def order(self) -> list[int]:
+    def order(self, epoch: int | None = None) -> list[int]:
+        epoch = self.epoch if epoch is None else epoch
         if not self.shuffle:
             order = list(range(self.num_samples))
         else:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            g = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(self.num_samples, generator=g).tolist()
         if self.lengths is None:
             return order
-        return balanced_order(order, self.lengths, self.group, self.window, seed=self.seed + self.epoch + 7919)
+        return balanced_order(order, self.lengths, self.group, self.window, seed=self.seed + epoch + 7919)
+
+    def rows(self, epoch: int) -> tuple[list, np.ndarray]:
+        """The epoch's rows and the samples before each (one more entry: all of them)."""
+        if self._cache is None or self._cache[0] != epoch:
+            order = self.order(epoch)
+            rows = order if self._rows is None else self._rows(order, self.seed + epoch)
+            sizes = [1] * len(rows) if self._rows is None else [self._samples_of(r) for r in rows]
+            self._cache = (epoch, rows, np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]))
+        return self._cache[1], self._cache[2]
+
+    def _first_row(self, epoch: int, start_sample: int) -> int:
+        rows, before = self.rows(epoch)
+        first = int(np.searchsorted(before, start_sample))
+        if first >= len(before) or before[first] != start_sample:
+            raise ValueError(f"resume: sample {start_sample} of epoch {epoch} is not where a row starts, so the rows "
+                             "are not those the checkpoint was written with; resume with the packing settings it was "
+                             "written with, or start a new run in a new output_dir")
+        return first
+
+    def rows_left(self, epoch: int, start_sample: int = 0) -> int:
+        return len(self.rows(epoch)[0]) - self._first_row(epoch, start_sample)
 
     def __len__(self) -> int:
-        return max(0, self.num_samples - self.start) // (self.batch_size * self.world_size)
+        return max(0, len(self.rows(self.epoch)[0]) - self.first) // (self.batch_size * self.world_size)
 
     def __iter__(self):
-        order, per_micro_batch = self.order(), self.batch_size * self.world_size
+        rows, per_micro_batch = self.rows(self.epoch)[0], self.batch_size * self.world_size
         for m in range(len(self)):
-            first = self.start + m * per_micro_batch + self.rank * self.batch_size
-            yield order[first : first + self.batch_size]
+            first = self.first + m * per_micro_batch + self.rank * self.batch_size
+            yield rows[first : first + self.batch_size]
 
 
 class EvalBatchSampler(Sampler[list[int]]):

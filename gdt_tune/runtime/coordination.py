@@ -26,7 +26,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from gdt_tune.cpus import available_cpus
+from gdt_tune.runtime.cpus import available_cpus
 
 T = TypeVar("T")
 #: How long ranks wait for their node's index build (2.5M GDT samples index in minutes).

@@ -1,4 +1,4 @@
-"""``gdt-tune export``: a Hugging Face folder that serves like training (``gdt_tune.serving``) from
+"""``gdt-tune export``: a Hugging Face folder that serves like training (``gdt_tune.trained.serving``) from
 a final ``epoch_N`` or an interim ``step_N``::
 
     gdt-tune export --checkpoint RUN/epoch_0 --out serve/            # a final checkpoint
@@ -12,7 +12,8 @@ import json
 import logging
 from pathlib import Path
 
-from gdt_tune.serving import check_serving, write_serving_files
+from gdt_tune.trained.serving import check_serving, write_serving_files
+from gdt_tune.training.step_dirs import MARKER, final_dir
 
 #: Written into every export: only a folder holding it may be replaced (``--replace``).
 EXPORT_MARKER = "gdt_export.json"
@@ -38,27 +39,6 @@ def check_export_target(checkpoint: Path, out: Path, replace: bool) -> None:
                      "holds no earlier export; give a new or empty folder (nothing was written)")
 
 
-def _serving_inputs(checkpoint: Path, cfg):
-    """(tokenizer.model path, torchtune tokenizer, the model's vocab_size) of the checkpoint: from
-    the training ``cfg`` when given (a step_N needs it), else from the epoch_N folder itself."""
-    from gdt_tune.prompting import load_tokenizer, tokenizer_file_in, tokenizer_from_config
-
-    if cfg is not None:
-        import torch
-        from torchtune import config as tt_config
-
-        with torch.device("meta"):
-            vocab_size = tt_config.instantiate(cfg.model).tok_embeddings.num_embeddings
-        return Path(cfg.tokenizer.path), tokenizer_from_config(cfg.tokenizer), vocab_size
-    try:
-        vocab_size = int(json.loads((checkpoint / "config.json").read_text())["vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"--checkpoint {checkpoint}/config.json: no readable vocab_size ({type(e).__name__}); "
-                         "pass the training --config") from None
-    tokenizer_model = tokenizer_file_in(checkpoint)
-    return tokenizer_model, load_tokenizer(tokenizer_model), vocab_size
-
-
 def export_checkpoint(checkpoint, out, cfg=None, replace: bool = False) -> Path:
     """``gdt-tune export``: an HF folder in ``out`` that serves like training, from a final
     ``epoch_N`` (copied; ``cfg`` gives the system prompt when it was not the default) or an
@@ -68,36 +48,27 @@ def export_checkpoint(checkpoint, out, cfg=None, replace: bool = False) -> Path:
     import shutil
     import tempfile
 
-    from gdt_tune.data.layout import trained_with
-    from gdt_tune.training.checkpointing import is_interim_checkpoint
+    from gdt_tune.trained.model import open_trained
 
     checkpoint, out = Path(checkpoint), Path(out)
-    if not checkpoint.is_dir():
-        raise ValueError(f"--checkpoint {checkpoint} is not a folder; give a run's epoch_N or step_N")
-    interim = is_interim_checkpoint(checkpoint)
-    if interim and cfg is None:
-        raise ValueError(f"--checkpoint {checkpoint} is an interim step_N checkpoint; pass the training --config too")
-    if not interim and not (checkpoint / "config.json").is_file():
-        raise ValueError(f"--checkpoint {checkpoint} is neither an interim step_N nor a final epoch_N folder")
+    trained = open_trained(checkpoint, cfg)
     check_export_target(checkpoint, out, replace)
-    prompt, max_seq_len = trained_with(cfg.dataset if cfg is not None else None)
-    tokenizer_model, tokenizer, vocab_size = _serving_inputs(checkpoint, cfg)
-    check_serving(tokenizer, vocab_size)  # before any weights are read or anything is written
+    check_serving(trained.tokenizer, trained.vocab_size)  # before any weights are read or anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:
-        if interim:  # load it, write HF weights
+        if trained.interim:  # load it, write HF weights
             import torch
             from torchtune import config as tt_config
             from torchtune.training import FullModelHFCheckpointer
 
-            from gdt_tune.trained import load_model_and_tokenizer
+            from gdt_tune.runtime.torch_env import torch_dtype
             from gdt_tune.training.config import parse
             from gdt_tune.training.hf_weights import prepare_for_save
 
-            trained = parse(cfg, cuda_available=True).training  # the recipe's typed config: same keys, same defaults
-            dtype = torch.bfloat16 if trained.dtype == "bf16" else torch.float32
-            model, _, _ = load_model_and_tokenizer(checkpoint, cfg, torch.device("cpu"), dtype)
+            # the recipe's typed config: same keys, same defaults
+            dtype = torch_dtype(parse(cfg, cuda_available=True).training.dtype)
+            model = trained.load(torch.device("cpu"), dtype)
             with tempfile.TemporaryDirectory() as tmp:
                 hf = tt_config.instantiate(cfg.checkpointer, output_dir=tmp)
                 if not isinstance(hf, FullModelHFCheckpointer):
@@ -112,11 +83,12 @@ def export_checkpoint(checkpoint, out, cfg=None, replace: bool = False) -> Path:
                     hf.save_checkpoint({"model": {k: v.detach() for k, v in model.state_dict().items()}}, epoch=0)
                 finally:
                     tt_log.setLevel(level)
-                for item in (Path(tmp) / "epoch_0").iterdir():
+                for item in final_dir(tmp, 0).iterdir():
                     shutil.move(str(item), staging / item.name)
         else:
-            shutil.copytree(checkpoint, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns("COMPLETE"))
-        write_serving_files(staging, tokenizer_model, tokenizer, prompt, max_seq_len, vocab_size)
+            shutil.copytree(checkpoint, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MARKER))
+        write_serving_files(staging, trained.tokenizer_file, trained.tokenizer, trained.system_prompt,
+                            trained.max_seq_len, trained.vocab_size)
         (staging / EXPORT_MARKER).write_text(json.dumps({"checkpoint": str(checkpoint.resolve())}, indent=1) + "\n")
         old = None
         if out.is_dir() and any(out.iterdir()):  # an earlier export (checked above): swap it out

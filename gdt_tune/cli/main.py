@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gdt_tune.data.layout import DEFAULT_MAX_SEQ_LEN
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # gdt_tune/
 CONFIGS = PACKAGE / "configs"  # shipped inside the package; configs/ in a checkout links here
 RECIPE = PACKAGE / "recipes" / "full_finetune_fsdp_ckpt.py"
 RECIPE_MODULE = "gdt_tune.recipes.full_finetune_fsdp_ckpt"
@@ -84,7 +84,7 @@ def _check_torchrun_options(launcher: list[str]) -> None:
 
 
 def _run_training(cmd: list[str], command: str = "train") -> int:
-    from gdt_tune.launcher import run_training
+    from gdt_tune.cli.launcher import run_training
 
     # tiktoken caches tokenizer files by path; the demo tokenizer may be rebuilt at the same path.
     return run_training(cmd, dict(os.environ, TIKTOKEN_CACHE_DIR=os.environ.get("TIKTOKEN_CACHE_DIR", "")), command)
@@ -125,7 +125,7 @@ def _cp(args) -> int:
 
 
 def _prepare_demo(args) -> int:
-    from gdt_tune.demo_assets import prepare_demo
+    from gdt_tune.cli.demo_assets import prepare_demo
 
     root = prepare_demo(args.dir, seed=args.seed)
     print(f"demo assets ready in {root}: data/ (synthetic patients), model/ (tiny Llama 3, HF format + tokenizer)")
@@ -140,7 +140,7 @@ def demo_command(demo_dir: Path, steps: int, nproc: int, extra: list[str]) -> li
 
 
 def _demo(args) -> int:
-    from gdt_tune.demo_assets import prepare_demo
+    from gdt_tune.cli.demo_assets import prepare_demo
 
     demo_dir = Path(args.dir).resolve()
     prepare_demo(demo_dir)
@@ -202,7 +202,7 @@ def _load_config(path, overrides):
 
 
 def _export(args) -> int:
-    from gdt_tune.export import export_checkpoint
+    from gdt_tune.cli.export import export_checkpoint
 
     try:
         out = export_checkpoint(args.checkpoint, args.out, _load_config(args.config, args.overrides),
@@ -272,7 +272,7 @@ def _evaluate(args) -> int:
 
 def _data_report(args) -> int:
     from gdt_tune.eval.data_report import data_report
-    from gdt_tune.prompting import load_tokenizer
+    from gdt_tune.trained.prompting import load_tokenizer
 
     try:
         if not Path(args.tokenizer).is_file():

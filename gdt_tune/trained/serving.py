@@ -3,7 +3,7 @@ exactly the token layout GDT trained on (docs/data-format.md §4), and GDT's sam
 (``GENERATION``, also what ``gdt-tune evaluate`` samples forecasts with).
 
 Written into every final ``epoch_N/`` by the recipe, and by ``gdt-tune export`` for any checkpoint
-(``gdt_tune.export``)::
+(``gdt_tune.cli.export``)::
 
     write_serving_files(folder, "model/original/tokenizer.model", tokenizer, system_prompt, max_seq_len, vocab_size)
 

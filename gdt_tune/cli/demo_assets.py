@@ -14,8 +14,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
-import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -26,7 +24,8 @@ from torchtune.models.convert_weights import tune_to_hf
 from torchtune.models.llama3 import llama3
 
 from gdt_tune.data.synthetic import write_cohort
-from gdt_tune.serving import PATTERN
+from gdt_tune.runtime.files import atomic_output
+from gdt_tune.trained.serving import PATTERN
 
 log = logging.getLogger("gdt_tune")
 
@@ -142,10 +141,8 @@ def _atomic_dir(target: Path, build) -> None:
     """Build into a temporary sibling and rename, so an interrupted call leaves nothing half-made."""
     if target.exists():
         return
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    build(tmp)
-    os.replace(tmp, target)
+    with atomic_output(target) as tmp:
+        build(tmp)
 
 
 def prepare_demo(root: str | Path, seed: int = 0) -> Path:
