@@ -4,7 +4,8 @@ CUDA in bf16 with async checkpoints, a resume compared step by step with the uni
 event scoring and 10-draw forecasting, old vs new, 8B layer shapes), and the Llama-3.1-8B-shape throughput of our recipe
 against torchtune's stock recipe (and our activation-checkpointing and float8 options), with
 peak memory, on 8,192-token samples and on GDT-shaped ones (lengths 1k-8k, answer-only labels:
-stock vs ours with balanced steps and the loss-only head), printed as tables::
+stock, ours, ours with float8, with packed rows and with both, at full depth; and a GDT cohort whose
+samples share their histories: stock vs shared-prefix rows), printed as tables::
 
     bash bench/gpu_check.sh                        # = python bench/gpu_check.py
     python bench/gpu_check.py --layers 16 --variants stock:compile+ac,ours:compile+ac
@@ -28,8 +29,11 @@ from _common import RECIPE, REPO, TINY_CONFIG, command_line, launch, machine, ta
 from gpu_throughput import HEADERS, run_variants  # noqa: E402
 
 GPU_VARIANTS = "stock:compile,ours:compile,ours:compile+f8"  # add ours:compile+op, ...: about 70 s each
-#: the real job's shape (lengths 1k-8k, answer-only labels): stock's random order vs our balanced steps
-SPREAD_VARIANTS = {True: "stock:compile,ours:compile+bal", False: "stock:plain,ours:bal"}
+#: the real job's shape (lengths 1k-8k, answer-only labels, full depth): stock, ours, float8, packed rows
+SPREAD_VARIANTS = {True: "stock:compile,ours:compile,ours:compile+f8,ours:compile+pack,ours:compile+pack+f8",
+                   False: "stock:plain,ours:plain,ours:pack"}
+#: a GDT cohort (a patient's samples share their history): stock against shared-prefix rows
+TREE_VARIANTS = {True: "stock:compile,ours:compile+tree,ours:compile+tree+f8", False: "stock:plain,ours:tree"}
 
 
 def losses(rows: list[dict]) -> dict[int, float]:
@@ -125,12 +129,14 @@ def _section(name: str, fn, *args) -> list[list]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="/tmp/gdt_gpu_check")
-    ap.add_argument("--layers", type=int, default=8, help="layers of the 8B shape in the throughput runs")
+    ap.add_argument("--layers", type=int, default=8, help="layers of the 8B shape in the fixed-length throughput runs")
+    ap.add_argument("--spread-layers", type=int, default=None, help="layers of the 8B shape on GDT-shaped samples "
+                    "(default: all 32; it fits one H200 without activation checkpointing)")
     ap.add_argument("--steps", type=int, default=40, help="steps of each throughput run")
     ap.add_argument("--tiny-steps", type=int, default=40)
     ap.add_argument("--variants", default=None, help=f"throughput variants (default on GPU: {GPU_VARIANTS})")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: tiny, evaluate, engine, throughput, "
-                    "spread")
+                    "spread, tree")
     args = ap.parse_args()
     import torch
 
@@ -155,13 +161,15 @@ def main() -> None:
         print(f"## throughput\n\n{header}; learning rate 1e-6\n\n{table(HEADERS, rows)}\n", flush=True)
         checks += [[f"throughput {r[0]}", "FAIL" if r[1] == "failed" else "pass", r[-1] if r[1] == "failed" else ""]
                    for r in rows]
-    if "spread" not in skip:
-        header, rows = run_variants("8b" if cuda else "tiny", SPREAD_VARIANTS[cuda].split(","), work / "throughput",
-                                    8192 if cuda else 2048, args.steps, nproc=1, layers=args.layers if cuda else None,
-                                    lr=1e-6, lengths="spread")
-        print(f"## throughput on GDT-shaped samples\n\n{header}; learning rate 1e-6\n\n{table(HEADERS, rows)}\n",
-              flush=True)
-        checks += [[f"spread {r[0]}", "FAIL" if r[1] == "failed" else "pass", r[-1] if r[1] == "failed" else ""]
+    for section, lengths, variants in (("spread", "spread", SPREAD_VARIANTS), ("tree", "gdt", TREE_VARIANTS)):
+        if section in skip:
+            continue
+        header, rows = run_variants("8b" if cuda else "tiny", variants[cuda].split(","), work / "throughput",
+                                    8192 if cuda else 2048, args.steps, nproc=1,
+                                    layers=args.spread_layers if cuda else None, lr=1e-6, lengths=lengths)
+        print(f"## throughput on {'GDT-shaped samples' if section == 'spread' else 'a GDT cohort'}\n\n{header}; "
+              f"learning rate 1e-6\n\n{table(HEADERS, rows)}\n", flush=True)
+        checks += [[f"{section} {r[0]}", "FAIL" if r[1] == "failed" else "pass", r[-1] if r[1] == "failed" else ""]
                    for r in rows]
     failed = [c[0] for c in checks if c[1] != "pass"]
     print(f"## summary\n\n{table(['check', 'result', 'detail'], checks)}\n\n"

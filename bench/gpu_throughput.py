@@ -1,22 +1,29 @@
-"""Training throughput and MFU on GDT-shaped 8k-token samples: our recipe with compile,
-activation checkpointing (full, op-level selective), float8 and length-balanced steps on/off, against torchtune's
+"""Training throughput and MFU: our recipe with compile, activation checkpointing (full, op-level
+selective), float8, length-balanced steps, packed rows and shared-prefix rows, against torchtune's
 stock ``full_finetune_distributed`` in the same call. Random weights of the real architecture (no download).
 
     python bench/gpu_throughput.py                    # GPU: Llama-3.2-3B shape on each GPU of the node
     python bench/gpu_throughput.py --model 8b         # Llama-3.1-8B shape (one GPU: needs AC, ~63 GiB)
     python bench/gpu_throughput.py --model 8b --layers 8 --variants stock:compile,ours:compile
     python bench/gpu_throughput.py --model tiny       # CPU: the pipeline end to end with the demo model
-    python bench/gpu_throughput.py --model 8b --layers 8 --lengths spread --variants stock:compile,ours:compile+bal
+    python bench/gpu_throughput.py --model 8b --lengths spread --variants stock:compile,ours:compile,ours:compile+pack+f8
+    python bench/gpu_throughput.py --model tiny --lengths spread --variants ours:plain,ours:pack
+    python bench/gpu_throughput.py --model tiny --lengths gdt --variants stock:plain,ours:tree
 
 A variant is ``recipe:options`` with options joined by ``+``: ``compile``, ``ac`` (full activation
 checkpointing), ``op`` (op-level selective), ``every2`` (every 2nd layer), ``f8`` (float8), ``bal``
-(``balanced_steps``, groups of one sample per process), or ``plain``.
+(``balanced_steps``, groups of one sample per process), ``pack`` (``packing``: rows of ``--seq-len``
+tokens), ``tree`` (``share_prefixes``: packed rows in which a patient's samples share their prefixes),
+or ``plain``. Ours loads data with the 8B config's ``num_workers`` (2); stock in the main process.
 MFU: ``gdt_tune.training.mfu`` (PaLM appendix B FLOPs; the GPU's dense bf16 peak looked up by its name).
 ``--lengths fixed``: every sample is exactly ``--seq-len`` tokens, so both recipes process the same
 tokens per step. ``--lengths spread`` (the real job's shape): lengths drawn evenly from
 ``--seq-len``/8 to ``--seq-len`` (1k-8k at 8,192), answer-only labels, and exactly one epoch of
-``steps x processes`` samples, so every variant trains the same samples; throughput is then
-tokens of the epoch / (mean step time x steps), the first step (compile) left out of the mean.
+``steps x processes`` samples, so every variant trains the same samples. ``--lengths gdt``: a synthetic
+GDT cohort in the converter's wording, ten split dates per patient and line of therapy (samples of a
+patient share their history), cut at ``--seq-len``, one epoch; its prefix sharing is printed. With
+spread or gdt lengths, throughput is the epoch's *separate-sample* tokens / (mean step time x steps
+taken): packed and shared-prefix rows take fewer steps; "tokens trained" is what the rows held.
 """
 
 from __future__ import annotations
@@ -122,13 +129,17 @@ def spread_samples(tokenizer, n: int, low: int, high: int, seed: int = 0) -> lis
     return samples_of_lengths(tokenizer, [rng.randint(low, high) for _ in range(n)])
 
 
+#: the 8B config's DataLoader workers per GPU (gdt_tune/configs/llama3_1_8b_gdt_full.yaml)
+NUM_WORKERS = 2
+
+
 def variant_overrides(who: str, opts: str, cuda: bool, nproc: int = 1) -> list[str]:
     """Config overrides of one variant (see the module docstring)."""
     parts = set(opts.split("+"))
     ac = bool(parts & {"ac", "op", "every2"})
     out = [f"compile={'compile' in parts}", f"enable_activation_checkpointing={ac}", f"log_peak_memory_stats={cuda}"]
     if who == "stock":
-        if parts & {"op", "every2", "f8", "bal"}:
+        if parts & {"op", "every2", "f8", "bal", "pack", "tree"}:
             raise SystemExit(f"variant stock:{opts}: the stock recipe runs only plain, compile and ac")
         return out + ["optimizer_in_bwd=false", "enable_activation_offloading=false"]
     if "op" in parts:
@@ -137,7 +148,11 @@ def variant_overrides(who: str, opts: str, cuda: bool, nproc: int = 1) -> list[s
         out += ["ac_mode=selective", "ac_option=2"]
     if "bal" in parts:
         out += ["balanced_steps=true", f"balance_group={nproc}"]
-    return out + [f"float8={'f8' in parts}"]
+    if parts & {"pack", "tree"}:
+        out += ["packing=true"]
+    if "tree" in parts:
+        out += ["share_prefixes=true"]
+    return out + [f"float8={'f8' in parts}", f"num_workers={NUM_WORKERS}"]
 
 
 def run_variants(model: str, variants: list[str], work: Path, seq: int, steps: int, nproc: int,
@@ -155,34 +170,38 @@ def run_variants(model: str, variants: list[str], work: Path, seq: int, steps: i
         dims["num_layers"] = layers
     ckpt = work / f"model_{model}_{dims['num_layers']}"
     random_hf_checkpoint(ckpt, dims, torch.bfloat16 if cuda else torch.float32, work / "demo")
-    from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT, Layout
+    from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT, Layout, apply_cap
 
-    spread = lengths == "spread"
-    data = work / (f"data_spread_{seq}_{nproc * steps}.jsonl" if spread else f"data_{seq}.jsonl")
+    epoch = lengths in ("spread", "gdt")  # one epoch of the same samples for every variant
+    data = work / (f"data_{lengths}_{seq}_{nproc * steps}.jsonl" if epoch else f"data_{seq}.jsonl")
     if not data.exists():
-        samples = (spread_samples(tokenizer, nproc * steps, seq // 8, seq) if spread
+        samples = (spread_samples(tokenizer, nproc * steps, seq // 8, seq) if lengths == "spread"
+                   else gdt_samples(nproc * steps) if lengths == "gdt"
                    else fixed_length_samples(tokenizer, max(64, 2 * nproc * (steps + 2)), seq))
         data.write_text("".join(json.dumps(s) + "\n" for s in samples))
     layout = Layout.build(tokenizer, DEFAULT_SYSTEM_PROMPT)
-    sample_lengths = [len(layout.prompt_tokens(r["instruction"])) + len(layout.answer_tokens(r["answer"]))
-                      for r in map(json.loads, data.read_text().splitlines())]
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    capped = [apply_cap(layout, r["instruction"], r["answer"], seq, "gdt")[0] for r in records]
+    sample_lengths = [len(ids) for ids in capped if ids]
     with torch.device("meta"):
         from torchtune.models.llama3 import llama3
 
         m = llama3(**dims)
         n_params = sum(p.numel() for p in m.parameters())
         per_token = decoder_flops_per_token(m)
-        flops_per_token = (sum(n * per_token(n) for n in sample_lengths) / sum(sample_lengths) if spread
+        flops_per_token = (sum(n * per_token(n) for n in sample_lengths) / sum(sample_lengths) if epoch
                            else per_token(seq))
     peak = peak_tflops(torch.cuda.get_device_name()) if cuda else None
     every = 5 if steps >= 20 else 1  # as a real run: the loss is read (a host sync) only when logged
+    shape = (f"samples of exactly {seq} tokens" if not epoch else
+             f"one epoch of {len(sample_lengths)} samples of {min(sample_lengths)}-{max(sample_lengths)} tokens "
+             f"(mean {sum(sample_lengths) / len(sample_lengths):,.0f}), answer-only labels")
+    if lengths == "gdt":
+        shape += (f"; a synthetic GDT cohort, ten splits per patient and line of therapy: the patients' tries hold "
+                  f"1/{prefix_sharing(records, capped):.2f} of the tokens")
     header = (f"model: {model} shape, {dims['num_layers']} layers, {n_params / 1e6:,.1f}M parameters, random weights; "
-              f"{nproc} processes; " + (f"one epoch of {len(sample_lengths)} samples of {seq // 8}-{seq} tokens "
-                                        f"(mean {sum(sample_lengths) / len(sample_lengths):,.0f}), answer-only labels"
-                                        if spread else f"samples of exactly {seq} tokens") +
-              f", batch 1 per GPU; {steps} steps, logged every "
-              f"{every}; step time: {'mean' if spread else 'median'} over the logging windows after the first; "
-              "FLOPs per token "
+              f"{nproc} processes; {shape}, batch 1 per GPU; at most {steps} steps, logged every {every}; step time: "
+              f"{'mean' if epoch else 'median'} over the logging windows after the first; FLOPs per token "
               f"{flops_per_token / 1e9:.4g} GFLOP (gdt_tune.training.mfu); peak {peak or 'n/a'} TFLOP/s")
     base = [f"demo_dir={work / 'demo'}", f"checkpointer.checkpoint_dir={ckpt}",
             f"checkpointer.checkpoint_files={json.dumps(json.loads((ckpt / 'files.json').read_text()))}",
@@ -192,7 +211,7 @@ def run_variants(model: str, variants: list[str], work: Path, seq: int, steps: i
             "optimizer.fused=" + ("true" if cuda else "false"), *[f"model.{k}={v}" for k, v in dims.items()]]
     if lr is not None:
         base.append(f"optimizer.lr={lr}")
-    rows = []
+    rows, stock_tps = [], None
     for variant in variants:
         who, _, opts = variant.partition(":")
         recipe = RECIPE if who == "ours" else STOCK
@@ -203,26 +222,56 @@ def run_variants(model: str, variants: list[str], work: Path, seq: int, steps: i
                          out / "logs", nproc=nproc)
         except RuntimeError as e:
             print(f"{variant} failed:\n{str(e)[-3000:]}", file=sys.stderr, flush=True)
-            rows.append([variant, "failed", "", "", "", "", str(e).strip().splitlines()[-1][:100]])
+            rows.append([variant, "failed", "", "", "", "", "", "", str(e).strip().splitlines()[-1][:100]])
             continue
         times = step_times(res["rows"])
+        taken = max(times, default=0)
         logged = sorted(s for s in times if s > min(times, default=0))
         gaps = [(times[b] - times[a]) / (b - a) for a, b in zip([min(times, default=0), *logged], logged)
                 if a >= max(2, every)]
-        step = sum(gaps) / len(gaps) if spread else median(gaps)
-        # batch 1 per GPU: fixed, every sample is seq tokens; spread, the epoch's tokens over its steps
-        tps = sum(sample_lengths) / nproc / steps / step if spread else seq / step
+        step = sum(gaps) / len(gaps) if epoch else median(gaps)
+        # batch 1 per GPU: fixed, every sample is seq tokens; an epoch, its separate-sample tokens over the steps taken
+        tps = sum(sample_lengths) / nproc / taken / step if epoch else seq / step
+        stock_tps = tps if who == "stock" and stock_tps is None else stock_tps
+        trained = next((r["tokens_seen"] for r in reversed(res["rows"]) if "tokens_seen" in r), sum(sample_lengths))
         peak_mem = max((r.get("peak_memory_alloc_gib", r.get("peak_memory_alloc", 0.0)) for r in res["rows"]),
                        default=0.0)
         losses = [r["loss"] for r in res["rows"] if "loss" in r]
         first = next((r["first_step_seconds"] for r in res["rows"] if "first_step_seconds" in r), "")
-        rows.append([variant, step, tps, mfu(tps, flops_per_token, peak) if peak else "n/a", peak_mem or "",
-                     first, f"{sum(losses[-10:]) / len(losses[-10:]):.4f}"])
+        rows.append([variant, step, tps, f"{tps / stock_tps:.2f}x" if stock_tps else "", f"{taken} / {trained:,}",
+                     mfu(tps, flops_per_token, peak) if peak else "n/a", peak_mem or "", first,
+                     f"{sum(losses[-10:]) / len(losses[-10:]):.4f}"])
     return header, rows
 
 
-HEADERS = ["recipe:variant", "s/step (median; spread: mean)", "tokens/s/GPU", "MFU", "peak alloc GiB", "first step s",
-           "mean loss of the last 10 logged steps"]
+def gdt_samples(n: int, seed: int = 0) -> list[dict]:
+    """The first ``n`` training samples of a synthetic GDT cohort (whole histories, no visit trimmed)."""
+    from gdt_tune.data.synthetic import generate_cohort
+
+    out = []
+    for split, s in generate_cohort(max(4, n // 6), seed, 10, token_budget=12_000):
+        if split == "train" and len(out) < n:
+            out.append(s)
+    if len(out) < n:
+        return out + gdt_samples(n - len(out), seed + 1)
+    return out
+
+
+def prefix_sharing(records: list[dict], token_ids: list[list[int]]) -> float:
+    """Separate-sample tokens / the tokens of one trie per patient."""
+    from collections import defaultdict
+
+    from gdt_tune.training.batches import trie_size
+
+    by_patient = defaultdict(list)
+    for r, ids in zip(records, token_ids):
+        if ids:
+            by_patient[r["meta"]["patientid"]].append(ids)
+    return sum(map(len, token_ids)) / sum(trie_size(v) for v in by_patient.values())
+
+
+HEADERS = ["recipe:variant", "s/step (median; epoch: mean)", "sample tokens/s/GPU", "vs stock",
+           "steps / tokens trained", "MFU", "peak alloc GiB", "first step s", "mean loss of the last 10 logged steps"]
 
 
 def main() -> None:
@@ -233,8 +282,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--lr", type=float, default=None, help="learning rate (default: the tiny config's)")
-    ap.add_argument("--lengths", choices=["fixed", "spread"], default="fixed",
-                    help="fixed: every sample --seq-len tokens; spread: --seq-len/8 to --seq-len, one epoch")
+    ap.add_argument("--lengths", choices=["fixed", "spread", "gdt"], default="fixed",
+                    help="fixed: every sample --seq-len tokens; spread: --seq-len/8 to --seq-len, one epoch; gdt: a "
+                         "synthetic GDT cohort (samples of a patient share their history), one epoch")
     ap.add_argument("--nproc", type=int, default=None, help="processes (default: GPUs, or 2 on CPU)")
     ap.add_argument("--variants", default=None,
                     help="comma list, e.g. ours:compile+ac,ours:compile+op,ours:compile,stock:compile+ac "

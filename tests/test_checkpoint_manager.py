@@ -69,7 +69,7 @@ def test_saves_on_the_interval_keeps_k_and_restores_exactly(tmp_path, world_of_o
     # the run record: the contract and the whole Progress of the step
     assert read_run(tmp_path / "step_4") == (1, {"seed": 7, "lr": 0.1, "global_step": 4, "epoch": 0, "step_in_epoch": 4,
                                                  "tokens_seen": 40, "world_size": 1, "samples_in_epoch": 8,
-                                                 "validation_pending": False})
+                                                 "validation_pending": False, "sample_tokens_seen": 40})
 
     model2, optimizer2 = _trainer(seed=1)
     progress2 = Progress(seed=0, world_size=1)

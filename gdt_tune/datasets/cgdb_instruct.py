@@ -24,7 +24,7 @@ from gdt_tune.data.layout import (
     validate,
 )
 from gdt_tune.data.records import read_record, resolve_data_files
-from gdt_tune.datasets._index import id_key, index_files, key_fingerprint, keyed_hash
+from gdt_tune.datasets._index import id_key, index_files, key_fingerprint, keyed_hash, tokenizer_fingerprint
 from gdt_tune.datasets.selection import Rows, select
 from gdt_tune.runtime.coordination import node_first
 from gdt_tune.runtime.files import file_stamp
@@ -88,7 +88,8 @@ class CGDBInstructDataset(Dataset):
     :func:`cgdb_instruct_dataset`. Implements :class:`PatientDataset`."""
 
     def __init__(self, files: list[Path], rows: Rows, *, layout: Layout, max_seq_len: int, truncation: str,
-                 counts: dict[str, int], id_key_fingerprint: str, settings: dict, data_files: dict):
+                 counts: dict[str, int], id_key_fingerprint: str, settings: dict, data_files: dict,
+                 cache_dir: Path | None = None):
         self.files = [str(f) for f in files]
         self.data_files = data_files  # what the resume contract compares (see file_identities)
         self._stamps = [file_stamp(f) for f in self.files]
@@ -97,6 +98,7 @@ class CGDBInstructDataset(Dataset):
         self.counts = counts
         self.id_key_fingerprint = id_key_fingerprint
         self.settings = settings
+        self.cache_dir = cache_dir  # the index cache: what is computed from the samples' tokens is kept there too
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -117,6 +119,22 @@ class CGDBInstructDataset(Dataset):
     def lengths(self) -> np.ndarray:
         """Tokens of each sample after the length cap, from the index (no sample is read)."""
         return self._rows.tokens
+
+    def patient_groups(self) -> np.ndarray:
+        """A group number per sample: the samples of one patient share it; a sample without
+        ``meta.patientid`` is a group of its own."""
+        _, groups = np.unique(self._rows.patient, return_inverse=True)
+        alone = np.flatnonzero(self._rows.patient == "")
+        groups = groups.astype(np.int64)
+        groups[alone] = groups.max(initial=-1) + 1 + np.arange(len(alone))
+        return groups
+
+    def tokens_digest(self) -> str:
+        """Names the samples' token ids: the samples kept, the tokenizer and prompt, the cap (a
+        cache of something computed from the tokens is current while this is)."""
+        h = hashlib.blake2b(self._rows.digest.tobytes(), digest_size=8)
+        h.update(f"{tokenizer_fingerprint(self._layout)}|{self._max_seq_len}|{self._truncation}".encode())
+        return h.hexdigest()
 
     def patient_ids(self) -> set[str]:
         """The distinct ``meta.patientid`` values of the samples as keyed hashes (see
@@ -280,4 +298,4 @@ def cgdb_instruct_dataset(
                                counts=counts, id_key_fingerprint=key_fingerprint(key),
                                data_files=file_identities(files, rows),
                                settings={"system_prompt": prompt, "max_seq_len": max_seq_len, "truncation": truncation,
-                                         "splits_per_patient_therapy": splits_per_patient_therapy})
+                                         "splits_per_patient_therapy": splits_per_patient_therapy}, cache_dir=cache)

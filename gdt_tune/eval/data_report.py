@@ -27,6 +27,7 @@ from gdt_tune.data.records import (
     resolve_data_files,
 )
 from gdt_tune.runtime.files import write_atomically
+from gdt_tune.training.prefix_trees import sharing_line
 from gdt_tune.training.sampling import expected_rank_balance
 
 BINS = 40
@@ -167,7 +168,30 @@ def data_report(data: list[str], tokenizer, out, max_seq_len: int = DEFAULT_MAX_
     lines += ["", f"## Rank balance ({train})", "", "The expected mean over steps of (each rank's work / the busiest "
               "rank's), one sample per rank, work = training FLOPs at the Llama-3.1-8B shape: in a random order, and "
               f"with `balanced_steps: true` (`balance_group: {world_size}`).", "", balance_line]
+    sharing = {name: prefix_sharing(files, tokenizer, max_seq_len, system_prompt) for name, files in splits.items()}
+    lines += ["", "## Prefix sharing (`packing: true`, `share_prefixes: true`)", "",
+              f"The tokens a tree layout trains (a patient's samples as one trie, each shared prefix once; a trie longer "
+              f"than a row of {max_seq_len} tokens is cut, each part repeating its prefix) against the separate samples, "
+              "under the length cap (`truncation: gdt`; cut and dropped samples above). Training logs the same ratio "
+              "(`prefix_sharing`).", "",
+              *[f"- {name}: {sharing_line(s['tree_tokens'], s['sample_tokens'])}; one trie per patient, rows "
+                f"unlimited: {s['one_trie_per_patient']:.2f}×" for name, s in sharing.items()]]
     lines += ["", "Plots: " + ", ".join(f"`lengths_{_file_name(n)}.png`" for n in names) + ", `task_mix.png`."]
     write_atomically(out / "report.md", "\n".join(lines) + "\n")
-    return {"splits": numbers, "overlap": overlap,
+    return {"splits": numbers, "overlap": overlap, "prefix_sharing": sharing,
             "rank_balance": {"world_size": world_size, "random": random_order, "balanced": balanced}}
+
+
+def prefix_sharing(files: list[Path], tokenizer, max_seq_len: int, system_prompt: str | None) -> dict:
+    """The tree layout's tokens of one split, read as training reads it (``cgdb_instruct_dataset``,
+    its index cache) and laid out as ``share_prefixes`` lays it out (``training.prefix_trees``)."""
+    from gdt_tune.datasets import cgdb_instruct_dataset
+    from gdt_tune.training.prefix_trees import prefix_trees
+
+    ds = cgdb_instruct_dataset(tokenizer, data_files=[str(f) for f in files], system_prompt=system_prompt,
+                               max_seq_len=max_seq_len, truncation="gdt")
+    trees = prefix_trees(ds, show_progress=False)
+    tree_tokens, sample_tokens = trees.sharing(max_seq_len)
+    unlimited, _ = trees.sharing(2**62)
+    return {"tree_tokens": tree_tokens, "sample_tokens": sample_tokens, "ratio": sample_tokens / max(tree_tokens, 1),
+            "one_trie_per_patient": sample_tokens / max(unlimited, 1)}

@@ -34,6 +34,7 @@ from gdt_tune.datasets import PatientDataset, dropped_by_cap, refuse_shared_pati
 from gdt_tune.runtime.coordination import (
     FailedElsewhere,
     init_distributed,
+    node_first,
     rank_zero_first,
     report_error,
     watch_launcher,
@@ -59,6 +60,7 @@ from gdt_tune.training.hf_weights import (
 from gdt_tune.training.loss_head import LossOnlyHead
 from gdt_tune.training.mfu import decoder_flops_per_token, device_peak_tflops
 from gdt_tune.training.model_shapes import meta_model
+from gdt_tune.training.prefix_trees import prefix_trees, sharing_line
 from gdt_tune.training.resume import ROWS_PLAIN, ResumePlan, dataset_settings, lr_schedule, run_contract
 from gdt_tune.training.run_dir import OutputDirLock, finished_run, take_output_dir
 from gdt_tune.training.step_dirs import final_dir, write_marker
@@ -149,7 +151,8 @@ class FullFinetuneRecipe:
             schedule=lr_schedule(cfg.lr_scheduler if has_component(cfg, "lr_scheduler") else None, total_steps),
             balanced_order=(f"balance_group={d.balance_group}, balance_window={d.balance_window}"
                             if d.balanced_steps else "off"),
-            rows=f"packing, pack_window={d.pack_window}" if d.packing else ROWS_PLAIN))
+            rows=(f"packing, pack_window={d.pack_window}{', share_prefixes' if d.share_prefixes else ''}" if d.packing
+                  else ROWS_PLAIN)))
         self._hf_checkpointer = config.instantiate(cfg.checkpointer)
         hf_shapes = tune_shapes(self._hf_checkpointer) if plan.path is None else None
         if hf_shapes is not None:  # the weights' shapes from their headers
@@ -207,12 +210,23 @@ class FullFinetuneRecipe:
                 log.warning("balanced_steps: balance_group=%d is not a multiple of batch_size x ranks = %d, so a "
                             "micro-batch spans two groups of different lengths; set balance_group to the global "
                             "batch (%d)", group, self._batch_size * self._world, global_batch)
-        plan = RowPlan.for_dataset(ds, "dataset", packing=d.packing, window=d.pack_window, multiple=self._row_multiple)
+        plan = RowPlan.for_dataset(ds, "dataset", packing=d.packing, window=d.pack_window, multiple=self._row_multiple,
+                                   trees=self._prefix_trees(ds))
         return Batches(ds, plan, batch_size=self._batch_size, rank=self._rank, world_size=self._world,
                        accumulation=self._accum, seed=self._seed, shuffle=d.shuffle, pad_id=self._tokenizer.pad_id,
                        num_workers=d.num_workers, pin_memory=self._device.type == "cuda",
                        lengths=ds.lengths() if d.balanced_steps else None, balance_group=group,
                        balance_window=d.balance_window)
+
+    def _prefix_trees(self, ds):
+        """With ``share_prefixes``: which samples share a trie (one pass over the tokens, cached; each
+        node's first rank makes it)."""
+        if not self._data_cfg.share_prefixes:
+            return None
+        if not isinstance(ds, PatientDataset):
+            raise ValueError("config key 'share_prefixes': needs gdt_tune.datasets.cgdb_instruct_dataset (it groups "
+                             "the samples by meta.patientid); set share_prefixes=false")
+        return node_first(lambda build: prefix_trees(ds, build=build, show_progress=self._is_rank_zero))
 
     def _setup_validator(self, model_max_seq_len: int) -> Validator | None:
         """``dataset_val`` and its checks; the scored samples are read now, before the weights load."""
@@ -229,7 +243,8 @@ class FullFinetuneRecipe:
         refuse_shared_patients(self._train_ds, val_ds, warn=self._is_rank_zero)
         layout = Layout.build(self._tokenizer, trained_with(self._settings)[0])
         plan = RowPlan.for_dataset(val_ds, "dataset_val", packing=self._data_cfg.packing,
-                                   window=self._data_cfg.pack_window, multiple=self._row_multiple)
+                                   window=self._data_cfg.pack_window, multiple=self._row_multiple,
+                                   trees=self._prefix_trees(val_ds))
         return Validator(self._val_cfg, val_ds, plan, tokenizer=self._tokenizer,
                          layout=layout, signals=self._signals, batch_size=self._batch_size, seed=self._seed,
                          max_seq_len=model_max_seq_len, rank=self._rank, world_size=self._world, device=self._device)
@@ -322,7 +337,7 @@ class FullFinetuneRecipe:
             for _ in range(self._steps_left_in_epoch(p)):
                 started = time.perf_counter()
                 counts, loss_sum, grad_norm = self._train_step([next(batches) for _ in range(self._accum)])
-                p.advance(counts.tokens, counts.samples)
+                p.advance(counts.tokens, counts.samples, counts.sample_tokens)
                 self._metrics.add(counts)
                 profiler.step()
                 collector.step(p.global_step)
@@ -338,7 +353,7 @@ class FullFinetuneRecipe:
                     loss = _mean_loss(loss_sum, counts.labels)
                     bar.set_postfix(loss=f"{loss:.4f}")
                     self._log(self._metrics.payload(loss=loss, lr=self._optimizer.param_groups[0]["lr"],
-                                                    tokens_seen=p.tokens_seen,
+                                                    tokens_seen=p.tokens_seen, sample_tokens_seen=p.sample_tokens_seen,
                                                     grad_norm=None if grad_norm is None else float(grad_norm)))
                 validate = self._validator is not None and self._validator.should_validate(p.global_step)
                 if not self._after_step(validate):
@@ -424,6 +439,8 @@ class FullFinetuneRecipe:
             write_marker(self._final_folder, self._checkpoints.run_id, self._progress.global_step)
             log.info("final checkpoint: %s (serves with the training prompt: tokenizer.json, chat template, "
                      "generation_config.json)", self._final_folder)
+            if self._data_cfg.share_prefixes:
+                log.info("%s trained", sharing_line(self._progress.tokens_seen, self._progress.sample_tokens_seen))
         dist.barrier()
 
     @property

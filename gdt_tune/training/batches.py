@@ -54,13 +54,43 @@ class Document:
     sample_tokens: int  # the separate samples' tokens
 
 
+def walk_trie(samples: list[dict]):
+    """The trie of ``samples`` (``{"tokens", "labels"}``, labels unshifted): yields, for each sample in
+    depth-first (sorted) order, ``(index, shared, path_targets)``: how many of its leading tokens it
+    shares with the trie so far, and its shifted labels. A sample shares the longest prefix of the one
+    before it on which no node would have to predict two different labelled tokens (the node where
+    they differ is its own, a copy: every position predicts one target)."""
+    order = sorted(range(len(samples)), key=lambda i: list(samples[i]["tokens"]))
+    target: dict[int, int] = {}  # node -> the labelled token it predicts
+    path = np.zeros(0, dtype=np.int64)  # the previous sample's nodes, by depth
+    previous = np.zeros(0, dtype=np.int64)
+    nodes = 0
+    for i in order:
+        seq = np.asarray(samples[i]["tokens"], dtype=np.int64)
+        targets = shift_labels(list(samples[i]["labels"]))
+        m = min(len(seq), len(previous))
+        differ = np.flatnonzero(seq[:m] != previous[:m])
+        shared = int(differ[0]) if len(differ) else m
+        labelled = [d for d, t in enumerate(targets) if t != IGNORE]
+        for d in labelled:  # the first shared node that predicts another labelled token
+            if d >= shared:
+                break
+            if target.get(int(path[d]), targets[d]) != targets[d]:
+                shared = d
+                break
+        path = np.concatenate([path[:shared], np.arange(nodes, nodes + len(seq) - shared)])
+        nodes += len(seq) - shared
+        for d in labelled:
+            target.setdefault(int(path[d]), targets[d])
+        previous = seq
+        yield i, shared, targets, path
+
+
 def lay_out(samples: list[dict], tag: Callable[[list[int]], list[int]] | None = None) -> Document:
     """The document of ``samples`` (``{"tokens", "labels"}``, labels unshifted as the dataset gives
-    them): one sample as it is, several as a trie in depth-first order. In the trie the samples are
-    sorted, each shares the longest prefix it can with the one before, and adds its other tokens as a
-    branch; a node whose labelled next token differs between two samples is not shared (the second
-    sample gets its own copy of it), so every position predicts one target. ``tag(targets)`` gives a
-    tag per label of one sample (validation: the task type of each label token)."""
+    them): one sample as it is, several as a trie in depth-first order (:func:`walk_trie`): each
+    shared prefix once, each sample's other tokens as a branch, a label shared by k samples weighted k.
+    ``tag(targets)`` gives a tag per label of one sample (validation: the task type of each label)."""
     if len(samples) == 1:
         tokens, targets = list(samples[0]["tokens"]), shift_labels(list(samples[0]["labels"]))
         n = len(tokens)
@@ -70,40 +100,22 @@ def lay_out(samples: list[dict], tag: Callable[[list[int]], list[int]] | None = 
             for i, value in zip(at, tag([targets[i] for i in at])):
                 tags[i] = value
         return Document(tokens, list(range(n)), [n] * n, targets, [1.0] * n, tags, n)
-    order = sorted(range(len(samples)), key=lambda i: list(samples[i]["tokens"]))
-    tokens: list[int] = []
-    positions: list[int] = []
-    span_end: list[int] = []
-    target: dict[int, list] = {}  # node -> [token, weight, tag]
-    path: list[int] = []  # the previous sample's nodes, by depth
-    previous: np.ndarray = np.zeros(0, dtype=np.int64)
-    for i in order:
-        seq = np.asarray(samples[i]["tokens"], dtype=np.int64)
-        targets = shift_labels(list(samples[i]["labels"]))
-        m = min(len(seq), len(previous))
-        differ = np.flatnonzero(seq[:m] != previous[:m])
-        lcp = int(differ[0]) if len(differ) else m
-        # share no node whose labelled next token is another than this sample's
-        while 0 < lcp < len(seq) and targets[lcp - 1] != IGNORE and target.get(path[lcp - 1], [targets[lcp - 1]])[0] != targets[lcp - 1]:
-            lcp -= 1
-        path = path[:lcp]
-        for depth in range(lcp, len(seq)):
-            path.append(len(tokens))
-            tokens.append(int(seq[depth]))
-            positions.append(depth)
-            span_end.append(0)
-        for node in path:  # every node on the path now spans this sample's nodes
-            span_end[node] = len(tokens)
+    tokens, positions, span_end = [], [], np.zeros(0, dtype=np.int64)
+    entries: dict[int, list] = {}  # node -> [token, weight, tag]
+    for i, shared, targets, path in walk_trie(samples):
+        seq = samples[i]["tokens"]
+        tokens.extend(seq[shared:])
+        positions.extend(range(shared, len(seq)))
+        span_end = np.concatenate([span_end, np.zeros(len(seq) - shared, dtype=np.int64)])
+        span_end[path] = len(tokens)  # every node on the path now spans this sample's nodes
         labelled = [d for d, t in enumerate(targets) if t != IGNORE]
         tags = tag([targets[d] for d in labelled]) if tag is not None else [-1] * len(labelled)
         for d, value in zip(labelled, tags):
-            entry = target.setdefault(path[d], [targets[d], 0.0, value])
-            entry[1] += 1.0
-        previous = seq
+            entries.setdefault(int(path[d]), [targets[d], 0.0, value])[1] += 1.0
     targets_out, weights, tags_out = [IGNORE] * len(tokens), [1.0] * len(tokens), [-1] * len(tokens)
-    for node, (token, weight, value) in target.items():
+    for node, (token, weight, value) in entries.items():
         targets_out[node], weights[node], tags_out[node] = token, weight, value
-    return Document(tokens, positions, span_end, targets_out, weights, tags_out,
+    return Document(list(tokens), positions, span_end.tolist(), targets_out, weights, tags_out,
                     sum(len(s["tokens"]) for s in samples))
 
 
@@ -255,17 +267,22 @@ class RowPlan:
     window: int = 1024
     lengths: np.ndarray | None = None
     multiple: int = 1  # rows rounded up to a multiple of this many tokens (16 with float8)
+    trees: object | None = None  # training.prefix_trees.PrefixTrees: a patient's samples share a trie
 
     def rows(self, order: list[int], seed: int) -> list[Row]:
         if not self.packing:
             return list(order)
+        if self.trees is not None:  # documents: a patient's tries, in the patients' shuffled order
+            docs = self.trees.documents(order, self.capacity)
+            rows = best_fit_rows([size for _, size in docs], self.capacity, self.window, seed)
+            return [tuple(docs[j][0] for j in row) for row in rows]
         sizes = [int(self.lengths[i]) for i in order]
         return [tuple((order[j],) for j in row) for row in best_fit_rows(sizes, self.capacity, self.window, seed)]
 
     @classmethod
-    def for_dataset(cls, dataset, key: str, *, packing: bool, window: int, multiple: int) -> RowPlan:
+    def for_dataset(cls, dataset, key: str, *, packing: bool, window: int, multiple: int, trees=None) -> RowPlan:
         """The plan of a ``cgdb_instruct_dataset`` (config key ``key``): packed rows hold its
-        ``max_seq_len`` tokens."""
+        ``max_seq_len`` tokens; with ``trees`` (``training.prefix_trees``) a patient's samples share them."""
         if not packing:
             return cls(multiple=multiple)
         settings = getattr(dataset, "settings", None)
@@ -273,7 +290,7 @@ class RowPlan:
             raise ValueError(f"config key 'packing': {key} must be a gdt_tune.datasets.cgdb_instruct_dataset (rows are "
                              "filled up to its max_seq_len); set packing=false")
         return cls(packing=True, capacity=int(settings["max_seq_len"]), window=window, lengths=dataset.lengths(),
-                   multiple=multiple)
+                   multiple=multiple, trees=trees)
 
     @property
     def row_length(self) -> int | None:

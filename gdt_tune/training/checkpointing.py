@@ -73,14 +73,16 @@ class Progress(Stateful):
     def __init__(self, seed: int, world_size: int):
         self.global_step = self.epoch = self.step_in_epoch = 0
         self.tokens_seen = self.samples_in_epoch = 0
+        self.sample_tokens_seen = 0  # the separate samples' tokens (more than tokens_seen with shared prefixes)
         self.seed, self.world_size = seed, world_size
         # a signal cut the validation of global_step short: the resumed run runs it first
         self.validation_pending = False
 
-    def advance(self, tokens: float, samples: int) -> None:
+    def advance(self, tokens: float, samples: int, sample_tokens: float | None = None) -> None:
         self.global_step += 1
         self.step_in_epoch += 1
         self.tokens_seen += int(tokens)
+        self.sample_tokens_seen += int(tokens if sample_tokens is None else sample_tokens)
         self.samples_in_epoch += samples
 
     def next_epoch(self) -> None:
@@ -97,7 +99,7 @@ class Progress(Stateful):
     def record(self) -> dict:
         """Every counter, for the run record (the DCP state holds the same but the data position)."""
         return {**self.state_dict(), "samples_in_epoch": self.samples_in_epoch,
-                "validation_pending": self.validation_pending}
+                "validation_pending": self.validation_pending, "sample_tokens_seen": self.sample_tokens_seen}
 
 
 class _ModelOptimState(Stateful):
@@ -284,6 +286,7 @@ class CheckpointManager:
             torch.manual_seed(seed)  # also every CUDA device
         p.world_size = world
         p.samples_in_epoch = plan.record["samples_in_epoch"]
+        p.sample_tokens_seen = plan.record.get("sample_tokens_seen", p.tokens_seen)
         p.validation_pending = bool(plan.record.get("validation_pending", False))
         if plan.contract is not None:
             self._apply_learning_rate(plan.record.get("lr"), plan.contract.get("lr"))

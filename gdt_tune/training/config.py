@@ -108,6 +108,8 @@ class Data:
                                 "themselves (training.batches); false: one sample a row, as GDT")
     pack_window: int = integer(1024, "with packing: consecutive samples of the order placed together best-fit-decreasing "
                                      "(larger: fuller rows, less shuffling)")
+    share_prefixes: bool = flag(False, "with packing: a patient's samples as one trie, each shared prefix trained once "
+                                       "(training.prefix_trees); the order shuffles patients, not samples")
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,9 @@ def _check_combinations(rc: RecipeConfig, cuda_available: bool) -> None:
     if v.run_val_every_n_steps is not None and not has_component(cfg, "dataset_val"):
         raise ValueError("config key 'run_val_every_n_steps' is set but 'dataset_val' is missing; add dataset_val "
                          "or set run_val_every_n_steps=null")
+    if rc.data.share_prefixes and not rc.data.packing:
+        raise ValueError("config key 'share_prefixes': true needs packed rows (a patient's trie fills a row with other "
+                         "tries); set packing=true")
     if rc.data.packing and rc.data.balanced_steps:
         raise ValueError("config key 'balanced_steps': with packing=true every row has the same length, so there is "
                          "nothing to balance; set balanced_steps=false")

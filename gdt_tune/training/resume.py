@@ -64,8 +64,10 @@ REFUSED = {
     "balanced_order": ("the step order (balanced_steps, balance_group, balance_window)",
                        lambda saved: "set balanced_steps=false" if saved == "off" else
                        f"set balanced_steps=true {saved.replace(', ', ' ')}"),
-    "rows": ("how samples fill rows (packing, pack_window)", lambda saved: "set packing=false" if saved == ROWS_PLAIN
-             else f"set packing=true pack_window={saved.rsplit('=', 1)[-1]}"),
+    "rows": ("how samples fill rows (packing, pack_window, share_prefixes)",
+             lambda saved: "set packing=false" if saved == ROWS_PLAIN else
+             f"set packing=true pack_window={saved.split('pack_window=')[1].split(',')[0]} "
+             f"share_prefixes={'share_prefixes' in saved}".replace("True", "true").replace("False", "false")),
     "lr_schedule": ("the LR schedule (lr_scheduler; its length: epochs x steps per epoch, which max_steps_per_epoch "
                     "and the global batch set)", "keep lr_scheduler, epochs, max_steps_per_epoch and the global batch "
                     "as they were"),

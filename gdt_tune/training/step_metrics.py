@@ -9,7 +9,8 @@ Keys: ``tokens_per_second_per_device`` (the rows' tokens, padding left out),
 ``label_tokens_per_second_per_device``, ``rank_balance``, ``mfu`` (with a known GPU peak: PaLM's FLOPs,
 the attention span of each token being its own sample's), peak CUDA memory, and with packed rows
 ``pack_fill`` (tokens / row capacity) and ``samples_per_row``; with shared prefixes
-``sample_tokens_per_second_per_device`` (the separate samples' tokens a second: what the trie saves).
+``sample_tokens_per_second_per_device`` (the separate samples' tokens a second) and ``prefix_sharing``
+(the separate samples' tokens / the tokens trained, since the run started: data-report's ratio).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class StepMetrics:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - started
 
-    def payload(self, *, loss: float, lr: float, tokens_seen: int, grad_norm: float | None = None) -> dict:
+    def payload(self, *, loss: float, lr: float, tokens_seen: int, sample_tokens_seen: int | None = None,
+                grad_norm: float | None = None) -> dict:
         s, seconds = self._sum, time.perf_counter() - self._since
         per_device = s["tokens"] / self.world_size / seconds
         out = {"loss": loss, "lr": lr, "tokens_per_second_per_device": per_device,
@@ -62,8 +64,9 @@ class StepMetrics:
         if self.row_length is not None:
             out["pack_fill"] = s["tokens"] / max(s["rows"] * self.row_length, 1.0)
             out["samples_per_row"] = s["samples"] / max(s["rows"], 1.0)
-        if s["sample_tokens"] > s["tokens"]:
+        if sample_tokens_seen is not None and sample_tokens_seen > tokens_seen:  # a trie trains shared tokens once
             out["sample_tokens_per_second_per_device"] = s["sample_tokens"] / self.world_size / seconds
+            out["prefix_sharing"] = sample_tokens_seen / tokens_seen
         if self.device.type == "cuda" and self.log_peak_memory:
             out["peak_memory_alloc_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             out["peak_memory_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
