@@ -238,7 +238,7 @@ def run_variants(model: str, variants: list[str], work: Path, seq: int, steps: i
                        default=0.0)
         losses = [r["loss"] for r in res["rows"] if "loss" in r]
         first = next((r["first_step_seconds"] for r in res["rows"] if "first_step_seconds" in r), "")
-        rows.append([variant, step, tps, f"{tps / stock_tps:.2f}x" if stock_tps else "", f"{taken} / {trained:,}",
+        rows.append([variant, step, tps, f"{tps / stock_tps:.2f}x" if stock_tps else "", f"{taken} / {int(trained):,}",
                      mfu(tps, flops_per_token, peak) if peak else "n/a", peak_mem or "", first,
                      f"{sum(losses[-10:]) / len(losses[-10:]):.4f}"])
     return header, rows

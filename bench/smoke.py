@@ -32,8 +32,9 @@ SCRIPTS = {
     # variant through gpu_throughput.run_variants (stock: recipe_step.py; evaluate in bf16 and fp32 on
     # CPU: tests/test_evaluate.py)
     "gpu_check.py": (["--tiny-steps", "6", "--skip", "evaluate", "--steps", "4", "--variants", "ours:op"],  # + spread
-                     ["| resume from step_3 | pass |", "| ours:op |", "| spread ours:bal | pass |", "| eval engine | pass |",
-                      " passed, 0 failed"]),
+                     ["| resume from step_3 | pass |", "| ours:op |", "| spread ours:pack | pass |",
+                      "| tree ours:tree | pass |", "| eval engine | pass |", " passed, 0 failed"]),
+    "row_layouts.py": (["--max-steps", "2"], ["| one sample a row | 2 |", "| packed | 2 |", "| shared prefixes | 2 |"]),
     "index_stamp.py": (["--mib", "8"], ["full hash / stamp:", "| stat stamp (the cache's check) |"]),
     "loss_head.py": (["--vocab", "8192", "--tokens", "512", "--repeat", "2"], ["loss-only / stock time:"]),
     "balanced_steps.py": (["--steps", "10", "--repeat", "2"], ["balanced / random time per step:", "| balanced |"]),

@@ -20,7 +20,7 @@ def test_train_command_single_node_and_multi_node(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--nproc_per_node", "2"], "train needs --config NAME|FILE (shipped: llama3_1_8b_gdt_full, tiny_gdt_cpu)"),
+    (["--nproc_per_node", "2"], "train needs --config NAME|FILE (shipped: llama3_1_8b_gdt_full, llama3_1_8b_gdt_packed, tiny_gdt_cpu)"),
     (["--config", "llama3_8b"], "--config llama3_8b: no such file and no shipped config of that name"),
     (["--config", "tiny_gdt_cpu", "--nproc_per_node", "2"], "'--nproc_per_node' after --config is not a key=value"),
     (["--bogus", "2", "--config", "tiny_gdt_cpu"], "train: torchrun options before --config: unrecognized arguments: "

@@ -54,5 +54,8 @@ def test_errors_name_the_key_and_what_is_expected(override, message):
 
 
 def test_known_keys_cover_the_shipped_configs():
-    for name in ("tiny_gdt_cpu.yaml", "llama3_1_8b_gdt_full.yaml"):
+    for name in ("tiny_gdt_cpu.yaml", "llama3_1_8b_gdt_full.yaml", "llama3_1_8b_gdt_packed.yaml"):
         assert set(OmegaConf.load(REPO / "configs" / name)) <= set(known_keys())
+    full, packed = (parse(OmegaConf.load(REPO / "configs" / f"llama3_1_8b_gdt_{n}.yaml"), cuda_available=True).data
+                    for n in ("full", "packed"))
+    assert (full.packing, full.balanced_steps) == (False, True) and (packed.packing, packed.balanced_steps) == (True, False)
