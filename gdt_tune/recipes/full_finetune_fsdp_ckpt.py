@@ -26,13 +26,14 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.tensor import DTensor
 from torchtune import config, training
-from torchtune.training import DummyProfiler
 from tqdm import tqdm
 
 from gdt_tune.data.layout import Layout, trained_with
 from gdt_tune.datasets import PatientDataset, dropped_by_cap, refuse_shared_patients
 from gdt_tune.runtime.coordination import (
     FailedElsewhere,
+    Heartbeats,
+    collective_failure,
     init_distributed,
     node_first,
     rank_zero_first,
@@ -61,6 +62,7 @@ from gdt_tune.training.loss_head import LossOnlyHead
 from gdt_tune.training.mfu import decoder_flops_per_token, device_peak_tflops
 from gdt_tune.training.model_shapes import meta_model
 from gdt_tune.training.prefix_trees import prefix_trees, sharing_line
+from gdt_tune.training.profiling import step_profiler
 from gdt_tune.training.resume import ROWS_PLAIN, ResumePlan, dataset_settings, lr_schedule, run_contract
 from gdt_tune.training.run_dir import OutputDirLock, finished_run, take_output_dir
 from gdt_tune.training.step_dirs import final_dir, write_marker
@@ -69,6 +71,8 @@ from gdt_tune.training.stop_signals import StopSignals
 from gdt_tune.training.validator import Validator
 
 log = logging.getLogger("gdt_tune")
+#: the default group's timeout while rank 0 writes epoch_N and the others wait (gloo's default)
+FINAL_SAVE_TIMEOUT = dt.timedelta(minutes=30)
 
 
 class FullFinetuneRecipe:
@@ -92,6 +96,7 @@ class FullFinetuneRecipe:
             raise ValueError(f"config key 'float8': {problem}; set float8=false")
         self._batch_size, self._accum = rc.training.batch_size, rc.training.gradient_accumulation_steps
         self._row_multiple = 16 if rc.training.float8 else 1  # float8's matmuls need multiples of 16 tokens
+        self._collective_timeout = dt.timedelta(minutes=rc.training.collective_timeout_minutes)
         self._seed = training.set_seed(seed=rc.training.seed)
         # where the last epoch's Hugging Face checkpoint goes (the checkpointer's output_dir, by default the run's)
         self._final_folder = final_dir(cfg.checkpointer.get("output_dir", self._ckpt_cfg.output_dir),
@@ -287,45 +292,31 @@ class FullFinetuneRecipe:
                      sum(p.numel() for p in model.parameters()) / 1e6, self._dtype, self._world, self._device.type)
         return model
 
-    def _profiler(self):
-        """torchtune's profiler (``torchtune.training.setup_torch_profiler``) as a ``with`` block,
-        traces in ``${output_dir}/profiling`` unless ``profiler.output_dir`` says otherwise::
-
-            profiler:
-              _component_: torchtune.training.setup_torch_profiler
-              enabled: true
-              wait_steps: 5
-              warmup_steps: 3
-              active_steps: 2
-              num_cycles: 1
-        """
-        cfg_profiler = self._cfg.get("profiler")
-        if cfg_profiler is None or not cfg_profiler.get("enabled", False):
-            return DummyProfiler()
-        cfg_profiler = OmegaConf.merge({"_component_": "torchtune.training.setup_torch_profiler",
-                                        "output_dir": os.path.join(self._ckpt_cfg.output_dir, "profiling"),
-                                        "cuda": self._device.type == "cuda"}, cfg_profiler)
-        profiler, _ = config.instantiate(cfg_profiler)
-        if self._is_rank_zero:
-            log.info("profiler: traces in %s", cfg_profiler.output_dir)
-        return profiler
-
     # ---------------------------------------------------------------- loop
     def train(self) -> None:
         p = self._progress
         if self._device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self._device)
-        with (self._profiler() as profiler, CollectEvery(50) as collector,
-              tqdm(total=p.global_step + self._steps_left(p), initial=p.global_step, desc="training", unit="step",
-                   disable=not self._is_rank_zero, dynamic_ncols=True) as bar):
-            # resumed after a signal cut this step's validation short: that validation first
-            if p.validation_pending and not self._after_step(validate=True):
-                return
-            if not self._train_epochs(bar, profiler, collector):
-                return
-        if self._validator is not None and self._validator.should_validate(p.global_step, last=True):
-            if not self._after_step(validate=True):
-                return
+        beats = Heartbeats(self._rank, self._world)  # names a rank that stops answering
+        try:
+            with (step_profiler(self._cfg.get("profiler"), self._ckpt_cfg.output_dir, self._device,
+                                self._is_rank_zero) as profiler, CollectEvery(50) as collector,
+                  tqdm(total=p.global_step + self._steps_left(p), initial=p.global_step, desc="training",
+                       unit="step", disable=not self._is_rank_zero, dynamic_ncols=True) as bar):
+                # resumed after a signal cut this step's validation short: that validation first
+                if p.validation_pending and not self._after_step(validate=True):
+                    return
+                if not self._train_epochs(bar, profiler, collector):
+                    return
+            if self._validator is not None and self._validator.should_validate(p.global_step, last=True):
+                if not self._after_step(validate=True):
+                    return
+        except RuntimeError as e:  # a collective that timed out: one line naming the silent rank
+            raise collective_failure(e, beats, self._collective_timeout) from None
+        finally:
+            beats.close()
+        # the final save: rank 0 writes 16 GB while the others wait at the barrier (a slow file system)
+        dist.distributed_c10d._set_pg_timeout(FINAL_SAVE_TIMEOUT)
         self.save_final()
 
     def _train_epochs(self, bar, profiler, collector: CollectEvery) -> bool:
@@ -341,7 +332,9 @@ class FullFinetuneRecipe:
                 self._metrics.add(counts)
                 profiler.step()
                 collector.step(p.global_step)
-                if first:  # torch.compile compiles in the first step
+                if first:  # torch.compile compiles in the first step; from now on a silent rank ends the job
+                    dist.distributed_c10d._set_pg_timeout(self._collective_timeout)
+                    self._signals.set_timeout(self._collective_timeout)
                     seconds = self._metrics.first_step(started)
                     if self._is_rank_zero:
                         log.info("first step: %.1f s (%s)", seconds,

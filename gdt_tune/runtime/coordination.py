@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from gdt_tune.runtime.cpus import available_cpus
+from gdt_tune.runtime.errors import OneLineError, first_line
 
 T = TypeVar("T")
 #: How long ranks wait for their node's index build (2.5M GDT samples index in minutes).
@@ -83,15 +85,100 @@ def rank_zero_first(job: Callable[[bool], T], timeout: dt.timedelta = dt.timedel
 ERROR_WAIT = dt.timedelta(seconds=5)
 
 
-def _agent_store():
+def _agent_store(timeout: dt.timedelta = ERROR_WAIT):
     """A client of torchrun's agent store (it outlives every rank), or None outside torchrun."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return None
     try:
         return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                             timeout=ERROR_WAIT)
+                             timeout=timeout)
     except (RuntimeError, KeyError, ValueError):
         return None
+
+
+class Heartbeats:
+    """Every rank writes (time, host, pid) to torchrun's store every ``every`` seconds from a thread of
+    its own, so that when a training collective times out the ranks that went silent can be named (a
+    frozen process or node: SIGSTOP, a hung driver). No-op outside torchrun::
+
+        beats = Heartbeats(rank, world)           # after the setup
+        beats.silent()                            # [(rank, seconds silent, host, pid)]
+        beats.close()
+    """
+
+    def __init__(self, rank: int, world: int, every: float = 2.0):
+        self.rank, self.world, self.every = rank, world, every
+        self._prefix = f"gdt_tune/beat/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
+        self._store = _agent_store()
+        self._stop = threading.Event()
+        self._thread = None
+        if self._store is not None:
+            self._thread = threading.Thread(target=self._beat, name="gdt-heartbeat", daemon=True)
+            self._thread.start()
+
+    def _beat(self) -> None:
+        store = _agent_store()  # a client of this thread's own
+        host, pid = socket.gethostname(), os.getpid()
+        while store is not None and not self._stop.is_set():
+            try:
+                store.set(f"{self._prefix}{self.rank}", json.dumps([time.time(), host, pid]))
+            except RuntimeError:
+                return
+            self._stop.wait(self.every)
+
+    def silent(self) -> list[tuple[int, float, str, int]]:
+        """The ranks whose last beat is older than three beats: (rank, seconds, host, pid)."""
+        if self._store is None:
+            return []
+        out, now = [], time.time()
+        for r in range(self.world):
+            try:
+                key = f"{self._prefix}{r}"
+                when, host, pid = json.loads(self._store.get(key)) if self._store.check([key]) else (0.0, "?", 0)
+            except (RuntimeError, ValueError):
+                when, host, pid = 0.0, "?", 0
+            if now - when > 3 * self.every:
+                out.append((r, now - when, host, pid))
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def collective_failure(error: BaseException, beats: Heartbeats, timeout: dt.timedelta) -> BaseException:
+    """What to raise for an error of a training collective: the silent ranks named when there are any
+    (and a frozen rank on this node killed, the only signal a stopped process obeys, so that nothing
+    outlives the job); else a one-line error stays as it is, a timeout becomes one line, anything
+    else is raised as it came."""
+    if not collective_timed_out(error):
+        return error
+    silent = [s for s in beats.silent() if s[0] != beats.rank]
+    here = socket.gethostname()
+    for _, _, host, pid in silent:
+        if host == here and pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    minutes = f"collective_timeout_minutes={timeout.total_seconds() / 60:g}"
+    if silent:
+        named = ", ".join(f"rank {r} (pid {pid} on {host}, silent {seconds:.0f} s)" if pid else f"rank {r}"
+                          for r, seconds, host, pid in silent)
+        return OneLineError(f"training: {named} stopped answering, and a collective waited {minutes} for it (a frozen "
+                            "process or node); the job ends: resume with resume_from_checkpoint=true once the node "
+                            "is healthy")
+    if isinstance(error, OneLineError):
+        return error
+    return OneLineError(f"training: a collective timed out after {minutes} ({type(error).__name__}: "
+                        f"{first_line(error)}); every rank still answers: read their logs, then resume with "
+                        "resume_from_checkpoint=true (raise collective_timeout_minutes if a step can take longer)")
+
+
+def collective_timed_out(error: BaseException) -> bool:
+    """A gloo or NCCL collective that gave up waiting for a peer (or whose peer is gone)."""
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("timed out" in text or "timeout" in text or "connection closed" in text
+                                                or "connection reset" in text)
 
 
 def write_error_file(line: str) -> None:

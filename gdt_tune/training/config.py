@@ -90,6 +90,10 @@ class Training:
         "a list of module names or null")
     fsdp_cpu_offload: bool = flag(False, "keep parameters and optimizer states in CPU memory (CUDA only)")
     fsdp_reshard_after_forward: bool = flag(True, "free gathered parameters after forward (less memory)")
+    collective_timeout_minutes: float = anything(
+        10, "after the first step: how long a training collective waits for a rank before the job ends with one "
+            "line naming the silent rank (start-up, compile and the final save keep torch's longer timeout)",
+        lambda v: _is_number(v) and v > 0, "a number of minutes > 0 (a frozen rank ends the job after this long)")
 
 
 @dataclass(frozen=True)

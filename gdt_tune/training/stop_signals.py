@@ -70,6 +70,11 @@ class StopSignals:
                                f"{self.timeout} ({type(e).__name__}: {first_line(e)}); another rank stopped or "
                                "hung: read its log, then resume with resume_from_checkpoint=true") from None
 
+    def set_timeout(self, timeout: dt.timedelta) -> None:
+        """After the first step: the training collectives' timeout (``collective_timeout_minutes``)."""
+        self.timeout = timeout
+        dist.distributed_c10d._set_pg_timeout(timeout, self._group)
+
     def close(self) -> None:
         for signum, handler in self._old_handlers.items():
             signal.signal(signum, handler)
