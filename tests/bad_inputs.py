@@ -61,6 +61,20 @@ def _other_files_only(tmp: Path, demo: Path) -> list[str]:
     return [f"dataset.data_files={tmp}/csv"]
 
 
+def _a_shard_left_out(tmp: Path, demo: Path) -> list[str]:
+    """A two-shard model whose config lists the first shard only."""
+    import json
+    import shutil
+
+    model = tmp / "model"
+    shutil.copytree(demo / "model", model)
+    for i in (1, 2):
+        shutil.copy(model / "model.safetensors", model / f"model-0000{i}-of-00002.safetensors")
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    return [f"checkpointer.checkpoint_dir={model}", "checkpointer.checkpoint_files=[model-00001-of-00002.safetensors]"]
+
+
 def _tiny_yaml_without(key):
     def setup(tmp: Path, demo: Path) -> list[str]:
         from omegaconf import OmegaConf
@@ -243,6 +257,17 @@ CONFIG_CASES = [
       "model's vocab_size 1024"]),
     ("ac-option-typo", overrides("enable_activation_checkpointing=true", "ac_mode=selective", "ac_option=ops"),
      ["config key 'ac_option': got 'ops'"]),
+    ("component-missing-argument", overrides("~metric_logger.log_dir"),
+     ["config key 'metric_logger.log_dir' is missing: torchtune.training.metric_logging.DiskLogger needs it"]),
+    ("shard-left-out", _a_shard_left_out,
+     ["config key 'checkpointer.checkpoint_files': model-00002-of-00002.safetensors holds weights "
+      "(model.safetensors.index.json lists it) but is not listed; list all 2 shards"]),
+    ("share-prefixes-without-packing", overrides("share_prefixes=true"),
+     ["config key 'share_prefixes': true needs packed rows", "set packing=true"]),
+    ("packing-and-balanced-steps", overrides("packing=true", "balanced_steps=true"),
+     ["config key 'balanced_steps': with packing=true every row has the same length", "set balanced_steps=false"]),
+    ("collective-timeout-zero", overrides("collective_timeout_minutes=0"),
+     ["config key 'collective_timeout_minutes': got 0; expected a number of minutes > 0"]),
 ]
 
 CASES = DATA_CASES + CONFIG_CASES

@@ -1,6 +1,7 @@
 """`gdt-tune train` builds a torchrun command from any folder; bad arguments give one line."""
 
 import contextlib
+import os
 import sys
 
 import pytest
@@ -71,6 +72,20 @@ def test_cp_into_a_missing_folder_is_one_line(tmp_path, capsys):
     (lambda d, t: ["evaluate", "--checkpoint", str(d / "model"), "--data", str(d / "data" / "test"), "--device",
                    "cuda"], 1, "error: --device cuda: no CUDA device is visible here; give --device cpu"),
     (lambda d, t: ["plot-run", str(t)], 1, "error: {t}/logs holds no DiskLogger *.txt files"),
+    # an output folder that cannot be written is refused before the work (issue 39; as root a chmod does not
+    # stop a write, so the folder's parent is a file)
+    (lambda d, t: ["data-report", "--data", str(d / "data"), "--tokenizer", str(d / "model" / "tokenizer.model"),
+                   "--out", str(d / "model" / "config.json" / "r")], 1,
+     "error: --out {d}/model/config.json/r: cannot create or write it ({d}/model/config.json is not a writable folder)"),
+    (lambda d, t: ["plot-run", str(t), "--out", str(d / "model" / "config.json")], 1,
+     "error: --out {d}/model/config.json is a file; give a folder"),
+    (lambda d, t: ["export", "--checkpoint", str(d / "model"), "--out", str(d / "data" / "test" / "part-00000.jsonl" / "x")],
+     1, "error: --out {d}/data/test/part-00000.jsonl/x: cannot create or write it ({d}/data/test/part-00000.jsonl is "
+        "not a writable folder)"),
+    (lambda d, t: ["evaluate", "--checkpoint", str(d / "model"), "--data", str(d / "data" / "test"), "--out",
+                   str(d / "model" / "eval")], 1,
+     "error: --out {d}/model/eval is inside the checkpoint {d}/model: predictions.jsonl (per-sample truths, file:line) "
+     "would travel with it into an export; give a folder outside it"),
     (lambda d, t: ["demo", "--steps", "0"], 2, "error: argument --steps: '0' is not an integer >= 1"),
     (lambda d, t: ["bogus"], 2, "error: argument command: invalid choice: 'bogus'"),
 ])
@@ -115,3 +130,56 @@ def test_tilde_key_removes_a_key_as_tune_run_does(tmp_path):
         _load_config("tiny_gdt_cpu", ["~dataset_val"])
     with pytest.raises(ValueError, match="not a key=value or ~key"):
         train_command(["--config", "tiny_gdt_cpu", "~"])
+
+
+def test_a_second_evaluate_into_the_same_out_is_refused_naming_the_first(demo_dir, tmp_path, capsys):
+    from gdt_tune.training.run_dir import OutputDirLock
+
+    first = OutputDirLock(tmp_path / "eval", key="--out", holder="evaluate")
+    first.acquire()  # an evaluate still writing there
+    try:
+        rc = main(["evaluate", "--checkpoint", str(demo_dir / "model"), "--data", str(demo_dir / "data" / "test"),
+                   "--out", str(tmp_path / "eval")])
+    finally:
+        first.release()
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith(f"error: --out: {tmp_path / 'eval'} is in use by another evaluate (pid {os.getpid()}")
+    assert err.rstrip().endswith("wait for it or stop it, or choose another --out") and err.count("\n") == 1
+
+
+def test_export_refuses_a_checkpoint_holding_evaluates_predictions(demo_dir, tmp_path, capsys):
+    import shutil
+
+    checkpoint = tmp_path / "epoch_0"
+    shutil.copytree(demo_dir / "model", checkpoint)
+    (checkpoint / "eval").mkdir()
+    (checkpoint / "eval" / "predictions.jsonl").write_text("{}\n")
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "served")]) == 1
+    assert capsys.readouterr().err == (f"error: --checkpoint {checkpoint} holds evaluate's {checkpoint}/eval/predictions.jsonl "
+                                       "(per-sample truths, file:line), which must not reach a serving folder; move it "
+                                       "out of the checkpoint, then export\n")
+    assert not (tmp_path / "served").exists()
+
+
+def test_a_config_that_does_not_parse_is_one_line_before_torchrun_starts(tmp_path, capsys):
+    bad = tmp_path / "tab.yaml"
+    bad.write_text("output_dir: /tmp/x\nmodel:\n\t_component_: a\n")  # a tab indents
+    assert main(["train", "--nproc_per_node", "2", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --config {bad} is not valid YAML (while scanning") and "line 3, column 1" in err
+    assert err.rstrip().endswith("(indent with spaces, not tabs)") and err.count("\n") == 1
+    assert main(["train", "--config", "tiny_gdt_cpu", "dataset.patient_ids=[SYN0001,SYN0002"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: override 'dataset.patient_ids=<redacted>' does not parse (redacted); write key=value, a list "
+                   "as key=[a,b], a text with spaces in quotes\n")
+    assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(bad)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: --config {bad} is not valid YAML")
+
+
+def test_the_launchers_echoed_command_holds_no_patient_ids(tmp_path, capsys):
+    from gdt_tune.cli.launcher import run_training
+
+    cmd = [sys.executable, "-c", "pass", "dataset.patient_ids=[SYN0001,SYN0002]", "seed=3"]
+    assert run_training(cmd, dict(os.environ, GDT_TUNE_LOG_DIR=str(tmp_path))) == 0
+    out = capsys.readouterr().out
+    assert "SYN000" not in out and "dataset.patient_ids=<redacted> seed=3" in out

@@ -310,3 +310,19 @@ def test_evaluate_on_two_ranks_writes_the_metrics_of_one_process(demo_dir, tmp_p
     assert metrics["samples"] == 7 and metrics["events"]["tasks"] > 10  # 4 batches, the last of 1 sample
     assert metrics["forecasting"]["generation"]["generated_tokens"] > 0
     assert two.stdout.count("samples: 7") == 1 and "generating forecasts" in two.stderr  # rank 0 speaks
+
+
+def test_training_data_that_shares_test_patients_is_refused_before_the_model_loads(demo_dir, tmp_path, capsys):
+    """--train-data at the test split itself: the clip bounds, the censoring distribution and the
+    baselines would be fitted on the test patients; one line names where (never the id), nothing is
+    written."""
+    from gdt_tune.cli.main import main
+
+    test = demo_dir / "data" / "test"
+    code = main(["evaluate", "--checkpoint", str(demo_dir / "model"), "--data", str(test), "--train-data", str(test),
+                 "--out", str(tmp_path / "eval"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    first = f"{test}/part-00000.jsonl:1"
+    assert code == 1 and err.startswith(f"error: --data and --train-data share ") and err.count("\n") == 1
+    assert f"(e.g. the patient of {first} and of {first})" in err and "SYN" not in err
+    assert not (tmp_path / "eval" / "metrics.json").exists()

@@ -92,7 +92,9 @@ def _files(folder):
 
 
 def test_a_requeue_of_a_finished_run_loads_and_writes_nothing(demo_dir, tmp_path, uninterrupted, caplog):
-    """(A run given more steps than it finished with resumes: tests/test_run_dir.py.)"""
+    """Also with more steps asked for: a finished run stays finished (its epoch_0 is never rewritten in
+    place; to train further, start a new run from it). (A run stopped before its final save resumes:
+    tests/test_run_dir.py.)"""
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
     marker = read_marker(out / "epoch_0")
@@ -103,3 +105,8 @@ def test_a_requeue_of_a_finished_run_loads_and_writes_nothing(demo_dir, tmp_path
     assert recipe.already_trained and recipe._model is None  # no weights loaded
     assert f"has finished: {out}/epoch_0 is complete after step 6; nothing to do" in caplog.text
     assert _files(out) == before  # nothing written, not even logs
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gdt_tune"):
+        recipe = train_in_process(demo_dir, out, *RUN, "max_steps_per_epoch=10", "resume_from_checkpoint=true")
+    assert recipe.already_trained and "nothing to do (to train further, start a new run from it" in caplog.text
+    assert _files(out) == before

@@ -12,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 
+from gdt_tune.runtime.files import check_output_folder
 from gdt_tune.trained.serving import check_serving, write_serving_files
 from gdt_tune.training.step_dirs import MARKER, final_dir
 
@@ -52,7 +53,11 @@ def export_checkpoint(checkpoint, out, cfg=None, replace: bool = False) -> Path:
 
     checkpoint, out = Path(checkpoint), Path(out)
     trained = open_trained(checkpoint, cfg)
+    if (found := next(checkpoint.rglob("predictions.jsonl"), None)) is not None:
+        raise ValueError(f"--checkpoint {checkpoint} holds evaluate's {found} (per-sample truths, file:line), which must "
+                         "not reach a serving folder; move it out of the checkpoint, then export")
     check_export_target(checkpoint, out, replace)
+    check_output_folder(out)
     check_serving(trained.tokenizer, trained.vocab_size)  # before any weights are read or anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))

@@ -28,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 
+from gdt_tune.runtime.redact import redacted_argv
+
 _TORCHRUN = re.compile(r"torch/distributed/(elastic|run\.py|launcher)|torch\.distributed\.elastic")
 _TORCHRUN_LOG = re.compile(r"^[WEI]\d{4} .*(torch/distributed/elastic|torch\.distributed\.elastic)")
 # a line of ours or of torchrun's that starts right after a progress bar's redraw (tqdm ends it with
@@ -175,7 +177,7 @@ def run_training(cmd: list[str], env: dict, command: str = "train") -> int:
     ``command`` names the log file (``train-...log``, ``evaluate-...log``)."""
     path = log_path(command)
     terminal = Terminal()
-    terminal.write(sys.stdout, "+ " + " ".join(cmd) + "\n")
+    terminal.write(sys.stdout, "+ " + " ".join(redacted_argv(cmd)) + "\n")  # an inline patient id list stays here
     received: list[int] = []
     with open(path, "wb") as err, open(path.with_suffix(".out"), "wb") as out:
         proc = subprocess.Popen(cmd, env=dict(env, GDT_LAUNCHER_PID=str(os.getpid())), stdout=out, stderr=err)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from gdt_tune.data.layout import DEFAULT_MAX_SEQ_LEN
+from gdt_tune.runtime.redact import redacted_argv
 
 PACKAGE = Path(__file__).resolve().parents[1]  # gdt_tune/
 CONFIGS = PACKAGE / "configs"  # shipped inside the package; configs/ in a checkout links here
@@ -57,6 +58,7 @@ def train_command(args: list[str]) -> list[str]:
     if bad:
         raise ValueError(f"train: {bad[0]!r} after --config is not a key=value or ~key override; put launcher "
                          "options (--nproc_per_node, --nnodes, ...) before --config")
+    _parse_config(config, overrides)  # YAML that does not parse: one line here, not a traceback per rank
     _check_torchrun_options(launcher)
     if not any(a.startswith(_RENDEZVOUS) for a in launcher):
         launcher = ["--standalone", *launcher]
@@ -180,16 +182,38 @@ def _at_least(minimum: int):
     return parse
 
 
-def _load_config(path, overrides):
+def _parse_config(path: Path, overrides: list[str]):
+    """The config file merged with the ``key=value`` overrides; a file that is not YAML (a tab, an
+    unclosed bracket) or an override that does not parse is one line naming it."""
     from omegaconf import OmegaConf
 
+    def problem(error: Exception) -> str:
+        return " ".join(str(error).split())[:240]
+
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml's scanner and parser errors, OmegaConf's
+        raise ValueError(f"--config {path} is not valid YAML ({problem(e)}); fix that line (indent with spaces, "
+                         "not tabs)") from None
+    for override in (a for a in overrides if not a.startswith("~")):
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
+        except Exception as e:
+            shown = redacted_argv([override])[0]  # never an inline patient id list
+            raise ValueError(f"override {shown!r} does not parse ({problem(e) if shown == override else 'redacted'}); "
+                             "write key=value, a list as key=[a,b], a text with spaces in quotes") from None
+    return cfg
+
+
+def _load_config(path, overrides):
     if not path:
         return None
+    from omegaconf import OmegaConf
+
     bad = [a for a in overrides if not _is_override(a)]
     if bad:
         raise ValueError(f"{bad[0]!r} is not a key=value or ~key config override")
-    cfg = OmegaConf.merge(OmegaConf.load(resolve_config(path)),
-                          OmegaConf.from_dotlist([a for a in overrides if not a.startswith("~")]))
+    cfg = _parse_config(resolve_config(path), overrides)
     for key in (a[1:] for a in overrides if a.startswith("~")):  # torchtune's ~key: remove the key
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg

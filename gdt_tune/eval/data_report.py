@@ -26,7 +26,7 @@ from gdt_tune.data.records import (
     read_chunk,
     resolve_data_files,
 )
-from gdt_tune.runtime.files import write_atomically
+from gdt_tune.runtime.files import check_output_folder, write_atomically
 from gdt_tune.training.prefix_trees import sharing_line
 from gdt_tune.training.sampling import expected_rank_balance
 
@@ -111,6 +111,7 @@ def data_report(data: list[str], tokenizer, out, max_seq_len: int = DEFAULT_MAX_
     from gdt_tune.eval.plots import bar_chart, length_histogram
 
     out = Path(out)
+    check_output_folder(out)  # before the data is read
     out.mkdir(parents=True, exist_ok=True)
     layout = Layout.build(tokenizer, system_prompt_or_default(system_prompt))
     splits = splits_of(data)

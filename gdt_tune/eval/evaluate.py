@@ -54,17 +54,18 @@ from gdt_tune.eval.gdt_eval import (
     indication_of,
     instruction_features,
     read_training,
+    refuse_shared_patients,
     rsf_scores,
     summary_table,
 )
 from gdt_tune.eval.generation import generate_draws
 from gdt_tune.runtime.coordination import init_distributed
-from gdt_tune.runtime.files import write_atomically
+from gdt_tune.runtime.files import check_output_folder, write_atomically
 from gdt_tune.runtime.torch_env import DTYPES, torch_dtype
-from gdt_tune.trained.model import open_trained
+from gdt_tune.trained.model import checkpoint_holding, open_trained
 from gdt_tune.trained.serving import TEMPERATURE, TOP_P
-from gdt_tune.training.config import unwritable_folder
 from gdt_tune.training.loss_head import LossOnlyHead
+from gdt_tune.training.run_dir import OutputDirLock
 
 log = logging.getLogger("gdt_tune")
 
@@ -90,14 +91,6 @@ def parsed_forecast(text: str) -> dict | None:
 
 
 # ---------------------------------------------------------------- command
-def check_output_folder(out: Path) -> None:
-    """``--out`` must be a folder this process can write (checked before any work)."""
-    if (blocker := unwritable_folder(out)) == out and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder")
-    if blocker is not None:
-        raise ValueError(f"--out {out}: cannot create or write it ({blocker} is not a writable folder); give another")
-
-
 def _device_and_dtype(device, dtype, local_rank: int) -> tuple[torch.device, torch.dtype]:
     try:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -223,13 +216,32 @@ def evaluate(checkpoint, data, out, cfg=None, max_samples=None, train_data=None,
     device, dtype = _device_and_dtype(device, dtype, int(os.environ.get("LOCAL_RANK", "0")))
     checkpoint, out = Path(checkpoint), Path(out)
     check_output_folder(out)
+    if (inside := checkpoint_holding(out)) is not None:
+        raise ValueError(f"--out {out} is inside the checkpoint {inside}: predictions.jsonl (per-sample truths, file:line) "
+                         "would travel with it into an export; give a folder outside it")
+    # one evaluate at a time writes into out (rank 0 holds its .lock until it is done)
+    lock = OutputDirLock(out, key="--out", holder="evaluate") if int(os.environ.get("RANK", "0")) == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _evaluate(checkpoint, data, out, cfg, max_samples, train_data, samples, batch_size, device, dtype, seed,
+                         prompt, train_samples)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _evaluate(checkpoint, data, out, cfg, max_samples, train_data, samples, batch_size, device, dtype, seed, prompt,
+              train_samples) -> dict | None:
     records = read_samples(data, max_samples)
     if not records:
         raise ValueError(f"--data {data}: no samples")
     if train_data is None and cfg is not None:
         train_data = cfg.dataset.get("data_files")
+    train = None  # before the model loads: a wrong path or the test split given as training data fails fast
     if train_data is not None:
-        resolve_data_files(train_data, "--train-data")  # a wrong path fails before the model loads
+        train = read_training(train_data, train_samples)
+        refuse_shared_patients(records, train)
     ranks = Ranks(device.type)
     try:
         trained = open_trained(checkpoint, cfg)
@@ -248,7 +260,6 @@ def evaluate(checkpoint, data, out, cfg=None, max_samples=None, train_data=None,
                           "cindex_harrell": cindex_harrell(tasks, probs)}}
     if tasks:
         metrics["events"]["auroc"] = event_auroc(events, [t["horizon_weeks"] for t in tasks], truths, probs)
-    train = read_training(train_data, train_samples) if train_data is not None else None
     if train is not None and tasks:
         metrics["events"]["baseline_majority"] = majority_baseline(train.outcomes, events, truths)
     metrics["forecasting"] = forecast_metrics(items)

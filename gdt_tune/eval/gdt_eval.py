@@ -27,7 +27,7 @@ from gdt_tune.clinical.gdt_metrics import (
 )
 from gdt_tune.clinical.metrics import OCCURRED, forecast_points, outcome_index
 from gdt_tune.data.answers import parse_answer
-from gdt_tune.data.records import event_time, read_lines, resolve_data_files
+from gdt_tune.data.records import event_time, patient_of, read_lines, resolve_data_files
 from gdt_tune.data.text import (
     DEMOGRAPHICS_HEADER,
     EVENT,
@@ -92,6 +92,7 @@ class TrainingSplit:
     values: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # forecast targets
     rsf: list[tuple[dict, str, float, bool]] = field(default_factory=list)  # (features, category, time, occurred)
     unparseable: int = 0
+    patients: dict[str, str] = field(default_factory=dict)  # patient id -> file:line of its first sample
 
     @property
     def clip(self) -> dict[str, tuple[float, float]]:
@@ -102,10 +103,12 @@ def read_training(data, max_samples: int | None) -> TrainingSplit:
     """One pass over the training samples (the first ``max_samples``; None: all)."""
     split = TrainingSplit(limit=max_samples)
     for path in resolve_data_files(data, "--train-data"):
-        for _, _, _, _, record in read_lines(path):
+        for _, _, _, where, record in read_lines(path):
             if max_samples is not None and split.samples >= max_samples:
                 return split
             split.samples += 1
+            if (patient := patient_of(record, where)) is not None:
+                split.patients.setdefault(patient, where)
             try:
                 tasks = parse_answer(record["answer"])
             except ValueError:
@@ -127,6 +130,23 @@ def read_training(data, max_samples: int | None) -> TrainingSplit:
                         **instruction_features(record["instruction"]), "indication": indication_of(record)}
                     split.rsf.append((features, category, weeks, occurred))
     return split
+
+
+def refuse_shared_patients(records: list[tuple[str, dict]], train: TrainingSplit) -> None:
+    """ValueError when a patient of the evaluated samples (``(file:line, record)``) is in the training
+    split read: its clip bounds, censoring distribution and baselines would be fitted on test patients.
+    Names where, never the id."""
+    shared = {}
+    for where, record in records:
+        patient = patient_of(record, where)
+        if patient is not None and patient in train.patients:
+            shared.setdefault(patient, (where, train.patients[patient]))
+    if shared:
+        test_where, train_where = next(iter(shared.values()))
+        raise ValueError(f"--data and --train-data share {len(shared)} patients (e.g. the patient of {test_where} and of "
+                         f"{train_where}); --train-data must be the training split (its samples fit the clip bounds, "
+                         "the censoring distribution and the baselines): give the training data the model was "
+                         "trained on")
 
 
 # ---------------------------------------------------------------- rows of predictions.jsonl

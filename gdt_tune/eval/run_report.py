@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from gdt_tune.runtime.files import write_atomically
+from gdt_tune.runtime.files import check_output_folder, write_atomically
 from gdt_tune.training.step_dirs import final_dirs, list_checkpoints
 
 _LINE = re.compile(r"^Step (\d+) \| (.*)$")
@@ -84,6 +84,7 @@ def plot_run(run_dir, out=None) -> tuple[list[Path], str]:
 
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir
+    check_output_folder(out, "--out" if out != run_dir else "plot-run: the run folder")
     metrics = read_logs(run_dir)
     if not metrics.get("loss"):
         raise ValueError(f"{run_dir}/logs has no 'loss' values yet")

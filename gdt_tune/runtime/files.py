@@ -65,3 +65,22 @@ def file_stamp(file) -> FileStamp:
     """The :class:`FileStamp` of a path or an open file descriptor."""
     st = os.stat(file)
     return FileStamp(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def unwritable_folder(out: Path) -> Path | None:
+    """What stops ``out`` being a folder this process can create or write in: ``out`` itself (a file,
+    or a folder without write access), or the nearest existing path above it that is not a writable
+    folder; None when nothing does. The recipe's ``output_dir`` and ``gdt-tune evaluate --out``."""
+    if out.exists() and not out.is_dir():
+        return out
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    return None if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK) else existing
+
+
+def check_output_folder(out: Path, flag: str = "--out") -> None:
+    """``out`` must be a folder this process can create or write (a tool checks it before any work)."""
+    out = Path(out)
+    if (blocker := unwritable_folder(out)) == out and not out.is_dir():
+        raise ValueError(f"{flag} {out} is a file; give a folder")
+    if blocker is not None:
+        raise ValueError(f"{flag} {out}: cannot create or write it ({blocker} is not a writable folder); give another")

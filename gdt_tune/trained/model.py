@@ -79,6 +79,15 @@ def open_trained(checkpoint, cfg=None) -> TrainedModel:
                         _meta_model_of_hf_folder(checkpoint))
 
 
+def checkpoint_holding(path) -> Path | None:
+    """The checkpoint folder (a ``step_N``, or an HF folder with weights) that is ``path`` or holds it."""
+    path = Path(path).resolve()
+    for folder in (path, *path.parents):
+        if is_interim_checkpoint(folder) or ((folder / "config.json").is_file() and any(folder.glob("*.safetensors"))):
+            return folder
+    return None
+
+
 def _load_step(path: Path, model: torch.nn.Module) -> None:
     """The model weights of a ``step_N`` into an unsharded ``model`` (one process reads it all)."""
     import torch.distributed.checkpoint as dcp

@@ -17,11 +17,14 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import json
 import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from gdt_tune.runtime.files import unwritable_folder
 
 REQUIRED = MISSING
 
@@ -162,6 +165,9 @@ class Validation:
 #: Component blocks (``_component_`` + arguments), built by torchtune: True when required.
 COMPONENTS = {"model": True, "tokenizer": True, "checkpointer": True, "dataset": True, "optimizer": True,
               "loss": True, "dataset_val": False, "lr_scheduler": False, "metric_logger": False, "profiler": False}
+#: Arguments the recipe gives a component itself (the rest of its required ones must be in the config).
+SUPPLIED = {"dataset": ("tokenizer",), "dataset_val": ("tokenizer",), "optimizer": ("params",),
+            "lr_scheduler": ("optimizer", "num_training_steps")}
 #: Free keys for interpolation (``${model_dir}/...``).
 FREE_KEYS = ("demo_dir", "model_dir", "data_dir")
 SECTIONS = (Training, Data, Checkpoints, Logging, Validation)
@@ -278,6 +284,11 @@ def check_components(cfg: DictConfig) -> None:
         if not has_component(cfg, key) or not OmegaConf.is_dict(node) or "_component_" not in node:
             continue
         params = inspect.signature(_component(node._component_, key)).parameters
+        for name, param in params.items():  # required arguments the recipe does not give itself
+            if (param.default is inspect.Parameter.empty and name not in node and name not in SUPPLIED.get(key, ())
+                    and param.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)):
+                raise ValueError(f"config key '{key}.{name}' is missing: {node._component_} needs it; add it to the "
+                                 f"config or pass {key}.{name}=... on the command line")
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             continue
         for arg in node:
@@ -296,16 +307,6 @@ def check_components(cfg: DictConfig) -> None:
         if _is_int(model_len) and _is_int(cap) and cap > model_len:
             raise ValueError(f"config key '{key}.max_seq_len': {cap} is above model.max_seq_len ({model_len}); "
                              f"lower {key}.max_seq_len or raise model.max_seq_len")
-
-
-def unwritable_folder(out: Path) -> Path | None:
-    """What stops ``out`` being a folder this process can create or write in: ``out`` itself (a file,
-    or a folder without write access), or the nearest existing path above it that is not a writable
-    folder; None when nothing does. The recipe's ``output_dir`` and ``gdt-tune evaluate --out``."""
-    if out.exists() and not out.is_dir():
-        return out
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    return None if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK) else existing
 
 
 def check_paths(cfg: DictConfig) -> None:
@@ -330,8 +331,17 @@ def check_paths(cfg: DictConfig) -> None:
         raise ValueError(f"config key 'checkpointer.checkpoint_dir': {folder} is not a folder; point it at the "
                          "downloaded model (e.g. tune download meta-llama/Llama-3.1-8B-Instruct --output-dir DIR)")
     files = cfg.checkpointer.get("checkpoint_files")
-    names = list(files) if OmegaConf.is_list(files) else []
+    names = [str(n) for n in files] if OmegaConf.is_list(files) else []
     for name in names:
-        if not os.path.isfile(os.path.join(folder, str(name))):
+        if not os.path.isfile(os.path.join(folder, name)):
             raise ValueError(f"config key 'checkpointer.checkpoint_files': {name} is not in {folder}; "
                              "list the model's *.safetensors files")
+    index = Path(folder) / "model.safetensors.index.json"
+    if names and index.is_file():  # a shard left out would look like another architecture later
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError):
+            shards = []
+        if missing := [s for s in shards if s not in names]:
+            raise ValueError(f"config key 'checkpointer.checkpoint_files': {missing[0]} holds weights ({index.name} "
+                             f"lists it) but is not listed; list all {len(shards)} shards: {', '.join(shards)}")

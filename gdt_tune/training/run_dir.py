@@ -97,8 +97,9 @@ class OutputDirLock:
     """An exclusive ``flock`` on ``output_dir/.lock`` (rank 0), released by :meth:`release` or
     when the process dies."""
 
-    def __init__(self, output_dir) -> None:
+    def __init__(self, output_dir, key: str = "config key 'output_dir'", holder: str = "run") -> None:
         self.path = Path(output_dir) / LOCK_FILE
+        self.key, self.holder = key, holder  # how errors name the folder and who else may hold it
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -106,15 +107,16 @@ class OutputDirLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise ValueError(f"config key 'output_dir': cannot write in {self.path.parent} ({e.strerror}); "
+            raise ValueError(f"{self.key}: cannot write in {self.path.parent} ({e.strerror}); "
                              "choose a writable folder") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise ValueError(f"config key 'output_dir': {self.path.parent} is in use by another run "
-                             f"({holder}); wait for it or stop it, or choose another output_dir") from None
+            raise ValueError(f"{self.key}: {self.path.parent} is in use by another {self.holder} "
+                             f"({holder}); wait for it or stop it, or choose another "
+                             f"{self.key.split(' ')[-1].strip(chr(39))}") from None
         previous = _read_holder(fd, default="")
         if previous:
             log.warning("output_dir: took over the lock of a run that ended without releasing it (%s)", previous)
