@@ -134,8 +134,9 @@ def test_evaluate_final_and_interim_checkpoints_of_a_demo_run(demo_dir, tmp_path
     no_events = _cli("evaluate", "--checkpoint", str(tmp_path / "run" / "epoch_0"), "--out", str(tmp_path / "fc"),
                      "--data", str(tmp_path / "no_events.jsonl"), "--samples", "0")
     assert no_events.returncode == 0 and "scoring events" not in no_events.stderr, no_events.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "fc").iterdir()) == ["forecast_mae.png", "metrics.json",
+    assert sorted(p.name for p in (tmp_path / "fc").iterdir()) == [".lock", "forecast_mae.png", "metrics.json",
                                                                     "predictions.jsonl", "summary.md"]
+    assert (tmp_path / "fc" / ".lock").read_text() == ""  # released
     # no sample text in what it wrote or printed
     answer_line = "Here is the prediction: the event ("
     written = "".join((tmp_path / "final" / n).read_text() for n in ("metrics.json", "predictions.jsonl", "summary.md"))
@@ -323,6 +324,27 @@ def test_training_data_that_shares_test_patients_is_refused_before_the_model_loa
                  "--out", str(tmp_path / "eval"), "--device", "cpu"])
     err = capsys.readouterr().err
     first = f"{test}/part-00000.jsonl:1"
-    assert code == 1 and err.startswith(f"error: --data and --train-data share ") and err.count("\n") == 1
+    assert code == 1 and err.startswith("error: --data and --train-data share ") and err.count("\n") == 1
     assert f"(e.g. the patient of {first} and of {first})" in err and "SYN" not in err
     assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
+def test_samples_longer_than_the_models_context_are_left_out_and_counted(demo_dir, tmp_path, capsys):
+    """The demo model read with a 1,150-token context: a test sample whose scoring sequence does not fit is
+    left out of event scoring (and a prompt that fills the context out of forecasting), counted in
+    metrics.json and summary.md, instead of ending the evaluation."""
+    import json
+
+    from gdt_tune.cli.main import main
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(demo_dir / "model"), "--data", str(demo_dir / "data" / "test"),
+                 "--out", str(out), "--samples", "0", "--max-samples", "4", "--config", "tiny_gdt_cpu",
+                 f"demo_dir={demo_dir}", "model.max_seq_len=1150"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    skipped = metrics["events"]["scoring"]["samples_too_long"]
+    assert 0 < skipped < metrics["samples"] and metrics["forecasting"]["samples_too_long"] == 0
+    assert metrics["events"]["tasks"] > 0
+    note = (f"note: left out, longer than the model's context (max_seq_len): {skipped} samples of event scoring, "
+            "0 of forecasting")
+    assert note in (out / "summary.md").read_text() and note in capsys.readouterr().out

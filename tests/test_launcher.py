@@ -115,13 +115,23 @@ sys.exit(run_training([sys.executable, "-c", sys.argv[1]], dict(os.environ)))
 
 # ... and one that has nothing to save yet (indexing): SIGTERM's default action ends it
 FAKE_TORCHRUN_STARTING = 'import time\nprint("ready", flush=True)\ntime.sleep(60)\n'
+# ... and one whose ranks finish the final save while torchrun itself exits 1 on the SIGTERM
+FAKE_TORCHRUN_FINAL_SAVE = """
+import signal, sys, time
+print("INFO gdt_tune: final checkpoint: /runs/x/epoch_0 (serves with the training prompt)", flush=True)
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))
+print("ready", flush=True)
+time.sleep(60)
+"""
 
 
 @pytest.mark.parametrize("how, code, said, fake", [
     ("sigterm", 0, "stopped by SIGTERM after saving the current step; resume with", FAKE_TORCHRUN),
     ("sighup", 0, "stopped by SIGHUP after saving the current step", FAKE_TORCHRUN),
     ("ctrl-c", 130, "stopped by Ctrl-C after saving the current step", FAKE_TORCHRUN),
-    ("sigterm", 143, "stopped by SIGTERM before training started; nothing was saved", FAKE_TORCHRUN_STARTING)])
+    ("sigterm", 143, "stopped by SIGTERM before training started; nothing was saved", FAKE_TORCHRUN_STARTING),
+    ("sigterm", 0, "stopped by SIGTERM after the final checkpoint was written (/runs/x/epoch_0); the run has finished",
+     FAKE_TORCHRUN_FINAL_SAVE)])
 def test_the_launcher_forwards_a_signal_and_reports_the_save(tmp_path, how, code, said, fake):
     env = dict(os.environ, GDT_TUNE_LOG_DIR=str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, fake], cwd=REPO, env=env, text=True,

@@ -36,6 +36,7 @@ _TORCHRUN_LOG = re.compile(r"^[WEI]\d{4} .*(torch/distributed/elastic|torch\.dis
 # "]" and starts the next with "\r"), on the bar's line
 _GLUED = re.compile(r"[\r\]](?=error: |[WEI]\d{4} \d\d:\d\d:\d\d)")
 _SAVED = re.compile(r"checkpoint: SIG(TERM|INT|HUP) received; saved step \d+")
+_FINAL = re.compile(r"final checkpoint: (\S+)")  # the recipe's line once epoch_N is whole
 # torchrun's failure summary: the Root Cause block's rank and exit code (negative: killed by a signal)
 _ROOT_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
 _ROOT_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
@@ -49,6 +50,7 @@ class StderrFilter:
     def __init__(self) -> None:
         self.errors: list[str] = []
         self.saved_on_signal = False
+        self.final_written: str | None = None  # the run's last epoch_N, once whole
         self._traceback: list[str] | None = None
         self._torchrun_failed = False
         self.failed_rank: int | None = None  # torchrun's Root Cause: which rank, with what exit code
@@ -188,6 +190,8 @@ def run_training(cmd: list[str], env: dict, command: str = "train") -> int:
         with open(path.with_suffix(".out"), "rb") as f:
             for text, _ in segments(f.fileno(), running):
                 shown.saved_on_signal |= bool(_SAVED.search(text))
+                if final := _FINAL.search(text):
+                    shown.final_written = final.group(1)
                 terminal.write(sys.stdout, text)
 
     stdout = threading.Thread(target=pass_stdout, daemon=True)
@@ -222,6 +226,10 @@ def run_training(cmd: list[str], env: dict, command: str = "train") -> int:
         return 130
     if signal.SIGTERM in received or signal.SIGHUP in received:
         name = "SIGTERM" if signal.SIGTERM in received else "SIGHUP"
+        if shown.final_written:  # it came during the final save, which finishes first: the run is done
+            terminal.write(sys.stderr, f"stopped by {name} after the final checkpoint was written ({shown.final_written}); "
+                                       f"the run has finished; full log: {path}\n")
+            return 0
         if shown.saved_on_signal:
             terminal.write(sys.stderr, f"stopped by {name} after saving the current step; resume with "
                                        f"resume_from_checkpoint=true; full log: {path}\n")

@@ -139,13 +139,20 @@ def _batches(n: int, size: int) -> list[range]:
 
 def score_events(model, tokenizer, layout: Layout, records, batch_size: int, device, ranks: Ranks):
     """Event tasks of ``records`` and their outcome probabilities (one forward per sample)."""
-    samples, packs = [], []
+    samples, packs, kept, too_long = [], [], [], 0
     for where, record in records:
         try:
-            samples.append(event_candidates(layout, record))
-            packs.append(pack_sample(samples[-1], model.max_seq_len))
+            tasks = event_candidates(layout, record)
         except ValueError as e:
             raise ValueError(f"{where}: cannot score its event tasks ({e})") from None
+        try:
+            sample_packs = pack_sample(tasks, model.max_seq_len)
+        except ValueError:  # longer than the model's context: left out and counted (docs/evaluation.md)
+            too_long += 1
+            continue
+        samples.append(tasks)
+        packs.append(sample_packs)
+        kept.append((where, record))
     head, results = LossOnlyHead(model, num_chunks=1), {}
     batches = _batches(len(samples), batch_size)
     total = sum(len(packs[i]) for b in ranks.mine(len(batches)) for i in batches[b])
@@ -156,23 +163,25 @@ def score_events(model, tokenizer, layout: Layout, records, batch_size: int, dev
                                        progress=bar.update)
     scores = ranks.gather(results)
     tasks = [{**t, "where": where, "indication": indication_of(record)}
-             for (where, record), sample in zip(records, samples) for t in sample]
-    scoring = {"sequences": sum(map(len, packs)), "model_tokens": sum(len(p) for sample in packs for p in sample)}
+             for (where, record), sample in zip(kept, samples) for t in sample]
+    scoring = {"sequences": sum(map(len, packs)), "model_tokens": sum(len(p) for sample in packs for p in sample),
+               "samples_too_long": too_long}
     return tasks, [softmax(s) for sample in scores for s in sample], scoring
 
 
 def generate_forecasts(model, tokenizer, layout: Layout, records, samples: int, batch_size: int, device, dtype,
                        seed: int, ranks: Ranks) -> list[dict]:
     """Forecasting tasks of ``records`` with the greedy and ``samples`` sampled answers parsed."""
-    items, prompts = [], []
+    items, prompts, too_long = [], [], 0
     for where, record in records:
         truth = [t for t in parse_answer(record["answer"]) if t.type == FORECASTING]
         if truth:
-            prompts.append([*layout.prompt_tokens(record["instruction"]), *layout.assistant_header])
-            room = model.max_seq_len - len(prompts[-1])  # generation stops at the model's context
-            if room < 1:
-                raise ValueError(f"{where}: its prompt ({len(prompts[-1])} tokens) fills the model's max_seq_len "
-                                 f"({model.max_seq_len}); nothing can be generated for its forecasting task")
+            prompt = [*layout.prompt_tokens(record["instruction"]), *layout.assistant_header]
+            room = model.max_seq_len - len(prompt)  # generation stops at the model's context
+            if room < 1:  # the prompt fills the context: left out and counted (docs/evaluation.md)
+                too_long += 1
+                continue
+            prompts.append(prompt)
             items.append({"truth": forecast_points(truth[0].visits), "last": last_values(record["instruction"]),
                           "max_new": min(len(layout.answer_tokens(record["answer"])) + 32, room),
                           "where": where, "task": truth[0].number, "indication": indication_of(record)})
@@ -190,7 +199,7 @@ def generate_forecasts(model, tokenizer, layout: Layout, records, samples: int, 
                       for per_prompt in outputs]
     for item, (predictions, generated) in zip(items, ranks.gather(results)):
         item["predictions"], item["generated_tokens"] = predictions, generated
-    return items
+    return items, too_long
 
 
 PROMPTS = ("training", "gdt")
@@ -248,7 +257,8 @@ def _evaluate(checkpoint, data, out, cfg, max_samples, train_data, samples, batc
         model, tokenizer = trained.load(device, dtype), trained.tokenizer
         layout = evaluation_layout(tokenizer, trained.system_prompt, prompt)
         tasks, probs, scoring = score_events(model, tokenizer, layout, records, batch_size, device, ranks)
-        items = generate_forecasts(model, tokenizer, layout, records, samples, batch_size, device, dtype, seed, ranks)
+        items, forecasts_too_long = generate_forecasts(model, tokenizer, layout, records, samples, batch_size, device,
+                                                       dtype, seed, ranks)
     finally:
         ranks.close()
     if ranks.rank != 0:
@@ -262,7 +272,7 @@ def _evaluate(checkpoint, data, out, cfg, max_samples, train_data, samples, batc
         metrics["events"]["auroc"] = event_auroc(events, [t["horizon_weeks"] for t in tasks], truths, probs)
     if train is not None and tasks:
         metrics["events"]["baseline_majority"] = majority_baseline(train.outcomes, events, truths)
-    metrics["forecasting"] = forecast_metrics(items)
+    metrics["forecasting"] = {**forecast_metrics(items), "samples_too_long": forecasts_too_long}
     metrics["forecasting"]["generation"] = {"greedy": 1, "sampled": samples, "temperature": TEMPERATURE,
                                             "top_p": TOP_P, "seed": seed,
                                             "generated_tokens": sum(i["generated_tokens"] for i in items)}

@@ -324,4 +324,8 @@ def summary_table(metrics: dict) -> str:
              f"| events: accuracy | {f(ev.get('accuracy'))} | – | {f(base.get('accuracy'))} | – | – | "
              f"{ev.get('tasks', 0)} tasks |"]
     lines += [f"\nnote: {n}" for n in gdt.get("notes", [])]
+    left_out = (ev.get("scoring", {}).get("samples_too_long", 0), metrics["forecasting"].get("samples_too_long", 0))
+    if any(left_out):
+        lines.append(f"\nnote: left out, longer than the model's context (max_seq_len): {left_out[0]} samples of event "
+                     f"scoring, {left_out[1]} of forecasting (the model never saw longer inputs; training drops them too)")
     return "\n".join(lines)
