@@ -16,8 +16,8 @@ pytestmark = pytest.mark.xdist_group("packing")  # one worker trains the uninter
 QUIET = ("dataset_val=null", "run_val_every_n_steps=null", "val_metrics_samples=0")
 #: rows of 4096 tokens: room for three of the demo's ~1.2k-token samples (none is longer than 2048)
 LONG_ROWS = ("model.max_seq_len=4096", "dataset.max_seq_len=4096")
-PACKED = ("packing=true", "share_prefixes=true", "pack_window=64", "max_steps_per_epoch=6", "save_every_n_steps=2",
-          *LONG_ROWS, *QUIET)
+RUN = ("pack_window=64", "max_steps_per_epoch=6", "save_every_n_steps=2", *LONG_ROWS, *QUIET)
+LAYOUTS = {"packed": ("packing=true",), "shared prefixes": ("packing=true", "share_prefixes=true")}
 
 
 @pytest.fixture(scope="module")
@@ -44,24 +44,30 @@ def test_packed_validation_loss_equals_unpacked_when_the_weights_do_not_move(dem
         assert packed[2] == pytest.approx(plain[2], abs=1e-5), key
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(demo_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("packed")
-    train_in_process(demo_dir, out, *PACKED)
-    return out
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def uninterrupted(request, demo_dir, tmp_path_factory):
+    """(layout, the uninterrupted run's folder)."""
+    out = tmp_path_factory.mktemp(request.param.replace(" ", "_"))
+    train_in_process(demo_dir, out, *RUN, *LAYOUTS[request.param])
+    return request.param, out
 
 
 def test_packed_steps_log_their_fill_and_hold_several_samples(uninterrupted):
+    layout, uninterrupted = uninterrupted
     fill, per_row = logged(uninterrupted, "pack_fill"), logged(uninterrupted, "samples_per_row")
     assert sorted(fill) == list(range(1, 7))
     assert all(0.7 < f <= 1.0 for f in fill.values()) and all(s >= 2 for s in per_row.values())
     tokens, sharing = logged(uninterrupted, "tokens_seen"), logged(uninterrupted, "prefix_sharing")
     assert tokens[6] > 6 * 2 * 1000  # about 1.2k-token samples, two or more a step
-    assert all(1.0 < s < 3.0 for s in sharing.values())
+    if layout == "shared prefixes":
+        assert sorted(sharing) == list(range(1, 7)) and all(1.0 < s < 3.0 for s in sharing.values())
+    else:
+        assert sharing == {}  # every token trained once
 
 
-def test_a_shared_prefix_run_killed_mid_epoch_resumes_to_the_uninterrupted_losses(demo_dir, tmp_path, monkeypatch,
+def test_a_packed_run_killed_mid_epoch_resumes_to_the_uninterrupted_losses(demo_dir, tmp_path, monkeypatch,
                                                                          uninterrupted):
+    layout, uninterrupted = uninterrupted
     out = tmp_path / "run"
     add = step_metrics.StepMetrics.add
 
@@ -73,10 +79,10 @@ def test_a_shared_prefix_run_killed_mid_epoch_resumes_to_the_uninterrupted_losse
 
     monkeypatch.setattr(step_metrics.StepMetrics, "add", killed_in_step_3)
     with pytest.raises(RuntimeError, match="killed"):
-        train_in_process(demo_dir, out, *PACKED)
+        train_in_process(demo_dir, out, *RUN, *LAYOUTS[layout])
     assert sorted(p.name for p in out.glob("step_*")) == ["step_2"]
     monkeypatch.undo()
-    train_in_process(demo_dir, out, *PACKED, "resume_from_checkpoint=true")
+    train_in_process(demo_dir, out, *RUN, *LAYOUTS[layout], "resume_from_checkpoint=true")
     assert logged(out) == logged(uninterrupted)
     ours, theirs = final_weights(out, 0), final_weights(uninterrupted, 0)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
