@@ -173,16 +173,20 @@ def run_variants(model: str, variants: list[str], work: Path, seq: int, steps: i
     from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT, Layout, apply_cap
 
     epoch = lengths in ("spread", "gdt")  # one epoch of the same samples for every variant
-    data = work / (f"data_{lengths}_{seq}_{nproc * steps}.jsonl" if epoch else f"data_{seq}.jsonl")
+    budget = cohort_budget(seq)
+    data = work / (f"data_{lengths}_{seq}_{nproc * steps}_{budget}.jsonl" if epoch else f"data_{seq}.jsonl")
     if not data.exists():
         samples = (spread_samples(tokenizer, nproc * steps, seq // 8, seq) if lengths == "spread"
-                   else gdt_samples(nproc * steps) if lengths == "gdt"
+                   else gdt_samples(nproc * steps, budget) if lengths == "gdt"
                    else fixed_length_samples(tokenizer, max(64, 2 * nproc * (steps + 2)), seq))
         data.write_text("".join(json.dumps(s) + "\n" for s in samples))
     layout = Layout.build(tokenizer, DEFAULT_SYSTEM_PROMPT)
     records = [json.loads(line) for line in data.read_text().splitlines()]
     capped = [apply_cap(layout, r["instruction"], r["answer"], seq, "gdt")[0] for r in records]
     sample_lengths = [len(ids) for ids in capped if ids]
+    if not sample_lengths:
+        raise SystemExit(f"no sample of {data} fits --seq-len {seq} (each loses its answer at the cap); delete the file "
+                         "or give a longer --seq-len")
     with torch.device("meta"):
         from torchtune.models.llama3 import llama3
 
@@ -244,16 +248,23 @@ def run_variants(model: str, variants: list[str], work: Path, seq: int, steps: i
     return header, rows
 
 
-def gdt_samples(n: int, seed: int = 0) -> list[dict]:
-    """The first ``n`` training samples of a synthetic GDT cohort (whole histories, no visit trimmed)."""
+def cohort_budget(seq: int) -> int:
+    """The generator's token budget of a GDT cohort for rows of ``seq`` tokens: whole histories (no
+    visit trimmed) at GDT's 8k; the demo's trimmed ones for the tiny model's 2k rows."""
+    return 12_000 if seq >= 8000 else int(seq * 0.7)
+
+
+def gdt_samples(n: int, budget: int, seed: int = 0) -> list[dict]:
+    """The first ``n`` training samples of a synthetic GDT cohort (ten splits per patient and line of
+    therapy; the generator trims the oldest visits to ``budget``)."""
     from gdt_tune.data.synthetic import generate_cohort
 
     out = []
-    for split, s in generate_cohort(max(4, n // 6), seed, 10, token_budget=12_000):
+    for split, s in generate_cohort(max(4, n // 6), seed, 10, token_budget=budget):
         if split == "train" and len(out) < n:
             out.append(s)
     if len(out) < n:
-        return out + gdt_samples(n - len(out), seed + 1)
+        return out + gdt_samples(n - len(out), budget, seed + 1)
     return out
 
 
