@@ -298,7 +298,7 @@ def test_evaluate_on_two_ranks_writes_the_metrics_of_one_process(demo_dir, tmp_p
     import sys
 
     common = ["--checkpoint", str(demo_dir / "model"), "--data", str(demo_dir / "data" / "test"), "--train-data",
-              str(demo_dir / "data" / "train"), "--max-samples", "7", "--samples", "2", "--batch-size", "2",
+              str(demo_dir / "data" / "train"), "--max-samples", "7", "--samples", "1", "--batch-size", "2",
               "--seed", "3"]
     one = _cli("evaluate", *common, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-3000:]

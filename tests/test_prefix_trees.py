@@ -65,7 +65,7 @@ def test_data_report_prints_the_sharing_that_training_logs(demo_dir, tmp_path, c
     data = tmp_path / "data" / "train"
     data.mkdir(parents=True)
     lines = (demo_dir / "data" / "train" / "part-00000.jsonl").read_text().splitlines(keepends=True)
-    (data / "part-00000.jsonl").write_text("".join(lines[:30]))
+    (data / "part-00000.jsonl").write_text("".join(lines[:20]))
     assert main(["data-report", "--data", str(data), "--tokenizer", str(demo_dir / "model" / "tokenizer.model"),
                  "--max-seq-len", "4096", "--out", str(tmp_path / "report")]) == 0
     reported = next(line for line in capsys.readouterr().out.splitlines() if "prefix sharing:" in line)
