@@ -200,11 +200,9 @@ class FullFinetuneRecipe:
     def _setup_batches(self) -> Batches:
         """The training samples as rows (``training.batches``), in this run's order."""
         d, ds = self._data_cfg, self._train_ds
-        needs_lengths = d.balanced_steps or d.packing
-        if needs_lengths and not isinstance(ds, PatientDataset):
-            key = "balanced_steps" if d.balanced_steps else "packing"
-            raise ValueError(f"config key '{key}': needs a dataset that knows its sample lengths "
-                             f"(gdt_tune.datasets.cgdb_instruct_dataset); set {key}=false")
+        if d.balanced_steps and not isinstance(ds, PatientDataset):  # packing: RowPlan.for_dataset checks it
+            raise ValueError("config key 'balanced_steps': needs a dataset that knows its sample lengths "
+                             "(gdt_tune.datasets.cgdb_instruct_dataset); set balanced_steps=false")
         global_batch = self._batch_size * self._world * self._accum
         group = d.balance_group or global_batch
         if d.balanced_steps and self._is_rank_zero:

@@ -85,13 +85,13 @@ def rank_zero_first(job: Callable[[bool], T], timeout: dt.timedelta = dt.timedel
 ERROR_WAIT = dt.timedelta(seconds=5)
 
 
-def _agent_store(timeout: dt.timedelta = ERROR_WAIT):
+def _agent_store():
     """A client of torchrun's agent store (it outlives every rank), or None outside torchrun."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return None
     try:
         return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                             timeout=timeout)
+                             timeout=ERROR_WAIT)
     except (RuntimeError, KeyError, ValueError):
         return None
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from functools import partial
 
 import numpy as np
@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
 from gdt_tune.data.layout import shift_labels
-from gdt_tune.training.sampling import EvalBatchSampler, GlobalOrderBatchSampler
+from gdt_tune.training.sampling import EvalBatchSampler, GlobalOrderBatchSampler, rank_balance
 
 IGNORE = CROSS_ENTROPY_IGNORE_IDX
 Row = tuple[tuple[int, ...], ...] | int  # documents, each a tuple of sample indices; an int: that sample alone
@@ -56,8 +56,8 @@ class Document:
 
 def walk_trie(samples: list[dict]):
     """The trie of ``samples`` (``{"tokens", "labels"}``, labels unshifted): yields, for each sample in
-    depth-first (sorted) order, ``(index, shared, path_targets)``: how many of its leading tokens it
-    shares with the trie so far, and its shifted labels. A sample shares the longest prefix of the one
+    depth-first (sorted) order, ``(index, shared, targets, path)``: how many of its leading tokens it
+    shares with the trie so far, its shifted labels, and its node at each depth. A sample shares the longest prefix of the one
     before it on which no node would have to predict two different labelled tokens (the node where
     they differ is its own, a copy: every position predicts one target)."""
     order = sorted(range(len(samples)), key=lambda i: list(samples[i]["tokens"]))
@@ -120,17 +120,10 @@ def lay_out(samples: list[dict], tag: Callable[[list[int]], list[int]] | None = 
 
 
 def trie_size(samples: list[list[int]]) -> int:
-    """Tokens of the trie of token sequences ``samples`` (shared prefixes once), ignoring the copies
-    that :func:`lay_out` makes where labelled next tokens differ (an upper bound needs those: use
-    ``len(lay_out(...).tokens)``)."""
-    seqs = sorted(samples)
-    total, previous = 0, []
-    for seq in seqs:
-        m = min(len(seq), len(previous))
-        lcp = next((k for k in range(m) if seq[k] != previous[k]), m)
-        total += len(seq) - lcp
-        previous = seq
-    return total
+    """Tokens of the trie of token sequences ``samples`` without labels (shared prefixes once; with
+    labels, :func:`lay_out` may copy a node: use ``len(lay_out(...).tokens)``)."""
+    unlabelled = [{"tokens": s, "labels": [IGNORE] * len(s)} for s in samples]
+    return sum(len(unlabelled[i]["tokens"]) - shared for i, shared, _, _ in walk_trie(unlabelled))
 
 
 # ---------------------------------------------------------------- a micro-batch
@@ -149,7 +142,6 @@ class Batch:
     sample_tokens: int = 0  # the separate samples' tokens
     real_tokens: int = 0  # tokens of the rows that are not padding
     attention_work: float = 0.0  # sum over real tokens of 2 * position + 1 (a sample of n tokens: n^2)
-    documents: list[list[int]] = field(default_factory=list)  # per row: the length of each document
 
     def pin_memory(self) -> Batch:
         return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)
@@ -222,15 +214,14 @@ def collate(rows: list[list[list[dict]]], pad_id: int, length: int | None = None
             span_end[r, at:end] = torch.tensor(d.span_end) + at
             tags[r, at:end] = torch.tensor(d.tags)
             at = end
-    one_sample_each = all(len(samples) == 1 for row in rows for samples in row) and all(len(row) == 1 for row in rows)
+    one_sample_each = all(len(row) == 1 and len(row[0]) == 1 for row in rows)
     shared = bool((weights != 1.0).any())
     real = sum(sizes)
     return Batch(tokens, labels, weights if shared else None, None if one_sample_each else pos,
                  None if one_sample_each else span_end, tags if tag is not None else None,
                  samples=sum(len(samples) for row in rows for samples in row),
                  sample_tokens=sum(d.sample_tokens for row in docs for d in row), real_tokens=real,
-                 attention_work=float(sum((2 * p + 1) for row in docs for d in row for p in d.positions)),
-                 documents=[[len(d.tokens) for d in row] for row in docs])
+                 attention_work=float(sum(2 * sum(d.positions) + len(d.positions) for row in docs for d in row)))
 
 
 # ---------------------------------------------------------------- which samples share a row
@@ -385,8 +376,6 @@ def global_counts(batches: list[Batch], rank: int, world_size: int, flops_per_to
     """:class:`StepCounts` of this step's micro-batches on every rank: one all-reduce of CPU numbers
     (gloo), so the GPU never waits for the host. ``flops_per_token(length)``: a rank's work is the
     FLOPs of its padded micro-batches (``training.mfu``), which ``rank_balance`` compares."""
-    from gdt_tune.training.sampling import rank_balance
-
     counts = torch.zeros(6 + world_size, dtype=torch.float64)
     counts[0] = sum(b.label_count() for b in batches)
     counts[1] = sum(b.real_tokens for b in batches)

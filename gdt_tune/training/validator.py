@@ -42,12 +42,15 @@ class Validator:
 
     def __init__(self, cfg: Validation, dataset, plan: RowPlan, *, tokenizer, layout: Layout, signals: StopSignals,
                  batch_size: int, seed: int, max_seq_len: int, rank: int, world_size: int, device: torch.device):
-        self.cfg, self.dataset, self.plan = cfg, dataset, plan
+        self.cfg, self.dataset = cfg, dataset
         self.tokenizer, self.signals = tokenizer, signals
         self.batch_size = cfg.batch_size_val or batch_size
         self.rank, self.world_size, self.device = rank, world_size, device
         self.validated_step = -1  # the last step whose validation finished
         self.scored = self._choose_scored_samples(layout, seed, max_seq_len)
+        # the rows (index order, fixed): laid out once, read again at every validation
+        self.rows = EvalRows(dataset, plan, self.batch_size, rank, world_size, tokenizer.pad_id,
+                             tag=lambda targets: label_kinds(tokenizer, targets))
 
     def _choose_scored_samples(self, layout: Layout, seed: int, limit: int) -> MetricSamples:
         """The ``val_metrics_samples`` subset, read and packed once (before the weights load)."""
@@ -98,11 +101,9 @@ class Validator:
         """The metrics of the module docstring. ``model``: the decoder behind its ``LossOnlyHead``
         (``training.loss_head``), as training calls it."""
         head = model
-        rows = EvalRows(self.dataset, self.plan, self.batch_size, self.rank, self.world_size,
-                        self.tokenizer.pad_id, tag=lambda targets: label_kinds(self.tokenizer, targets))
         head.model.eval()
         try:
-            values = self._losses(head, rows)
+            values = self._losses(head, self.rows)
             if values is not None and any(self.scored.packs):
                 events = self._event_metrics(head)
                 values = None if events is None else {**values, **events}
