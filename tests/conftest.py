@@ -75,3 +75,15 @@ def _refuse_ignored_xdist_groups(config):
     if config.getoption("dist", "no") == "loadgroup" and major >= 9 and xdist_version <= (3, 8):
         pytest.exit(f"pytest {pytest.__version__} with pytest-xdist {xdist.__version__} ignores xdist_group; install "
                     "the versions of constraints.txt (pip install -c constraints.txt -e '.[dev]')", returncode=3)
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers():
+    """The launcher ignores signals once its job is over (until the process exits); an in-process
+    call must not leave that in the test process."""
+    import signal
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)

@@ -183,3 +183,31 @@ def test_the_launchers_echoed_command_holds_no_patient_ids(tmp_path, capsys):
     assert run_training(cmd, dict(os.environ, GDT_TUNE_LOG_DIR=str(tmp_path))) == 0
     out = capsys.readouterr().out
     assert "SYN000" not in out and "dataset.patient_ids=<redacted> seed=3" in out
+
+
+@pytest.mark.parametrize("signum, code, said", [
+    ("SIGINT", 130, "error: interrupted (Ctrl-C); evaluate stopped, and no file it writes is left half-written"),
+    ("SIGTERM", 143, "error: stopped by SIGTERM; evaluate stopped, and no file it writes is left half-written")])
+def test_evaluate_stopped_by_a_signal_is_one_line_and_the_shells_exit_code(demo_dir, tmp_path, capsys, monkeypatch,
+                                                                           signum, code, said):
+    """Ctrl-C used to print dozens of lines of KeyboardInterrupt tracebacks and exit 1; SIGTERM to end
+    silently. The signal arrives while the forecasts are generated."""
+    import signal
+    import time
+
+    import gdt_tune.eval.evaluate as ev
+
+    real = ev.generate_forecasts
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), getattr(signal, signum))
+        time.sleep(5)  # its handler runs here
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "generate_forecasts", interrupted)
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--checkpoint", str(demo_dir / "model"), "--data", str(demo_dir / "data" / "test"),
+               "--out", str(out), "--max-samples", "3", "--samples", "0"])
+    err = capsys.readouterr().err
+    assert rc == code and err.rstrip().splitlines()[-1] == said and "Traceback" not in err, err
+    assert [p.name for p in out.iterdir()] == [".lock"]

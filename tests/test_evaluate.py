@@ -14,6 +14,7 @@ from gdt_tune.data.layout import DEFAULT_SYSTEM_PROMPT, Layout
 from gdt_tune.datasets import cgdb_instruct_dataset
 from gdt_tune.eval.evaluate import read_samples
 from gdt_tune.eval.reference import score_sequences
+from gdt_tune.runtime.errors import OneLineError
 
 
 class Favours(torch.nn.Module):
@@ -251,7 +252,7 @@ def test_a_plot_is_written_whole_or_not_at_all(monkeypatch, tmp_path):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_full_disk)
-    with pytest.raises(OSError):
+    with pytest.raises(OneLineError, match=f"^writing {path} failed: the disk is full: "):  # one line naming it
         plots.forecast_mae_plot({"per_variable": rows}, path)
     assert path.read_bytes() == b"earlier" and [p.name for p in tmp_path.iterdir()] == ["forecast_mae.png"]
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", real_savefig)

@@ -39,6 +39,9 @@ def test_cindex_and_brier_equal_scikit_survivals_on_the_veterans_lung_cancer_tab
     for tau in (30, 90, 180):
         want = concordance_index_ipcw(survival_train, survival_test, score[90:][kept], tau=tau)[0]
         assert out["cindex_ipcw"]["all|death"][str(tau)] == pytest.approx(want, abs=1e-12)
+        _, concordant, discordant, tied_risk, _ = concordance_index_ipcw(survival_train, survival_test,
+                                                                         score[90:][kept], tau=tau)
+        assert out["pairs"]["all|death"][str(tau)] == concordant + discordant + tied_risk
         _, brier = brier_score(survival_train, survival_test, (1.0 - score[90:][kept])[:, None], [tau])
         assert out["brier_ipcw"]["all|death"][str(tau)] == pytest.approx(brier[0], abs=1e-12)
     assert 0.5 < out["cindex_ipcw_average"] < 1  # Karnofsky predicts survival
@@ -146,3 +149,55 @@ def test_the_random_survival_forest_is_seeded_and_reads_the_instruction(demo_dir
     again, _ = rsf_scores(train, rows, [features] * 4, seed=3)
     assert first == again and all(s is None or 0 <= s <= 1 for s in first)
     assert fit["death"]["rows"] <= 1000 and any(s is not None for s in first)
+
+
+def test_a_cell_with_too_few_comparable_pairs_stays_out_of_the_headline_and_is_named():
+    """The case of issue 39: one cell with one comparable pair (C-index 1.000) made the headline."""
+    from gdt_tune.clinical.gdt_metrics import MIN_COMPARABLE_PAIRS
+
+    rng = np.random.default_rng(1)
+    train = {c: [(float(t), bool(e)) for t, e in zip(rng.uniform(1, 120, 60), rng.random(60) < 0.5)]
+             for c in ("nsclc|death", "crc|lot")}
+
+    def row(indication, event, t, e, p):
+        return {"indication": indication, "event": event, "week": 26, "time_weeks": t, "occurred": e,
+                "p_occurred": p, "p_no_occurrence": 1 - p}
+
+    rows = [row("nsclc", "death", float(t), bool(e), float(p))
+            for t, e, p in zip(rng.uniform(1, 30, 30), rng.random(30) < 0.6, rng.random(30))]
+    rows += [row("crc", "lot", 5.0, True, 0.9), row("crc", "lot", 20.0, False, 0.1)]  # one comparable pair
+    out = event_cindex(rows, train)
+    assert out["pairs"]["crc|lot"]["26"] == 1 and out["cindex_ipcw"]["crc|lot"]["26"] == 1.0
+    assert out["pairs"]["nsclc|death"]["26"] >= MIN_COMPARABLE_PAIRS
+    assert out["few_pairs"] == ["crc|lot|26"]
+    assert out["cindex_ipcw_average"] == out["cindex_ipcw"]["nsclc|death"]["26"] < 0.9
+
+
+def test_summary_marks_ratios_of_filled_forecasts_and_lists_each_cells_comparable_pairs():
+    """Every forecast unparseable and filled from copy-forward gives a ratio of 1.000: marked, with
+    its filled share; the C-index cells are listed with their comparable pairs."""
+    from gdt_tune.eval.gdt_eval import gdt_metrics, summary_table
+
+    def forecast(variable, truth, copy, prediction=None):
+        return {"type": "forecast", "indication": "nsclc", "variable": variable, "truth": truth, "copy_forward": copy,
+                "prediction": copy if prediction is None else prediction, "filled": prediction is None,
+                "greedy": copy if prediction is None else prediction, "greedy_filled": prediction is None,
+                "clipped": True}
+
+    filled = [forecast("hb", 10.0, 12.0), forecast("plt", 200.0, 220.0)]
+    metrics = {"events": {}, "forecasting": {}, "gdt": gdt_metrics(filled, None, "training")}
+    table = summary_table(metrics)
+    assert "| forecasting: median MAE ratio to copy-forward (mean of draws) | 1.000 (100% filled) (!) |" in table
+    assert "| forecasting: median ratio, greedy answer | 1.000 (100% filled) (!) |" in table
+    assert "note: (!) most forecast points were unparseable or missing" in table
+    parsed = [forecast("hb", 10.0, 12.0, 11.0)] * 9 + [forecast("hb", 10.0, 12.0)]
+    table = summary_table({"events": {}, "forecasting": {}, "gdt": gdt_metrics(parsed, None, "training")})
+    assert "| 0.550 (10% filled) |" in table and "(!)" not in table
+    events = event_cindex([{"indication": "crc", "event": "lot", "week": 26, "time_weeks": t, "occurred": e,
+                            "p_occurred": p, "p_no_occurrence": 1 - p} for t, e, p in ((5.0, True, 0.9), (20.0, False, 0.1))],
+                          {"crc|lot": [(float(t), t % 3 == 0) for t in range(1, 60)]})
+    table = summary_table({"events": {}, "forecasting": {}, "gdt": {"forecasting": {}, "events": events}})
+    assert "| events: IPCW C-index, mean over death, progression, next line of therapy | – |" in table
+    assert "0 of 1 cells |" in table
+    assert "note: 1 of 1 C-index cells (indication, event, week) have fewer than 10 comparable pairs" in table
+    assert "| crc | lot | 26 | 1.000 | 1 | 2 | no |" in table

@@ -109,7 +109,7 @@ time.sleep(60)
 LAUNCHER = """
 import os, sys
 from gdt_tune.cli.launcher import run_training
-sys.exit(run_training([sys.executable, "-c", sys.argv[1]], dict(os.environ)))
+sys.exit(run_training([sys.executable, "-c", sys.argv[1]], dict(os.environ), *sys.argv[2:]))
 """
 
 
@@ -125,16 +125,21 @@ time.sleep(60)
 """
 
 
-@pytest.mark.parametrize("how, code, said, fake", [
-    ("sigterm", 0, "stopped by SIGTERM after saving the current step; resume with", FAKE_TORCHRUN),
-    ("sighup", 0, "stopped by SIGHUP after saving the current step", FAKE_TORCHRUN),
-    ("ctrl-c", 130, "stopped by Ctrl-C after saving the current step", FAKE_TORCHRUN),
-    ("sigterm", 143, "stopped by SIGTERM before training started; nothing was saved", FAKE_TORCHRUN_STARTING),
+@pytest.mark.parametrize("how, code, said, fake, command", [
+    ("sigterm", 0, "stopped by SIGTERM after saving the current step; resume with", FAKE_TORCHRUN, "train"),
+    ("sighup", 0, "stopped by SIGHUP after saving the current step", FAKE_TORCHRUN, "train"),
+    ("ctrl-c", 130, "stopped by Ctrl-C after saving the current step", FAKE_TORCHRUN, "train"),
+    ("sigterm", 143, "stopped by SIGTERM before training started; nothing was saved", FAKE_TORCHRUN_STARTING, "train"),
     ("sigterm", 0, "stopped by SIGTERM after the final checkpoint was written (/runs/x/epoch_0); the run has finished",
-     FAKE_TORCHRUN_FINAL_SAVE)])
-def test_the_launcher_forwards_a_signal_and_reports_the_save(tmp_path, how, code, said, fake):
+     FAKE_TORCHRUN_FINAL_SAVE, "train"),
+    # evaluate has nothing to save: its own words, and the shell's exit code of the signal
+    ("sigterm", 143, "stopped by SIGTERM; evaluate stopped, and no file it writes is left half-written",
+     FAKE_TORCHRUN_STARTING, "evaluate"),
+    ("ctrl-c", 130, "stopped by Ctrl-C; evaluate stopped, and no file it writes is left half-written",
+     FAKE_TORCHRUN_STARTING, "evaluate")])
+def test_the_launcher_forwards_a_signal_and_reports_the_save(tmp_path, how, code, said, fake, command):
     env = dict(os.environ, GDT_TUNE_LOG_DIR=str(tmp_path))
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, fake], cwd=REPO, env=env, text=True,
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, fake, command], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     while proc.stdout.readline() != "ready\n":
         assert proc.poll() is None, proc.stderr.read()
@@ -144,6 +149,23 @@ def test_the_launcher_forwards_a_signal_and_reports_the_save(tmp_path, how, code
         os.killpg(proc.pid, signal.SIGINT if how == "ctrl-c" else signal.SIGHUP)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code and said in err and "error:" not in err and "Traceback" not in err, err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1, err
+
+
+LATE_SIGTERM = """
+import os, signal, sys, time
+from gdt_tune.cli.launcher import run_training
+rc = run_training([sys.executable, "-c", "print('done', flush=True)"], dict(os.environ))
+os.kill(os.getpid(), signal.SIGTERM)  # Slurm's second SIGTERM while gdt-tune writes its last lines
+time.sleep(0.5)
+sys.exit(rc)
+"""
+
+
+def test_a_late_signal_after_the_job_ended_keeps_its_exit_code(tmp_path):
+    done = subprocess.run([sys.executable, "-c", LATE_SIGTERM], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, GDT_TUNE_LOG_DIR=str(tmp_path)))
+    assert done.returncode == 0 and "done" in done.stdout, done.stderr
 
 
 def _kill_and_wait_for_children(out, proc, children: int, timeout: float = 90) -> None:

@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+from gdt_tune.runtime.disk import disk_full
 from gdt_tune.runtime.redact import redacted_argv
 
 _TORCHRUN = re.compile(r"torch/distributed/(elastic|run\.py|launcher)|torch\.distributed\.elastic")
@@ -42,6 +43,8 @@ _ROOT_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)")
 _ROOT_EXIT = re.compile(r"^\s*exitcode\s*:\s*(-?\d+)")
 #: How often a log file is read again while torchrun runs (progress bars stay smooth).
 POLL_SECONDS = 0.05
+#: The free space the log folder must have at the start (the ranks' output of a long run).
+LOG_MIN_FREE = 16_000_000
 
 
 class StderrFilter:
@@ -146,10 +149,22 @@ def segments(fd: int, running=None):
         yield pending.decode("utf-8", "replace"), True
 
 
+def log_folder() -> Path:
+    return Path(os.environ.get("GDT_TUNE_LOG_DIR") or Path(tempfile.gettempdir()) / "gdt_tune")
+
+
 def log_path(command: str = "train") -> Path:
-    folder = Path(os.environ.get("GDT_TUNE_LOG_DIR") or Path(tempfile.gettempdir()) / "gdt_tune")
+    folder = log_folder()
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+def log_disk_full(error: BaseException | None = None) -> str | None:
+    """Why the ranks' output cannot be written: the log folder's disk is full (or under
+    ``LOG_MIN_FREE``), with the fix; None when it is not."""
+    full = disk_full(error, log_folder(), LOG_MIN_FREE, "the ranks' output")
+    return full and (f"the log folder: {full}; free space there or set GDT_TUNE_LOG_DIR to a folder on another "
+                     "disk")
 
 
 class Terminal:
@@ -177,12 +192,19 @@ class Terminal:
 def run_training(cmd: list[str], env: dict, command: str = "train") -> int:
     """Run ``cmd`` (torchrun), filtering its stderr as described above; returns the exit code.
     ``command`` names the log file (``train-...log``, ``evaluate-...log``)."""
-    path = log_path(command)
     terminal = Terminal()
     terminal.write(sys.stdout, "+ " + " ".join(redacted_argv(cmd)) + "\n")  # an inline patient id list stays here
+    try:
+        if full := log_disk_full():
+            raise OSError(full)
+        path = log_path(command)
+        with open(path, "wb") as err, open(path.with_suffix(".out"), "wb") as out:
+            proc = subprocess.Popen(cmd, env=dict(env, GDT_LAUNCHER_PID=str(os.getpid())), stdout=out, stderr=err)
+    except OSError as e:
+        terminal.write(sys.stderr, f"error: {log_disk_full(e) or f'the log folder {log_folder()}: {e}'} (nothing was "
+                                   "started)\n")
+        return 1
     received: list[int] = []
-    with open(path, "wb") as err, open(path.with_suffix(".out"), "wb") as out:
-        proc = subprocess.Popen(cmd, env=dict(env, GDT_LAUNCHER_PID=str(os.getpid())), stdout=out, stderr=err)
     shown = StderrFilter()
     running = lambda: proc.poll() is None  # noqa: E731
 
@@ -202,7 +224,9 @@ def run_training(cmd: list[str], env: dict, command: str = "train") -> int:
         if signum == signal.SIGTERM:
             proc.send_signal(signum)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    for s in handled:
+        signal.signal(s, forward)
     try:
         with open(path, "rb") as log:
             for text, whole_line in segments(log.fileno(), running):
@@ -214,9 +238,16 @@ def run_training(cmd: list[str], env: dict, command: str = "train") -> int:
         rc = rc if rc >= 0 else 128 - rc  # torchrun killed by a signal: the shell's 128 + N
         stdout.join()
     finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
+        # The job is over: a late signal (Slurm's second SIGTERM, another Ctrl-C) must not turn its
+        # exit code into 143 or print a traceback while its last lines are written.
+        for s in handled:
+            signal.signal(s, signal.SIG_IGN)
     terminal.end_line(sys.stderr)  # after a progress bar's last redraw
+    if received and command != "train" and rc != 0:  # evaluate: nothing to save
+        name = "Ctrl-C" if received[0] == signal.SIGINT else signal.Signals(received[0]).name
+        terminal.write(sys.stderr, f"stopped by {name}; {command} stopped, and no file it writes is left half-written; "
+                                   f"full log: {path}\n")
+        return 128 + received[0]
     if signal.SIGINT in received:
         if not shown.saved_on_signal and shown.errors:  # e.g. while indexing: the ranks said what they did
             terminal.write(sys.stderr, f"{shown.errors[0]}\nfull log: {path}\n")
@@ -240,5 +271,7 @@ def run_training(cmd: list[str], env: dict, command: str = "train") -> int:
             return rc
     if rc != 0:
         first = shown.errors[0] if shown.errors else shown.failure(rc, command)
+        if not shown.errors and (full := log_disk_full()):  # the ranks could not write their error either
+            first = f"{first}; its log is cut short or empty: {full}"
         terminal.write(sys.stderr, f"{first}\nfull log: {path}\n")
     return rc

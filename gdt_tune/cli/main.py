@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 
-from gdt_tune.data.layout import DEFAULT_MAX_SEQ_LEN
+from gdt_tune.runtime.errors import OneLineError, one_line
 from gdt_tune.runtime.redact import redacted_argv
 
 PACKAGE = Path(__file__).resolve().parents[1]  # gdt_tune/
@@ -272,7 +273,7 @@ def _evaluate(args) -> int:
 
     if args.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:  # torchrun, its output as for train
         rc = _run_training(evaluate_command(args.argv, args.nproc_per_node), "evaluate")
-        return 1 if rc else 0
+        return rc if rc in (0, 129, 130, 143) else 1
     started = time.perf_counter()
     try:
         cfg = _load_config(args.config, args.overrides)
@@ -295,6 +296,7 @@ def _evaluate(args) -> int:
 
 
 def _data_report(args) -> int:
+    from gdt_tune.data.layout import DEFAULT_MAX_SEQ_LEN
     from gdt_tune.eval.data_report import data_report
     from gdt_tune.trained.prompting import load_tokenizer
 
@@ -305,7 +307,8 @@ def _data_report(args) -> int:
             tokenizer = load_tokenizer(args.tokenizer, args.special_tokens)
         except ValueError as e:
             raise ValueError(f"--tokenizer {e}") from None
-        data_report(args.data, tokenizer, args.out, max_seq_len=args.max_seq_len, world_size=args.world_size)
+        data_report(args.data, tokenizer, args.out, max_seq_len=args.max_seq_len or DEFAULT_MAX_SEQ_LEN,
+                    world_size=args.world_size)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -381,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a folder with train/validation/test")
     r.add_argument("--tokenizer", required=True, help="tokenizer.model of the model to train")
     r.add_argument("--special-tokens", help="special_tokens.json (default: beside the tokenizer, if there)")
-    r.add_argument("--max-seq-len", type=_at_least(16), default=DEFAULT_MAX_SEQ_LEN)
+    r.add_argument("--max-seq-len", type=_at_least(16), help="the samples' token cap (default: the training cap, "
+                   "8000, DEFAULT_MAX_SEQ_LEN)")
     r.add_argument("--out", default="data_report", help="output folder (default data_report)")
     r.add_argument("--world-size", type=_at_least(1), default=8, help="ranks of the expected rank balance, random vs "
                    "length-balanced steps (default 8)")
@@ -389,11 +393,43 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGHUP to a tool (Slurm's preemption, a closed terminal): ended like Ctrl-C."""
+
+
+def _stop(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
+
+
+def _stopped_line(command: str, how: str) -> str:
+    if command in ("train", "demo"):  # during training the launcher and the ranks say what was saved
+        return f"{how} before training started; nothing was saved"
+    return f"{how}; {command} stopped, and no file it writes is left half-written"
+
+
 def main(argv=None) -> int:
+    """Exit codes: 0, 1 (an ``error:`` line), 2 (a usage error), 130 / 143 / 129 (stopped by Ctrl-C,
+    SIGTERM, SIGHUP: one line, no traceback; under ``gdt-tune``'s launcher the launcher says it)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
-    return args.func(args)
+    quiet = "GDT_LAUNCHER_PID" in os.environ or os.environ.get("RANK", "0") != "0"  # a rank: the launcher speaks
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return args.func(args)
+    except OneLineError as e:  # a full disk, among others
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, Stopped) as e:
+        name = "SIGINT" if isinstance(e, KeyboardInterrupt) else str(e)
+        if not quiet:
+            how = "interrupted (Ctrl-C)" if name == "SIGINT" else f"stopped by {name}"
+            print(f"error: {_stopped_line(args.command, how)}", file=sys.stderr, flush=True)
+        return 128 + signal.Signals[name].value
+    finally:
+        for s, handler in old.items():
+            if signal.getsignal(s) is _stop:  # the launcher may have set its own for the job's end
+                signal.signal(s, handler)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ that ``gdt-tune evaluate`` writes to ``predictions.jsonl``, so a reader can reco
   indication and event; test rows whose time exceeds the largest training time are dropped first.
   ``sksurv.metrics.brier_score`` with estimate P(no occurrence) at the week. GDT's headline is the
   mean C-index over death, progression and next line of therapy; metastasis is reported apart.
+  A cell (indication, event, week) enters those averages only with ``MIN_COMPARABLE_PAIRS``
+  comparable pairs (ours: one pair gives a C-index of 0 or 1); its C-index and pairs are still reported.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ HEADLINE_EVENTS = ("death", "progression", "lot")
 #: GDT's published values, for reference (the paper's, on its own data)
 PUBLISHED = {"forecasting_median_ratio": 0.87, "forecasting_median_ratio_top30": 0.83,
              "forecasting_best_baseline": 0.97, "events_cindex_average": 0.703, "events_rsf_cindex_average": 0.662}
+#: the comparable pairs a cell's C-index needs to enter the headline averages
+MIN_COMPARABLE_PAIRS = 10
 
 
 # ---------------------------------------------------------------- forecasting
@@ -141,16 +145,18 @@ def cindex_harrell(tasks: list[dict], probs: list[list[float]]) -> float | None:
         return None
 
 
-def cindex_ipcw(train_occurred, train_time, occurred, time, estimate, tau: float) -> float | None:
-    """``sksurv.metrics.concordance_index_ipcw`` (None when no pair is comparable)."""
+def cindex_ipcw(train_occurred, train_time, occurred, time, estimate, tau: float) -> tuple[float | None, int]:
+    """``sksurv.metrics.concordance_index_ipcw`` and its comparable pairs (concordant + discordant +
+    tied in risk); (None, 0) when no pair is comparable."""
     from sksurv.metrics import concordance_index_ipcw
 
     try:
-        return float(concordance_index_ipcw(survival_array(train_occurred, train_time),
-                                            survival_array(occurred, time), np.asarray(estimate, dtype=float),
-                                            tau=tau)[0])
+        c, concordant, discordant, tied_risk, _ = concordance_index_ipcw(
+            survival_array(train_occurred, train_time), survival_array(occurred, time),
+            np.asarray(estimate, dtype=float), tau=tau)
     except (ValueError, ZeroDivisionError):
-        return None
+        return None, 0
+    return float(c), int(concordant + discordant + tied_risk)
 
 
 def brier_ipcw(train_occurred, train_time, occurred, time, survival_estimate, week: float) -> float | None:
@@ -170,12 +176,14 @@ def event_cindex(rows: list[dict], train: dict[str, list[tuple[float, bool]]], s
     """``rows``: ``predictions.jsonl`` event rows (``indication``, ``event``, ``week``, ``time_weeks``,
     ``occurred``, ``p_occurred``, ``p_no_occurrence``); ``train``: ``{"indication|event": [(time,
     occurred), ...]}`` of the training split. Per cell and week the IPCW C-index (estimate
-    ``score_key``) and Brier score; rows beyond the largest training time are dropped first."""
+    ``score_key``), its comparable pairs and the Brier score; rows beyond the largest training time
+    are dropped first. The averages hold the cells with ``MIN_COMPARABLE_PAIRS``; ``few_pairs``
+    names those left out."""
     groups = defaultdict(list)
     for r in rows:
         if r.get("time_weeks") is not None and r.get("occurred") is not None:
             groups[(f"{r['indication']}|{r['event']}", float(r["week"]))].append(r)
-    cindex, brier, n = defaultdict(dict), defaultdict(dict), defaultdict(dict)
+    cindex, brier, n, pairs = defaultdict(dict), defaultdict(dict), defaultdict(dict), defaultdict(dict)
     dropped, no_training = 0, set()
     for (cell, week), group in sorted(groups.items()):
         if not train.get(cell):
@@ -189,13 +197,16 @@ def event_cindex(rows: list[dict], train: dict[str, list[tuple[float, bool]]], s
             continue
         label = _week_label(week)
         args = (t_occ, t_time, [r["occurred"] for r in kept], [r["time_weeks"] for r in kept])
-        cindex[cell][label] = cindex_ipcw(*args, [r[score_key] for r in kept], week)
+        cindex[cell][label], pairs[cell][label] = cindex_ipcw(*args, [r[score_key] for r in kept], week)
         if score_key == "p_occurred":
             brier[cell][label] = brier_ipcw(*args, [r["p_no_occurrence"] for r in kept], week)
         n[cell][label] = len(kept)
-    return {"cindex_ipcw": dict(cindex), "brier_ipcw": dict(brier), "n": dict(n),
-            "cindex_ipcw_average": average(cindex, HEADLINE_EVENTS),
-            "cindex_ipcw_metastasis": average(cindex, ("metastasis",)),
+    enough = {c: {w: v for w, v in weeks.items() if pairs[c][w] >= MIN_COMPARABLE_PAIRS} for c, weeks in cindex.items()}
+    return {"cindex_ipcw": dict(cindex), "pairs": dict(pairs), "brier_ipcw": dict(brier), "n": dict(n),
+            "cindex_ipcw_average": average(enough, HEADLINE_EVENTS),
+            "cindex_ipcw_metastasis": average(enough, ("metastasis",)),
+            "few_pairs": [f"{c}|{w}" for c, weeks in cindex.items() for w in weeks if w not in enough[c]],
+            "min_comparable_pairs": MIN_COMPARABLE_PAIRS,
             "dropped_beyond_training_time": dropped, "cells_without_training_rows": sorted(no_training)}
 
 

@@ -167,7 +167,7 @@ def forecast_rows(items: list[dict], clip: dict[str, tuple[float, float]]) -> li
         keys = sorted(item["truth"])
         greedy_draw, sampled = item["predictions"][0], item["predictions"][1:]
         forecast, filled = fill_forecast(sampled if sampled else [greedy_draw], keys, item["last"])
-        greedy, _ = fill_forecast([greedy_draw], keys, item["last"])
+        greedy, greedy_filled = fill_forecast([greedy_draw], keys, item["last"])
         for key in keys:
             week, variable = key
             bounds = clip.get(variable)
@@ -177,7 +177,7 @@ def forecast_rows(items: list[dict], clip: dict[str, tuple[float, float]]) -> li
                          "indication": item["indication"], "variable": variable, "week": week, "truth": truth,
                          "prediction": prediction, "filled": key in filled, "copy_forward": copy,
                          "greedy": clipped_point(item["truth"][key], greedy[key], None, bounds)[1],
-                         "clipped": bounds is not None})
+                         "greedy_filled": key in greedy_filled, "clipped": bounds is not None})
     return rows
 
 
@@ -246,7 +246,8 @@ def gdt_metrics(rows: list[dict], train: TrainingSplit | None, prompt: str, rsf:
         out["forecasting"] = {
             "median_ratio": sampled["median_ratio"], "median_ratio_top30": sampled["median_ratio_top30"],
             "per_variable": sampled["per_variable"], "n": sampled["n"], "filled": sum(r["filled"] for r in forecasts),
-            "points": len(forecasts), "greedy": {k: greedy[k] for k in ("median_ratio", "median_ratio_top30")},
+            "points": len(forecasts), "greedy": {**{k: greedy[k] for k in ("median_ratio", "median_ratio_top30")},
+                                                 "filled": sum(r.get("greedy_filled", False) for r in forecasts)},
             "copy_forward": {"median_ratio": 1.0 if sampled["per_variable"] else None,
                              "mae": _mae([(r["copy_forward"], r["truth"]) for r in forecasts])},
             "mae": _mae([(r["prediction"], r["truth"]) for r in forecasts]),
@@ -288,6 +289,10 @@ def _mae(pairs) -> float | None:
     return float(np.mean(errors)) if errors else None
 
 
+#: the filled share of forecast points from which a ratio row is marked (!)
+FILLED_WARN = 0.5
+
+
 def summary_table(metrics: dict) -> str:
     """The markdown table of ``summary.md`` (also printed): metric, this model, baselines, GDT's
     published value (the paper's, on its own data), n."""
@@ -297,25 +302,35 @@ def summary_table(metrics: dict) -> str:
     def f(x):
         return "–" if x is None else f"{x:.3f}"
 
+    def ratio(x, filled: int) -> str:  # a ratio of mostly filled points compares copy-forward with itself
+        share = filled / max(fc.get("points", 0), 1)
+        return "–" if x is None else f"{x:.3f} ({share:.0%} filled){' (!)' if share >= FILLED_WARN else ''}"
+
     auroc = ev.get("auroc", {}).get("all", {}).get("all", {})
     ci = auroc.get("ci95")
     base = ev.get("baseline_majority", {})
     rsf, majority = ge.get("baseline_rsf", {}), ge.get("baseline_majority", {})
     n_cindex = sum(n for weeks in ge.get("n", {}).values() for n in weeks.values())
+    cells = [(c, w) for c, weeks in ge.get("cindex_ipcw", {}).items() for w in weeks]
+    few = ge.get("few_pairs", [])
     lines = [f"prompt: {gdt.get('prompt', 'training')}", "",
              "| metric | this model | copy-forward | majority | RSF | GDT (paper, its own data) | n |",
              "|---|---|---|---|---|---|---|",
-             f"| forecasting: median MAE ratio to copy-forward (mean of draws) | {f(fc.get('median_ratio'))} | "
+             f"| forecasting: median MAE ratio to copy-forward (mean of draws) | "
+             f"{ratio(fc.get('median_ratio'), fc.get('filled', 0))} | "
              f"{f(fc.get('copy_forward', {}).get('median_ratio'))} | – | – | {PUBLISHED['forecasting_median_ratio']} "
              f"(best baseline {PUBLISHED['forecasting_best_baseline']}) | {len(fc.get('per_variable', {}))} cells, "
              f"{fc.get('points', 0)} points |",
-             f"| forecasting: the same, 30 most frequent variables | {f(fc.get('median_ratio_top30'))} | "
+             f"| forecasting: the same, 30 most frequent variables | "
+             f"{ratio(fc.get('median_ratio_top30'), fc.get('filled', 0))} | "
              f"{f(fc.get('copy_forward', {}).get('median_ratio'))} | – | – | {PUBLISHED['forecasting_median_ratio_top30']} | |",
-             f"| forecasting: median ratio, greedy answer | {f(fc.get('greedy', {}).get('median_ratio'))} | | | | | |",
+             f"| forecasting: median ratio, greedy answer | "
+             f"{ratio(fc.get('greedy', {}).get('median_ratio'), fc.get('greedy', {}).get('filled', 0))} | | | | | |",
              f"| events: IPCW C-index, mean over death, progression, next line of therapy | "
              f"{f(ge.get('cindex_ipcw_average'))} | – | {f(majority.get('cindex_ipcw_average'))} | "
              f"{f(rsf.get('cindex_ipcw_average'))} | "
-             f"{PUBLISHED['events_cindex_average']} (RSF {PUBLISHED['events_rsf_cindex_average']}) | {n_cindex} tasks |",
+             f"{PUBLISHED['events_cindex_average']} (RSF {PUBLISHED['events_rsf_cindex_average']}) | {n_cindex} tasks, "
+             f"{len(cells) - len(few)} of {len(cells)} cells |",
              f"| events: IPCW C-index, next metastasis | {f(ge.get('cindex_ipcw_metastasis'))} | – | "
              f"{f(majority.get('cindex_ipcw_metastasis'))} | "
              f"{f(rsf.get('cindex_ipcw_metastasis'))} | – | |",
@@ -323,6 +338,18 @@ def summary_table(metrics: dict) -> str:
              f"{f' (95% CI {ci[0]:.3f}-{ci[1]:.3f})' if ci else ''} | – | – | – | – | {auroc.get('tasks', 0)} tasks |",
              f"| events: accuracy | {f(ev.get('accuracy'))} | – | {f(base.get('accuracy'))} | – | – | "
              f"{ev.get('tasks', 0)} tasks |"]
+    if fc.get("points") and max(fc.get("filled", 0), fc.get("greedy", {}).get("filled", 0)) >= FILLED_WARN * fc["points"]:
+        lines.append("\nnote: (!) most forecast points were unparseable or missing in the answers and were filled from "
+                     "the model's earlier point or copy-forward: such a ratio (near 1.000) says little about the model")
+    if few:
+        lines.append(f"\nnote: {len(few)} of {len(cells)} C-index cells (indication, event, week) have fewer than "
+                     f"{ge['min_comparable_pairs']} comparable pairs and are left out of the C-index averages (below)")
+    if cells:
+        lines += ["", "IPCW C-index per cell (in the averages with at least "
+                  f"{ge.get('min_comparable_pairs')} comparable pairs):", "",
+                  "| indication | event | week | C-index | comparable pairs | tasks | in the average |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {c.split('|')[0]} | {c.split('|')[1]} | {w} | {f(ge['cindex_ipcw'][c][w])} | {ge['pairs'][c][w]} | "
+                  f"{ge['n'][c][w]} | {'no' if f'{c}|{w}' in few else 'yes'} |" for c, w in cells]
     lines += [f"\nnote: {n}" for n in gdt.get("notes", [])]
     left_out = (ev.get("scoring", {}).get("samples_too_long", 0), metrics["forecasting"].get("samples_too_long", 0))
     if any(left_out):

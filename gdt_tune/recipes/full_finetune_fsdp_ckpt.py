@@ -59,12 +59,14 @@ from gdt_tune.training.hf_weights import (
     weights_for_rank,
 )
 from gdt_tune.training.loss_head import LossOnlyHead
+from gdt_tune.training.metric_log import MetricLog
 from gdt_tune.training.mfu import decoder_flops_per_token, device_peak_tflops
-from gdt_tune.training.model_shapes import meta_model
+from gdt_tune.training.model_shapes import meta_model, state_bytes
 from gdt_tune.training.prefix_trees import prefix_trees, sharing_line
 from gdt_tune.training.profiling import step_profiler
 from gdt_tune.training.resume import ROWS_PLAIN, ResumePlan, dataset_settings, lr_schedule, run_contract
 from gdt_tune.training.run_dir import OutputDirLock, finished_run, take_output_dir
+from gdt_tune.training.save_failures import SaveFailed, final_save_failed
 from gdt_tune.training.step_dirs import final_dir, write_marker
 from gdt_tune.training.step_metrics import StepMetrics
 from gdt_tune.training.stop_signals import StopSignals
@@ -172,7 +174,8 @@ class FullFinetuneRecipe:
                                            overwrite=self._ckpt_cfg.overwrite_output_dir,
                                            config_text=OmegaConf.to_yaml(loggable_config(cfg))))
         if self._is_rank_zero and has_component(cfg, "metric_logger"):
-            self._metric_logger = config.instantiate(cfg.metric_logger)
+            self._metric_logger = MetricLog(config.instantiate(cfg.metric_logger),
+                                            cfg.metric_logger.get("log_dir") or cfg.metric_logger.get("dir") or out)
             # wandb: the resolved config as its config and as a file (patient id lists redacted)
             self._metric_logger.log_config(loggable_config(cfg))
         self._model = self._setup_model(model, from_hf=plan.path is None, hf_shapes=hf_shapes)
@@ -423,11 +426,15 @@ class FullFinetuneRecipe:
         self._checkpoints.wait()
         state = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
         if self._is_rank_zero:
-            self._hf_checkpointer.save_checkpoint({training.MODEL_KEY: state}, epoch=self._train_cfg.epochs - 1)
-            write_serving_files(self._final_folder, self._cfg.tokenizer.path, self._tokenizer,
-                                *trained_with(self._settings), self._model.tok_embeddings.num_embeddings)
-            # last: the folder is whole (a requeue of this run then has nothing to do)
-            write_marker(self._final_folder, self._checkpoints.run_id, self._progress.global_step)
+            try:
+                self._hf_checkpointer.save_checkpoint({training.MODEL_KEY: state}, epoch=self._train_cfg.epochs - 1)
+                write_serving_files(self._final_folder, self._cfg.tokenizer.path, self._tokenizer,
+                                    *trained_with(self._settings), self._model.tok_embeddings.num_embeddings)
+                # last: the folder is whole (a requeue of this run then has nothing to do)
+                write_marker(self._final_folder, self._checkpoints.run_id, self._progress.global_step)
+            except Exception as e:
+                raise final_save_failed(self._final_folder, e, state_bytes(self._model), self._ckpt_cfg.output_dir,
+                                        self._checkpoints.run_id) from None
             log.info("final checkpoint: %s (serves with the training prompt: tokenizer.json, chat template, "
                      "generation_config.json)", self._final_folder)
             if self._data_cfg.share_prefixes:
@@ -439,9 +446,15 @@ class FullFinetuneRecipe:
         """Stopped by Ctrl-C (SIGINT) after saving: the process exits 130."""
         return self._signals is not None and self._signals.name == "SIGINT"
 
-    def cleanup(self) -> None:
-        if self._checkpoints is not None:
-            self._checkpoints.close()
+    def cleanup(self) -> bool:
+        """Close everything; False when an async save in flight failed (its line is printed)."""
+        saved = True
+        try:
+            if self._checkpoints is not None:
+                self._checkpoints.close()
+        except SaveFailed as e:  # after the loop failed or stopped: the save's own line, not a traceback
+            report_error(f"error: {one_line(e)}")
+            saved = False
         if self._signals is not None:
             self._signals.close()
         if self._lock is not None:
@@ -449,6 +462,7 @@ class FullFinetuneRecipe:
         if self._metric_logger is not None:
             self._metric_logger.close()
         dist.destroy_process_group()
+        return saved
 
 
 def _mean_loss(loss_sum: torch.Tensor, labels: float) -> float:
@@ -483,13 +497,14 @@ def recipe_main(cfg: DictConfig) -> None:
     except FailedElsewhere:  # another rank failed and printed why
         raise SystemExit(1) from None
     finally:
-        if recipe is not None and dist.is_initialized():
-            recipe.cleanup()
+        failed = recipe is not None and dist.is_initialized() and not recipe.cleanup()
         # Free the model, its DTensors and their process groups now, while the interpreter is whole
         # (at interpreter shutdown their C++ destructors can abort: "terminate called without an
         # active exception").
         del recipe
         gc.collect()
+        if failed:
+            raise SystemExit(1)  # noqa: B012 (the failed save's line is printed)
 
 
 def main() -> None:

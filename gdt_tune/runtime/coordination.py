@@ -169,6 +169,9 @@ def collective_failure(error: BaseException, beats: Heartbeats, timeout: dt.time
                             "is healthy")
     if isinstance(error, OneLineError):
         return error
+    if _peer_gone(error):
+        return OneLineError(f"training: another rank left the job ({type(error).__name__}: {first_line(error, 80)}); "
+                            "the first error line of the job says why")
     return OneLineError(f"training: a collective timed out after {minutes} ({type(error).__name__}: "
                         f"{first_line(error)}); every rank still answers: read their logs, then resume with "
                         "resume_from_checkpoint=true (raise collective_timeout_minutes if a step can take longer)")
@@ -177,8 +180,12 @@ def collective_failure(error: BaseException, beats: Heartbeats, timeout: dt.time
 def collective_timed_out(error: BaseException) -> bool:
     """A gloo or NCCL collective that gave up waiting for a peer (or whose peer is gone)."""
     text = str(error).lower()
-    return isinstance(error, RuntimeError) and ("timed out" in text or "timeout" in text or "connection closed" in text
-                                                or "connection reset" in text)
+    return isinstance(error, RuntimeError) and ("timed out" in text or "timeout" in text or _peer_gone(error))
+
+
+def _peer_gone(error: BaseException) -> bool:
+    text = str(error).lower()
+    return "connection closed" in text or "connection reset" in text
 
 
 def write_error_file(line: str) -> None:

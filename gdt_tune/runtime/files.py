@@ -19,17 +19,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
+from gdt_tune.runtime.disk import disk_full
+from gdt_tune.runtime.errors import OneLineError
+
 
 @contextmanager
 def atomic_output(path: Path):
     """A temporary path to write (a file, or a folder to fill); renamed to ``path`` when the block
-    ends without an error, removed when it does not."""
+    ends without an error, removed when it does not. A full disk: ``OneLineError`` naming it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # a folder left by a killed process of the same pid
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if (full := disk_full(e, path.parent)) is None:
+            raise
+        raise OneLineError(f"writing {path} failed: {full}; free space there or write it elsewhere") from None
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -44,8 +44,8 @@ from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from gdt_tune.runtime.errors import OneLineError, first_line
-from gdt_tune.training.model_shapes import refuse_other_model
+from gdt_tune.training.model_shapes import refuse_other_model, state_bytes
+from gdt_tune.training.save_failures import SaveFailed, save_failed
 from gdt_tune.training.step_dirs import (
     DELETING_PREFIX,
     is_complete,
@@ -207,27 +207,6 @@ class FolderRemover:
             self._thread = None
 
 
-class SaveFailed(OneLineError):
-    """A checkpoint could not be written; its message is the one line to show."""
-
-
-def _save_failed(path: Path, error: BaseException) -> SaveFailed:
-    """One line for any save failure: torch's ``CheckpointException`` (a BaseException) carries
-    every rank's traceback; only the first line of the first cause is kept."""
-    cause = error
-    failures = getattr(error, "failures", None)  # CheckpointException: {rank: exception or traceback}
-    if failures:
-        cause = next(iter(failures.values()))
-        cause = cause[0] if isinstance(cause, tuple) else cause  # (exception, traceback summary)
-    text = first_line(cause)
-    if "timed out" in text.lower() or "timeout" in text.lower():
-        return SaveFailed(f"checkpoint: saving {path} timed out in a DCP collective on the checkpoint save group "
-                          f"({type(cause).__name__}: {text}); another rank stopped or hung: read its log, then "
-                          "resume (raise checkpoint_timeout_minutes for a slow file system)")
-    return SaveFailed(f"checkpoint: saving {path} failed ({type(cause).__name__}: {text}); "
-                      "earlier checkpoints are intact; free disk space or fix permissions, then resume")
-
-
 class CheckpointManager:
     """Owns interim checkpoint policy, writing, pruning and restoring (see module docstring).
     ``signals``: asked after every step; a stop signal saves the step and stops."""
@@ -351,10 +330,13 @@ class CheckpointManager:
         except SaveFailed:
             raise
         except (Exception, CheckpointException) as e:
-            raise _save_failed(path, e) from None
+            raise save_failed(path, e, self._needed()) from None
         self._last_saved = step
         if wait:
             self._wait_in_flight()
+
+    def _needed(self) -> int:
+        return state_bytes(self._state[MODEL_OPTIM_KEY].model, self._state[MODEL_OPTIM_KEY].optimizer)
 
     def _foreign(self, path: Path) -> str | None:
         """Why this run may not write ``path``: a complete checkpoint of another run, which is
@@ -392,7 +374,7 @@ class CheckpointManager:
         try:
             future.result()
         except (Exception, CheckpointException) as e:
-            raise _save_failed(path, e) from None
+            raise save_failed(path, e, self._needed()) from None
         self._complete(path, step)
 
     def wait(self) -> None:

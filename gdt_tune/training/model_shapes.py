@@ -3,6 +3,7 @@
     model = meta_model(cfg.model, torch.bfloat16)     # on the meta device: no memory, no 16 GB read
     model.tok_embeddings.num_embeddings, model.max_seq_len
     refuse_other_model(f"checkpoint {path}", saved_shapes, model.state_dict(), fix)
+    state_bytes(model, optimizer)                     # about what a checkpoint of them takes on disk
 
 The recipe builds the model once, on the meta device, reads its vocabulary and context from it and
 then shards it; the tools open a trained model (``gdt_tune.trained.model``) the same way.
@@ -40,3 +41,12 @@ def refuse_other_model(what: str, saved: dict[str, tuple], model_state: dict, fi
     if mismatch:
         name, theirs, ours = mismatch
         raise ValueError(f"{what} holds another model ({name}: saved {theirs}, this config {ours}); {fix}")
+
+
+def state_bytes(model, optimizer=None) -> int:
+    """Bytes of the model's parameters and the optimizer's state, over all ranks (a DTensor's
+    ``numel`` is its global one): about what a checkpoint of them takes on disk. No collective."""
+    tensors = [*model.parameters()]
+    if optimizer is not None:
+        tensors += [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
