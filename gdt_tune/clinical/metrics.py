@@ -13,13 +13,11 @@ copy-forward baseline (the last observed value from the instruction's summary bl
 
 from __future__ import annotations
 
+# scipy and scikit-learn are imported where used: 1.1 s that every rank and tool start paid
 import math
 from collections import Counter, defaultdict
 
 import numpy as np
-from scipy.stats import bootstrap, mannwhitneyu
-from sklearn.calibration import calibration_curve
-from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from gdt_tune.data.text import OUTCOMES, outcome_text
 
@@ -55,12 +53,16 @@ def event_metrics(events: list[str], truths: list[int], probs: list[list[float]]
 
 def brier(truths: list[int], probs) -> float:
     """Multiclass Brier score: squared error summed over the 3 outcomes, averaged over tasks."""
+    from sklearn.metrics import brier_score_loss
+
     return float(brier_score_loss(truths, np.asarray(probs, dtype=float), labels=[0, 1, 2]))
 
 
 def calibration(p: np.ndarray, y: np.ndarray, n_bins: int) -> list[dict]:
     """Equal-width bins of predicted probability (scikit-learn's ``calibration_curve``, uniform
     strategy; a bin holds (low, high]): count, mean prediction, observed frequency, non-empty bins."""
+    from sklearn.calibration import calibration_curve
+
     p, y = np.asarray(p, dtype=float), np.asarray(y, dtype=float)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     ids = np.searchsorted(edges[1:-1], p)  # calibration_curve's own bin rule, for the counts
@@ -153,6 +155,8 @@ HORIZON_BUCKETS = (("<=13 weeks", 0.0, 13.0), ("14-52 weeks", 13.0, 52.0), (">52
 def auroc(scores, labels) -> float | None:
     """Area under the ROC curve (``roc_auc_score``: ties count half); None when ``labels`` hold
     only one class."""
+    from sklearn.metrics import roc_auc_score
+
     y = np.asarray(labels, dtype=bool)
     if y.all() or not y.any():
         return None
@@ -161,6 +165,8 @@ def auroc(scores, labels) -> float | None:
 
 def _auroc_of_groups(positives, negatives, axis=-1):
     """AUROC of two score groups (the Mann-Whitney U over n_pos x n_neg), vectorised for the bootstrap."""
+    from scipy.stats import mannwhitneyu
+
     u = mannwhitneyu(positives, negatives, axis=axis, method="asymptotic", use_continuity=False).statistic
     return u / (positives.shape[axis] * negatives.shape[axis])
 
@@ -169,6 +175,8 @@ def bootstrap_ci(scores, labels, n_boot: int = 1000, seed: int = 0, level: float
     """Percentile bootstrap interval of :func:`auroc` (``scipy.stats.bootstrap``, stratified: the
     occurred and the not-occurred tasks are resampled separately); None when a class has fewer
     than 2 tasks, or ``n_boot`` is 0."""
+    from scipy.stats import bootstrap
+
     s, y = np.asarray(scores, dtype=float), np.asarray(labels, dtype=bool)
     if n_boot == 0 or y.sum() < 2 or (~y).sum() < 2:
         return None
