@@ -13,7 +13,7 @@ copy-forward baseline (the last observed value from the instruction's summary bl
 
 from __future__ import annotations
 
-# scipy and scikit-learn are imported where used: 1.1 s that every rank and tool start paid
+# scipy and scikit-learn are imported where used: 1.4 s that every rank and tool start paid
 import math
 from collections import Counter, defaultdict
 
