@@ -167,6 +167,14 @@ def log_disk_full(error: BaseException | None = None) -> str | None:
                      "disk")
 
 
+def stopped_line(command: str, how: str) -> str:
+    """What a signal before any work was saved ended: ``stopped by SIGTERM before training started;
+    nothing was saved`` (train, demo), ``interrupted (Ctrl-C); evaluate stopped, ...`` (the tools)."""
+    if command in ("train", "demo"):  # during training the ranks say what was saved
+        return f"{how} before training started; nothing was saved"
+    return f"{how}; {command} stopped, and no file it writes is left half-written"
+
+
 class Terminal:
     """Writes to the terminal until it is gone (a closed terminal: EIO, a dead pipe: EPIPE)."""
 
@@ -245,8 +253,7 @@ def run_training(cmd: list[str], env: dict, command: str = "train") -> int:
     terminal.end_line(sys.stderr)  # after a progress bar's last redraw
     if received and command != "train" and rc != 0:  # evaluate: nothing to save
         name = "Ctrl-C" if received[0] == signal.SIGINT else signal.Signals(received[0]).name
-        terminal.write(sys.stderr, f"stopped by {name}; {command} stopped, and no file it writes is left half-written; "
-                                   f"full log: {path}\n")
+        terminal.write(sys.stderr, f"{stopped_line(command, f'stopped by {name}')}; full log: {path}\n")
         return 128 + received[0]
     if signal.SIGINT in received:
         if not shown.saved_on_signal and shown.errors:  # e.g. while indexing: the ranks said what they did
@@ -266,8 +273,7 @@ def run_training(cmd: list[str], env: dict, command: str = "train") -> int:
                                        f"resume_from_checkpoint=true; full log: {path}\n")
             return 0
         if rc != 0 and not shown.errors:  # before the first step (e.g. while indexing): nothing to save
-            terminal.write(sys.stderr, f"stopped by {name} before training started; nothing was saved; full log: "
-                                       f"{path}\n")
+            terminal.write(sys.stderr, f"{stopped_line(command, f'stopped by {name}')}; full log: {path}\n")
             return rc
     if rc != 0:
         first = shown.errors[0] if shown.errors else shown.failure(rc, command)

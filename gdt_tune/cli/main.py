@@ -401,12 +401,6 @@ def _stop(signum, frame):
     raise Stopped(signal.Signals(signum).name)
 
 
-def _stopped_line(command: str, how: str) -> str:
-    if command in ("train", "demo"):  # during training the launcher and the ranks say what was saved
-        return f"{how} before training started; nothing was saved"
-    return f"{how}; {command} stopped, and no file it writes is left half-written"
-
-
 def main(argv=None) -> int:
     """Exit codes: 0, 1 (an ``error:`` line), 2 (a usage error), 130 / 143 / 129 (stopped by Ctrl-C,
     SIGTERM, SIGHUP: one line, no traceback; under ``gdt-tune``'s launcher the launcher says it)."""
@@ -423,8 +417,10 @@ def main(argv=None) -> int:
     except (KeyboardInterrupt, Stopped) as e:
         name = "SIGINT" if isinstance(e, KeyboardInterrupt) else str(e)
         if not quiet:
+            from gdt_tune.cli.launcher import stopped_line
+
             how = "interrupted (Ctrl-C)" if name == "SIGINT" else f"stopped by {name}"
-            print(f"error: {_stopped_line(args.command, how)}", file=sys.stderr, flush=True)
+            print(f"error: {stopped_line(args.command, how)}", file=sys.stderr, flush=True)
         return 128 + signal.Signals[name].value
     finally:
         for s, handler in old.items():

@@ -302,9 +302,13 @@ def summary_table(metrics: dict) -> str:
     def f(x):
         return "–" if x is None else f"{x:.3f}"
 
+    def share(filled: int) -> float:  # of the forecast points
+        return filled / max(fc.get("points", 0), 1)
+
     def ratio(x, filled: int) -> str:  # a ratio of mostly filled points compares copy-forward with itself
-        share = filled / max(fc.get("points", 0), 1)
-        return "–" if x is None else f"{x:.3f} ({share:.0%} filled){' (!)' if share >= FILLED_WARN else ''}"
+        return "–" if x is None else f"{x:.3f} ({share(filled):.0%} filled){' (!)' if share(filled) >= FILLED_WARN else ''}"
+
+    filled, greedy_filled = fc.get("filled", 0), fc.get("greedy", {}).get("filled", 0)
 
     auroc = ev.get("auroc", {}).get("all", {}).get("all", {})
     ci = auroc.get("ci95")
@@ -317,15 +321,15 @@ def summary_table(metrics: dict) -> str:
              "| metric | this model | copy-forward | majority | RSF | GDT (paper, its own data) | n |",
              "|---|---|---|---|---|---|---|",
              f"| forecasting: median MAE ratio to copy-forward (mean of draws) | "
-             f"{ratio(fc.get('median_ratio'), fc.get('filled', 0))} | "
+             f"{ratio(fc.get('median_ratio'), filled)} | "
              f"{f(fc.get('copy_forward', {}).get('median_ratio'))} | – | – | {PUBLISHED['forecasting_median_ratio']} "
              f"(best baseline {PUBLISHED['forecasting_best_baseline']}) | {len(fc.get('per_variable', {}))} cells, "
              f"{fc.get('points', 0)} points |",
              f"| forecasting: the same, 30 most frequent variables | "
-             f"{ratio(fc.get('median_ratio_top30'), fc.get('filled', 0))} | "
+             f"{ratio(fc.get('median_ratio_top30'), filled)} | "
              f"{f(fc.get('copy_forward', {}).get('median_ratio'))} | – | – | {PUBLISHED['forecasting_median_ratio_top30']} | |",
              f"| forecasting: median ratio, greedy answer | "
-             f"{ratio(fc.get('greedy', {}).get('median_ratio'), fc.get('greedy', {}).get('filled', 0))} | | | | | |",
+             f"{ratio(fc.get('greedy', {}).get('median_ratio'), greedy_filled)} | | | | | |",
              f"| events: IPCW C-index, mean over death, progression, next line of therapy | "
              f"{f(ge.get('cindex_ipcw_average'))} | – | {f(majority.get('cindex_ipcw_average'))} | "
              f"{f(rsf.get('cindex_ipcw_average'))} | "
@@ -338,7 +342,7 @@ def summary_table(metrics: dict) -> str:
              f"{f' (95% CI {ci[0]:.3f}-{ci[1]:.3f})' if ci else ''} | – | – | – | – | {auroc.get('tasks', 0)} tasks |",
              f"| events: accuracy | {f(ev.get('accuracy'))} | – | {f(base.get('accuracy'))} | – | – | "
              f"{ev.get('tasks', 0)} tasks |"]
-    if fc.get("points") and max(fc.get("filled", 0), fc.get("greedy", {}).get("filled", 0)) >= FILLED_WARN * fc["points"]:
+    if max(share(filled), share(greedy_filled)) >= FILLED_WARN:
         lines.append("\nnote: (!) most forecast points were unparseable or missing in the answers and were filled from "
                      "the model's earlier point or copy-forward: such a ratio (near 1.000) says little about the model")
     if few:

@@ -169,7 +169,7 @@ def collective_failure(error: BaseException, beats: Heartbeats, timeout: dt.time
                             "is healthy")
     if isinstance(error, OneLineError):
         return error
-    if _peer_gone(error):
+    if _peer_gone(str(error).lower()):
         return OneLineError(f"training: another rank left the job ({type(error).__name__}: {first_line(error, 80)}); "
                             "the first error line of the job says why")
     return OneLineError(f"training: a collective timed out after {minutes} ({type(error).__name__}: "
@@ -180,11 +180,11 @@ def collective_failure(error: BaseException, beats: Heartbeats, timeout: dt.time
 def collective_timed_out(error: BaseException) -> bool:
     """A gloo or NCCL collective that gave up waiting for a peer (or whose peer is gone)."""
     text = str(error).lower()
-    return isinstance(error, RuntimeError) and ("timed out" in text or "timeout" in text or _peer_gone(error))
+    return isinstance(error, RuntimeError) and ("timed out" in text or "timeout" in text or _peer_gone(text))
 
 
-def _peer_gone(error: BaseException) -> bool:
-    text = str(error).lower()
+def _peer_gone(text: str) -> bool:
+    """An error's text (lower case) says that the other side of a connection went away."""
     return "connection closed" in text or "connection reset" in text
 
 

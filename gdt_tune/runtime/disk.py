@@ -18,6 +18,8 @@ import re
 import shutil
 from pathlib import Path
 
+from gdt_tune.runtime.errors import rank_failures
+
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 FULL_WORDS = ("no space left on device", "disk quota exceeded")
 
@@ -60,7 +62,6 @@ def human(n: int) -> str:
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
-    return f"{n:.1f} TB"
 
 
 def _causes(error: BaseException):
@@ -72,11 +73,7 @@ def _causes(error: BaseException):
             continue
         seen.add(id(e))
         yield e
-        todo += [e.__cause__, e.__context__]
-        for failure in (getattr(e, "failures", None) or {}).values():  # {rank: exception or (exception, tb)}
-            failure = failure[0] if isinstance(failure, tuple) else failure
-            if isinstance(failure, BaseException):
-                todo.append(failure)
+        todo += [e.__cause__, e.__context__, *rank_failures(e)]
 
 
 def says_full(error: BaseException) -> bool:

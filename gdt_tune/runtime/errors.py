@@ -2,6 +2,7 @@
 
     report_error(f"error: {one_line(e)}")                      # the whole message, joined
     f"saving failed ({type(e).__name__}: {first_line(e)})"     # a cause inside our own line
+    rank_failures(checkpoint_exception)                        # DCP's per-rank causes
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ def first_line(error: BaseException, limit: int = 200) -> str:
     """The first line of an error's message, at most ``limit`` characters (a cause quoted inside a
     line of ours: torch's collective errors run to dozens of lines)."""
     return (str(error).strip().splitlines() or [""])[0][:limit]
+
+
+def rank_failures(error: BaseException) -> list[BaseException]:
+    """The per-rank causes of torch's ``CheckpointException`` (its ``failures``: ``{rank: exception
+    or (exception, traceback summary)}``), in rank order; [] for any other error."""
+    causes = [f[0] if isinstance(f, tuple) else f for f in (getattr(error, "failures", None) or {}).values()]
+    return [c for c in causes if isinstance(c, BaseException)]
 
 
 class OneLineError(RuntimeError):

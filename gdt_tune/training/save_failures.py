@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gdt_tune.runtime.disk import disk_full
-from gdt_tune.runtime.errors import OneLineError, first_line
+from gdt_tune.runtime.errors import OneLineError, first_line, rank_failures
 from gdt_tune.training.step_dirs import list_checkpoints
 
 
@@ -25,11 +25,7 @@ def save_failed(path: Path, error: BaseException, needed: int | None = None) -> 
     if (full := disk_full(error, path, needed, "a checkpoint of this run")) is not None:
         return SaveFailed(f"checkpoint: saving {path} failed: {full}; earlier checkpoints are intact; free that "
                           "much there (or set output_dir to another disk), then resume with resume_from_checkpoint=true")
-    cause = error
-    failures = getattr(error, "failures", None)  # CheckpointException: {rank: exception or traceback}
-    if failures:
-        cause = next(iter(failures.values()))
-        cause = cause[0] if isinstance(cause, tuple) else cause  # (exception, traceback summary)
+    cause = next(iter(rank_failures(error)), error)
     text = first_line(cause)
     if "timed out" in text.lower() or "timeout" in text.lower():
         return SaveFailed(f"checkpoint: saving {path} timed out in a DCP collective on the checkpoint save group "
